@@ -1,0 +1,1 @@
+"""Method-agnostic DataModules: the synthetic world, COCO, WebDataset shards, benchmarks."""

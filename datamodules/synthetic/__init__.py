@@ -1,0 +1,1 @@
+"""The synthetic world: procedurally generated scenes, captions and label maps."""

@@ -89,3 +89,51 @@ class TextEncoder(nn.Module, ABC):
         """Tokenise and encode on the encoder's device."""
         device = next(self.parameters()).device
         return self(self.tokenize(texts).to(device))
+
+
+# --------------------------------------------------------------------------------------------------
+# Small checkpoint helpers shared by the encoders.
+
+
+def load_state_dict_file(path: str) -> dict[str, Tensor]:
+    """Read a state dict from a local ``.pth``/``.pt``/``.bin``/``.safetensors`` file (on CPU).
+
+    Common wrappers (``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped and a ``module.``
+    prefix that every key carries (DDP) is stripped.
+    """
+    import os
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path, device="cpu")
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def load_state_dict_strict(module: nn.Module, state_dict: dict[str, Tensor], source: str) -> None:
+    """``module.load_state_dict(state_dict)`` strictly, with an error naming ``source`` and the keys."""
+    try:
+        result = module.load_state_dict(state_dict, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise RuntimeError(f"could not load checkpoint {source} into {type(module).__name__}: {err}") from err
+    if result.missing_keys or result.unexpected_keys:
+
+        def _short(keys: list[str]) -> str:
+            return ", ".join(keys[:10]) + (f", ... ({len(keys)} in all)" if len(keys) > 10 else "")
+
+        raise RuntimeError(
+            f"checkpoint {source} does not match {type(module).__name__}: "
+            f"missing keys [{_short(result.missing_keys)}], "
+            f"unexpected keys [{_short(result.unexpected_keys)}]"
+        )

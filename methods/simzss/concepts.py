@@ -1,0 +1,485 @@
+"""SimZSS concept extraction: caption -> bank concepts -> CLIP-BPE token positions.
+
+This is the offline step of SimZSS (reference brief, section 2.1), re-done with NLTK
+instead of spaCy:
+
+1. the caption is cleaned and lowercased exactly as the OpenCLIP tokenizer does it
+   (ftfy, HTML unescape, whitespace squeeze, lowercase);
+2. it is split into words with a data-free regular expression, POS-tagged with NLTK's
+   averaged perceptron tagger and chunked into noun phrases with ``nltk.RegexpParser``;
+3. each noun phrase is reduced to its concept: the noun modifier directly before the
+   head noun (if any) followed by the singular head ("two traffic lights" ->
+   "traffic light", "a big brown dog" -> "dog");
+4. only concepts present in the concept bank are kept, and each is mapped to the
+   positions of its words' BPE tokens in ``open_clip.tokenize(caption)`` (position 0 is
+   ``<start_of_text>``), by aligning character spans of the NLTK words with the CLIP
+   words of the same cleaned text.
+
+Bank look-up order for a noun phrase with modifier ``m``, surface head ``h`` and singular
+head ``s`` (first match wins):
+
+* ``"m s"`` -- the reference concept (compound + lemma);
+* ``"m h"`` -- plural compound bank entries such as "street lights";
+* ``"s"``   -- the head alone when the compound is not in the bank (a deliberate choice:
+  "a dog bed" without "dog bed" in the bank still yields "bed");
+* ``"h"``   -- plural-only bank entries such as "stairs", "boots", "leaves", which the
+  reference (lemma only) can never produce.
+
+The singular comes from ``inflect``. The tagger often labels rarer plurals as singular
+("giraffes"/NN), so for a head tagged singular the surface form is tried first and the
+inflect singular second (so "bus"/NN stays "bus" rather than "bu").
+
+The positions of a compound concept are those of the modifier's and the head's tokens; a
+head-only concept uses only the head's tokens. Positions are always of the surface words
+("lights", not "light").
+"""
+
+from __future__ import annotations
+
+import bisect
+import importlib.resources
+import multiprocessing as mp
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Iterable, Sequence
+
+import regex
+import torch
+
+__all__ = [
+    "Concept",
+    "ConceptBank",
+    "ConceptExtractor",
+    "DEFAULT_BANK_RESOURCE",
+    "NP_GRAMMAR",
+]
+
+#: Packaged default concept bank, relative to package ``ovseg``.
+DEFAULT_BANK_RESOURCE = "resources/simzss_concept_bank.txt"
+
+#: Noun-phrase chunk grammar: determiners/numbers, then adjectives/participles, then nouns.
+NP_GRAMMAR = r"NP: {<DT|PDT|PRP\$|CD>*<JJ.*|VBN|VBG>*<NN.*>+}"
+
+_NOUN_TAGS = frozenset({"NN", "NNS", "NNP", "NNPS"})
+_PLURAL_TAGS = frozenset({"NNS", "NNPS"})
+# Tags accepted for the word directly before the head to count as its noun modifier.
+# VBG covers nominal gerunds the tagger often emits ("swimming pool", "parking meter");
+# such a compound is only used when it is in the bank, otherwise the head alone is used.
+_MODIFIER_TAGS = _NOUN_TAGS | {"VBG"}
+
+# Data-free word tokenizer roughly following Penn-Treebank conventions (what the tagger
+# was trained on): clitics split off ("dog's" -> "dog" "'s", "don't" -> "do" "n't"),
+# hyphenated words kept whole, every other non-space character its own token.
+_WORD_RE = regex.compile(
+    r"[\p{L}\p{M}\p{N}]+?(?=n't\b)"
+    r"|n't\b"
+    r"|'(?:s|re|ve|m|ll|d)\b"
+    r"|\p{N}+(?:[.,:]\p{N}+)*(?![\p{L}\p{M}])"
+    r"|[\p{L}\p{M}\p{N}]+(?:-[\p{L}\p{M}\p{N}]+)*"
+    r"|\S",
+    regex.IGNORECASE,
+)
+
+_HAS_ALNUM = regex.compile(r"[\p{L}\p{N}]")
+
+_TAGGER_HELP = (
+    "NLTK's English POS tagger data ('averaged_perceptron_tagger_eng') was not found. "
+    "Run `python -c \"import nltk; nltk.download('averaged_perceptron_tagger_eng')\"` "
+    "or set NLTK_DATA to a directory containing taggers/averaged_perceptron_tagger_eng.zip "
+    "(this repository's CI uses shared/nltk_data)."
+)
+
+
+@dataclass(frozen=True)
+class Concept:
+    """One bank concept found in a caption.
+
+    ``token_positions`` index the caption's CLIP-BPE token sequence (0 = start of text).
+    """
+
+    name: str
+    label: int
+    token_positions: tuple[int, ...]
+
+
+def _normalise_name(name: str) -> str:
+    return " ".join(name.split()).lower()
+
+
+class ConceptBank:
+    """The concept vocabulary: sorted unique, stripped, lowercased names; label = index.
+
+    Args:
+        path: a bank text file (one concept per line); ``None`` loads the packaged
+            default ``ovseg/resources/simzss_concept_bank.txt``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        if path is None:
+            text = (
+                importlib.resources.files("ovseg")
+                .joinpath(DEFAULT_BANK_RESOURCE)
+                .read_text(encoding="utf-8")
+            )
+            self.source = f"ovseg/{DEFAULT_BANK_RESOURCE}"
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            self.source = os.fspath(path)
+        self._set_names(text.splitlines())
+
+    @classmethod
+    def from_names(cls, names: Iterable[str]) -> "ConceptBank":
+        """Builds a bank from an iterable of names (same normalisation as a file)."""
+        bank = cls.__new__(cls)
+        bank.source = "<names>"
+        bank._set_names(names)
+        return bank
+
+    def _set_names(self, lines: Iterable[str]) -> None:
+        raw = [_normalise_name(line) for line in lines]
+        raw = [name for name in raw if name]
+        #: number of non-empty lines (the reference uses it as ``n_classes``).
+        self.num_lines: int = len(raw)
+        #: sorted unique names; a name's label is its index here.
+        self.names: list[str] = sorted(set(raw))
+        self._index: dict[str, int] = {name: i for i, name in enumerate(self.names)}
+
+    def index(self, name: str) -> int | None:
+        """Label of ``name`` (normalised like the bank), or ``None`` when absent."""
+        label = self._index.get(name)
+        if label is None:
+            label = self._index.get(_normalise_name(name))
+        return label
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.index(name) is not None
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __getitem__(self, label: int) -> str:
+        return self.names[label]
+
+    def __repr__(self) -> str:
+        return f"ConceptBank({self.source!r}, {len(self)} concepts)"
+
+
+# --------------------------------------------------------------------------- cached tools
+
+
+def _load_tagger() -> Any:
+    """Loads NLTK's English averaged perceptron tagger, with a helpful error if missing."""
+    from nltk.tag.perceptron import PerceptronTagger
+
+    try:
+        return PerceptronTagger(lang="eng")
+    except LookupError as err:
+        raise LookupError(_TAGGER_HELP) from err
+
+
+@lru_cache(maxsize=1)
+def _get_tagger() -> Any:
+    return _load_tagger()
+
+
+@lru_cache(maxsize=1)
+def _get_chunker() -> Any:
+    import nltk
+
+    return nltk.RegexpParser(NP_GRAMMAR)
+
+
+@lru_cache(maxsize=1)
+def _get_clip_tokenizer() -> Any:
+    import open_clip.tokenizer as clip_tokenizer
+
+    # Reuse the instance behind ``open_clip.tokenize`` (same BPE, no second load).
+    shared = getattr(clip_tokenizer, "_tokenizer", None)
+    if isinstance(shared, clip_tokenizer.SimpleTokenizer):
+        return shared
+    return clip_tokenizer.SimpleTokenizer()
+
+
+@lru_cache(maxsize=1)
+def _get_inflect() -> Any:
+    import inflect
+
+    return inflect.engine()
+
+
+@lru_cache(maxsize=1 << 16)
+def _singular(word: str) -> str:
+    """Singular of a plural noun (``word`` itself when inflect finds no plural)."""
+    try:
+        singular = _get_inflect().singular_noun(word)
+    except Exception:  # inflect rejects some odd strings (e.g. empty, punctuation)
+        return word
+    return singular if isinstance(singular, str) and singular else word
+
+
+def _clip_clean(tokenizer: Any, text: str) -> str:
+    """Cleans ``text`` exactly as ``tokenizer.encode`` does before splitting it."""
+    clean_fn = getattr(tokenizer, "clean_fn", None)
+    if clean_fn is not None:
+        return clean_fn(text)
+    from open_clip.tokenizer import basic_clean, whitespace_clean
+
+    return whitespace_clean(basic_clean(text)).lower()
+
+
+# ----------------------------------------------------------------------------- extractor
+
+
+class ConceptExtractor:
+    """Finds bank concepts in captions and their CLIP-BPE token positions.
+
+    Args:
+        bank: a :class:`ConceptBank`, a bank file path, or ``None`` for the packaged bank.
+        context_length: CLIP context length; tokens at or beyond ``context_length - 1``
+            are truncated away (the last slot is EOT), so concepts touching them are dropped.
+        max_concepts: at most this many concepts per caption (the first ones in the caption).
+        max_tokens_per_concept: a concept must have fewer BPE tokens than this.
+    """
+
+    def __init__(
+        self,
+        bank: ConceptBank | str | os.PathLike[str] | None = None,
+        context_length: int = 77,
+        max_concepts: int = 32,
+        max_tokens_per_concept: int = 16,
+    ) -> None:
+        if context_length < 3:
+            raise ValueError("context_length must be at least 3 (SOT, a token, EOT)")
+        if max_concepts < 1 or max_tokens_per_concept < 2:
+            raise ValueError("max_concepts must be >= 1 and max_tokens_per_concept >= 2")
+        self.bank = bank if isinstance(bank, ConceptBank) else ConceptBank(bank)
+        self.context_length = int(context_length)
+        self.max_concepts = int(max_concepts)
+        self.max_tokens_per_concept = int(max_tokens_per_concept)
+        self._init_tools()
+
+    def _init_tools(self) -> None:
+        self._tagger = _get_tagger()
+        self._chunker = _get_chunker()
+        self._tokenizer = _get_clip_tokenizer()
+
+    # Pickle only the configuration (for DataLoader / multiprocessing workers); the
+    # tagger, chunker and tokenizer are rebuilt (or taken from the process cache).
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "bank": self.bank,
+            "context_length": self.context_length,
+            "max_concepts": self.max_concepts,
+            "max_tokens_per_concept": self.max_tokens_per_concept,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_tools()
+
+    def __repr__(self) -> str:
+        return (
+            f"ConceptExtractor(bank={self.bank!r}, context_length={self.context_length}, "
+            f"max_concepts={self.max_concepts}, "
+            f"max_tokens_per_concept={self.max_tokens_per_concept})"
+        )
+
+    # ------------------------------------------------------------------ text processing
+
+    def clean(self, caption: str) -> str:
+        """The caption as the CLIP tokenizer sees it (ftfy-fixed, squeezed, lowercased)."""
+        return _clip_clean(self._tokenizer, caption)
+
+    def _clip_words(self, text: str) -> tuple[list[int], list[int], list[int]]:
+        """CLIP words of cleaned ``text``: their char starts/ends and first BPE position."""
+        tok = self._tokenizer
+        byte_encoder = tok.byte_encoder
+        starts: list[int] = []
+        ends: list[int] = []
+        first_pos: list[int] = []
+        pos = 1  # position 0 is <start_of_text>
+        for m in tok.pat.finditer(text):
+            word = "".join(byte_encoder[b] for b in m.group().encode("utf-8"))
+            starts.append(m.start())
+            ends.append(m.end())
+            first_pos.append(pos)
+            pos += len(tok.bpe(word).split(" "))
+        first_pos.append(pos)  # sentinel: one past the last content token
+        return starts, ends, first_pos
+
+    @staticmethod
+    def _word_positions(
+        span: tuple[int, int], clip: tuple[list[int], list[int], list[int]]
+    ) -> tuple[int, ...]:
+        """BPE positions of every CLIP word overlapping the character ``span``."""
+        starts, ends, first_pos = clip
+        begin, end = span
+        i = bisect.bisect_right(ends, begin)  # first CLIP word ending after ``begin``
+        j = i
+        while j < len(starts) and starts[j] < end:
+            j += 1
+        if i == j:
+            return ()
+        return tuple(range(first_pos[i], first_pos[j]))
+
+    def _candidates(
+        self, words: Sequence[str], tags: Sequence[str], lo: int, hi: int
+    ) -> list[tuple[str, tuple[int, ...]]]:
+        """Bank-lookup candidates ``(name, word indices)`` for the noun phrase [lo, hi)."""
+        head = hi - 1  # the grammar ends every chunk with a noun; search to be safe
+        while head >= lo and tags[head] not in _NOUN_TAGS:
+            head -= 1
+        if head < lo:
+            return []
+        surface = words[head]
+        singular = _singular(surface)
+        if singular == surface:
+            heads = [surface]
+        elif tags[head] in _PLURAL_TAGS:
+            heads = [singular, surface]
+        else:  # tagged singular, yet inflect sees a plural ("giraffes"/NN, "bus"/NN)
+            heads = [surface, singular]
+        out: list[tuple[str, tuple[int, ...]]] = []
+        mod = head - 1
+        if mod >= lo and tags[mod] in _MODIFIER_TAGS:
+            out += [(f"{words[mod]} {h}", (mod, head)) for h in heads]
+        out += [(h, (head,)) for h in heads]
+        return out
+
+    def extract(self, caption: str) -> list[Concept]:
+        """Bank concepts of ``caption`` in caption order, with their BPE token positions."""
+        if not caption:
+            return []
+        text = self.clean(caption)
+        if not text:
+            return []
+        matches = list(_WORD_RE.finditer(text))
+        if not matches:
+            return []
+        words = [m.group() for m in matches]
+        tags = [
+            tag if _HAS_ALNUM.search(word) else "SYM"  # emoji etc. are never nouns
+            for word, (_, tag) in zip(words, self._tagger.tag(words))
+        ]
+        tree = self._chunker.parse(list(zip(words, tags)))
+
+        clip: tuple[list[int], list[int], list[int]] | None = None
+        limit = self.context_length - 1  # first position lost to truncation (EOT slot)
+        concepts: list[Concept] = []
+        k = 0  # index of the next word in the flat sentence
+        truncated = False
+        for node in tree:
+            if not hasattr(node, "label"):  # a (word, tag) leaf outside any chunk
+                k += 1
+                continue
+            lo, hi = k, k + len(node)
+            k = hi
+            for name, idx in self._candidates(words, tags, lo, hi):
+                label = self.bank.index(name)
+                if label is None:
+                    continue
+                if clip is None:
+                    clip = self._clip_words(text)
+                positions = tuple(
+                    p for i in idx for p in self._word_positions(matches[i].span(), clip)
+                )
+                if not positions:
+                    continue
+                if positions[-1] >= limit:
+                    truncated = True  # the head is cut off, and so is all that follows
+                    break
+                if len(positions) < self.max_tokens_per_concept:
+                    concepts.append(Concept(name, label, positions))
+                    break
+            if truncated or len(concepts) >= self.max_concepts:
+                break
+        return concepts
+
+    # ----------------------------------------------------------------------- tensors
+
+    def to_tensors(self, concepts: Sequence[Concept]) -> dict[str, torch.Tensor]:
+        """Fixed-shape, collatable tensors for a list of concepts (see :meth:`encode`)."""
+        n, t = self.max_concepts, self.max_tokens_per_concept
+        labels = torch.full((n,), -1, dtype=torch.long)
+        positions = torch.zeros((n, t), dtype=torch.long)
+        mask = torch.zeros((n, t), dtype=torch.bool)
+        for i, concept in enumerate(concepts[:n]):
+            pos = concept.token_positions[:t]
+            labels[i] = concept.label
+            positions[i, : len(pos)] = torch.tensor(pos, dtype=torch.long)
+            mask[i, : len(pos)] = True
+        return {
+            "concept_labels": labels,
+            "concept_token_positions": positions,
+            "concept_token_mask": mask,
+        }
+
+    def encode(self, caption: str) -> dict[str, torch.Tensor]:
+        """Concepts of ``caption`` as fixed-shape tensors ready for default collation.
+
+        Returns ``concept_labels`` (max_concepts,) int64 padded with -1,
+        ``concept_token_positions`` (max_concepts, max_tokens_per_concept) int64 padded
+        with 0 (SOT doubles as padding, as in the reference) and ``concept_token_mask``
+        (same shape, bool, True on real positions).
+        """
+        return self.to_tensors(self.extract(caption))
+
+    # ------------------------------------------------------------------------ batches
+
+    def extract_many(
+        self,
+        captions: Sequence[str],
+        num_workers: int = 0,
+        chunksize: int = 64,
+        progress: bool = False,
+    ) -> list[list[Concept]]:
+        """:meth:`extract` over many captions, in order; a process pool if ``num_workers > 0``."""
+        captions = list(captions)
+        if num_workers <= 0 or len(captions) == 0:
+            results: Iterable[list[Concept]] = map(self.extract, captions)
+            if progress:
+                results = _progress(results, len(captions))
+            return list(results)
+
+        import nltk
+
+        initargs = (self.__getstate__(), list(nltk.data.path))
+        with mp.get_context().Pool(
+            num_workers, initializer=_worker_init, initargs=initargs
+        ) as pool:
+            results = pool.imap(_worker_extract, captions, chunksize=max(1, chunksize))
+            if progress:
+                results = _progress(results, len(captions))
+            return list(results)
+
+
+def _progress(iterable: Iterable[Any], total: int) -> Iterable[Any]:
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc="concepts", unit="caption")
+
+
+_WORKER_EXTRACTOR: ConceptExtractor | None = None
+
+
+def _worker_init(state: dict[str, Any], nltk_paths: list[str]) -> None:
+    """Pool initializer: one extractor per process (NLTK search paths copied over)."""
+    global _WORKER_EXTRACTOR
+    import nltk
+
+    for path in reversed(nltk_paths):
+        if path not in nltk.data.path:
+            nltk.data.path.insert(0, path)
+    extractor = ConceptExtractor.__new__(ConceptExtractor)
+    extractor.__setstate__(state)
+    _WORKER_EXTRACTOR = extractor
+
+
+def _worker_extract(caption: str) -> list[Concept]:
+    assert _WORKER_EXTRACTOR is not None, "worker not initialised"
+    return _WORKER_EXTRACTOR.extract(caption)

@@ -1,0 +1,58 @@
+"""What an evaluation dataloader brings with it: name, vocabulary, inference and metric settings."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ovseg.inference import InferenceSettings
+from ovseg.vocabulary import Vocabulary
+
+AbsentPolicy = Literal["zero", "exclude"]
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One evaluation set as the model sees it.
+
+    Attributes:
+        name: used in metric keys, ``val/<name>/mIoU``.
+        vocabulary: class names, synonyms, templates and background policy.
+        inference: resize and sliding-window settings.
+        absent_policy: a class predicted but absent from the ground truth counts as IoU 0
+            (``"zero"``: mmseg, detectron2 v0.6, MAFT+, ZegFormer) or is left out of the mean
+            (``"exclude"``: detectron2 since 2022, FC-CLIP, CAT-Seg).
+        unseen_classes: display names of the classes unseen in training (zero-shot splits); when
+            given, mIoU of seen and unseen classes and their harmonic mean are reported.
+        ignore_index: label value that is not evaluated.
+    """
+
+    name: str
+    vocabulary: Vocabulary
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
+    absent_policy: AbsentPolicy = "zero"
+    unseen_classes: tuple[str, ...] = ()
+    ignore_index: int = 255
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"benchmark name {self.name!r} must be non-empty and contain no '/'")
+        if self.absent_policy not in ("zero", "exclude"):
+            raise ValueError(f"absent_policy must be 'zero' or 'exclude', got {self.absent_policy!r}")
+        object.__setattr__(self, "unseen_classes", tuple(self.unseen_classes))
+        for name in self.unseen_classes:
+            self.vocabulary.index_of(name)  # raises KeyError naming the class
+
+    @property
+    def unseen_indices(self) -> tuple[int, ...]:
+        """Class indices of :attr:`unseen_classes`."""
+        return tuple(self.vocabulary.index_of(name) for name in self.unseen_classes)
+
+
+def check_unique_names(benchmarks: Sequence[Benchmark]) -> None:
+    """Raise if two benchmarks share a name (their metrics would overwrite each other)."""
+    names = [benchmark.name for benchmark in benchmarks]
+    duplicated = sorted({name for name in names if names.count(name) > 1})
+    if duplicated:
+        raise ValueError(f"benchmark names must be unique, duplicated: {duplicated}")

@@ -1,0 +1,115 @@
+"""The synthetic world as a LightningDataModule: captioned, labelled scenes generated on the fly."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ovseg.benchmark import AbsentPolicy, Benchmark
+from ovseg.datamodules.common import collate_samples
+from ovseg.datamodules.synthetic.dataset import SyntheticDataset
+from ovseg.datamodules.synthetic.world import CATEGORIES, SyntheticWorld
+from ovseg.inference import InferenceSettings
+from ovseg.vocabulary import Vocabulary
+
+
+class _IgnoreUnseen(Dataset):
+    """Wraps a dataset so that pixels of unseen classes become ``ignore_index`` (training only)."""
+
+    def __init__(self, dataset: Dataset, unseen: Sequence[int], ignore_index: int = 255) -> None:
+        self.dataset = dataset
+        self.unseen = torch.tensor(sorted(unseen), dtype=torch.long)
+        self.ignore_index = ignore_index
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict:
+        sample = dict(self.dataset[index])
+        label = sample["label"]
+        sample["label"] = torch.where(torch.isin(label, self.unseen),
+                                      torch.full_like(label, self.ignore_index), label)
+        return sample
+
+
+class SyntheticDataModule(L.LightningDataModule):
+    """Training scenes with captions and label maps, and one evaluation benchmark ``synthetic``.
+
+    Args:
+        num_train: training scenes per epoch.
+        num_val: validation scenes (disjoint from training).
+        image_size: side of the square scenes.
+        seed: world seed; the same seed gives the same scenes.
+        batch_size: training batch size (per process).
+        eval_batch_size: evaluation batch size.
+        num_workers: dataloader workers.
+        templates: prompt templates of the evaluation vocabulary ("single", "imagenet80" or a list).
+        use_synonyms: evaluation classes take the max over their synonyms too.
+        ignore_unseen_in_training: unseen-class pixels become 255 in training labels (the
+            zero-shot protocol of mask-supervised methods).
+        inference: resize / sliding-window settings of the benchmark.
+        absent_policy: metric convention for classes predicted but absent from the ground truth.
+    """
+
+    def __init__(
+        self,
+        num_train: int = 2000,
+        num_val: int = 100,
+        image_size: int = 112,
+        seed: int = 0,
+        batch_size: int = 32,
+        eval_batch_size: int = 16,
+        num_workers: int = 0,
+        templates: str | list[str] = "single",
+        use_synonyms: bool = False,
+        ignore_unseen_in_training: bool = False,
+        inference: InferenceSettings | None = None,
+        absent_policy: AbsentPolicy = "zero",
+    ) -> None:
+        super().__init__()
+        self.world = SyntheticWorld(image_size=image_size, seed=seed)
+        self.num_train = num_train
+        self.num_val = num_val
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.ignore_unseen_in_training = ignore_unseen_in_training
+        classes = [(c.name, *c.synonyms) if use_synonyms else (c.name,) for c in CATEGORIES]
+        self.benchmarks = [Benchmark(
+            name="synthetic",
+            vocabulary=Vocabulary(tuple(classes), templates),
+            inference=inference or InferenceSettings(),
+            absent_policy=absent_policy,
+            unseen_classes=tuple(c.name for c in CATEGORIES if not c.seen),
+        )]
+
+    @property
+    def unseen_indices(self) -> list[int]:
+        """Category indices of the unseen split."""
+        return [index for index, category in enumerate(CATEGORIES) if not category.seen]
+
+    def train_dataset(self) -> Dataset:
+        dataset: Dataset = SyntheticDataset(self.world, "train", self.num_train)
+        if self.ignore_unseen_in_training:
+            dataset = _IgnoreUnseen(dataset, self.unseen_indices)
+        return dataset
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          collate_fn=collate_samples, persistent_workers=self.num_workers > 0,
+                          drop_last=shuffle)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset(), self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(SyntheticDataset(self.world, "val", self.num_val), self.eval_batch_size, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

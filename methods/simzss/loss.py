@@ -1,0 +1,166 @@
+"""SimZSS losses: global image-caption InfoNCE and the local concept loss.
+
+Notation and numbering follow the order of the paper's method section as summarised in
+../shared/reference/simzss.md, section 2.2:
+
+- (1) textual concept: c_t^l = g((1/|S_l|) sum_{i in S_l} z_t^i), the mean of a concept's token
+  features, projected into the vision space (the text encoder's projection is g, so the mean of the
+  projected tokens is the same thing);
+- (2) visual concept: s = softmax_i(cos(z_v^i, q) / tau), c_v = sum_i s_i z_v^i, with the query q
+  the concept's class prototype (as the official code does) and tau = 0.1;
+- (3) global loss: symmetric InfoNCE between image [CLS] and caption EOT features;
+- (4) class prototypes: h_k = sum_j 1{q_j = k} c_t^j over the concepts of the batch, L2-normalised;
+- (5) local loss: cross-entropy of softmax(s_l * normalise(c_v) . h^T) over the concepts present in
+  the batch, s_l = 1/0.07 fixed;
+- (6) total: L = L_g + lambda * L_l.
+
+The official release trains the local loss against argmax pseudo-labels instead of the concept
+labels (reference 2.3, item 6); ``local_target="argmax"`` reproduces it, ``"label"`` (default)
+follows the paper.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Gather = Callable[[Tensor], Tensor]
+"""(B, ...) local tensor -> (world * B, ...) tensor of all ranks, with gradients."""
+
+
+def identity_gather(tensor: Tensor) -> Tensor:
+    """Single process: nothing to gather."""
+    return tensor
+
+
+class GlobalContrastiveLoss(nn.Module):
+    """Eq. (3): symmetric image-caption InfoNCE with a learnable temperature.
+
+    Local features are contrasted with the features of all ranks (gathered with gradients), as
+    OpenCLIP's ``ClipLoss(local_loss=True, gather_with_grad=True)``; the result equals the
+    single-process loss on the concatenated batch.
+
+    Args:
+        init_scale: initial logit scale (1/0.07); stored as its log.
+        max_scale: the scale is clamped to at most this value (100).
+    """
+
+    def __init__(self, init_scale: float = 1 / 0.07, max_scale: float = 100.0) -> None:
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
+        self.max_scale = max_scale
+
+    def scale(self) -> Tensor:
+        """The current logit scale exp(t), clamped to ``max_scale``."""
+        return self.logit_scale.exp().clamp(max=self.max_scale)
+
+    def forward(self, image: Tensor, text: Tensor, gather: Gather = identity_gather, rank: int = 0) -> Tensor:
+        """
+        Args:
+            image: (B, D) L2-normalised image features of this rank.
+            text: (B, D) L2-normalised caption features of this rank.
+            gather: all-gather with gradients across ranks.
+            rank: this rank's index (its samples sit at rank*B .. rank*B+B-1 in the gather).
+
+        Returns:
+            scalar loss.
+        """
+        all_image, all_text = gather(image), gather(text)
+        scale = self.scale()
+        logits_image = scale * image @ all_text.T  # (B, world*B)
+        logits_text = scale * text @ all_image.T
+        targets = torch.arange(image.shape[0], device=image.device) + rank * image.shape[0]
+        return 0.5 * (F.cross_entropy(logits_image, targets) + F.cross_entropy(logits_text, targets))
+
+
+@dataclass
+class LocalLossOutput:
+    """Result of :class:`ConceptLoss`.
+
+    Attributes:
+        loss: scalar local loss (0, still attached to the graph, when the batch has no concept).
+        accuracy: fraction of concepts whose visual concept is closest to its own prototype.
+        num_concepts: number of concepts in the batch.
+    """
+
+    loss: Tensor
+    accuracy: Tensor
+    num_concepts: int
+
+
+def gather_concepts(token_features: Tensor, labels: Tensor, positions: Tensor, mask: Tensor
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """Eq. (1): pool the token features of every valid concept of the batch.
+
+    Args:
+        token_features: (B, L, D) projected text token features.
+        labels: (B, C) concept labels, -1 for padding.
+        positions: (B, C, T) token positions of each concept in its caption.
+        mask: (B, C, T) which positions are real.
+
+    Returns:
+        concepts (M, D) mean token features, concept labels (M,), caption index (M,).
+    """
+    valid = labels >= 0  # (B, C)
+    caption, slot = valid.nonzero(as_tuple=True)
+    pos = positions[caption, slot]  # (M, T)
+    weights = mask[caption, slot].to(token_features.dtype)  # (M, T)
+    tokens = token_features[caption[:, None], pos]  # (M, T, D)
+    concepts = (tokens * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
+    return concepts, labels[caption, slot], caption
+
+
+class ConceptLoss(nn.Module):
+    """Eqs. (2), (4), (5): the concept-level (local) loss.
+
+    Args:
+        pool_temperature: tau of the similarity pooling of patch tokens, eq. (2) (0.1).
+        logit_scale: fixed scale of the concept classification logits, eq. (5) (1/0.07).
+        target: ``"label"`` (the paper) or ``"argmax"`` (the official release).
+    """
+
+    def __init__(self, pool_temperature: float = 0.1, logit_scale: float = 1 / 0.07,
+                 target: Literal["label", "argmax"] = "label") -> None:
+        super().__init__()
+        if target not in ("label", "argmax"):
+            raise ValueError(f"local target must be 'label' or 'argmax', got {target!r}")
+        self.pool_temperature = pool_temperature
+        self.register_buffer("logit_scale", torch.tensor(logit_scale), persistent=False)
+        self.target = target
+
+    def forward(self, token_features: Tensor, patch_tokens: Tensor, labels: Tensor, positions: Tensor,
+                mask: Tensor) -> LocalLossOutput:
+        """
+        Args:
+            token_features: (B, L, D) projected text token features.
+            patch_tokens: (B, N, D) L2-normalised frozen patch tokens.
+            labels: (B, C) concept labels (-1 = padding).
+            positions: (B, C, T) token positions of each concept.
+            mask: (B, C, T) valid positions.
+        """
+        concepts, concept_labels, caption = gather_concepts(token_features, labels, positions, mask)
+        if concepts.shape[0] == 0:
+            zero = token_features.sum() * 0.0
+            return LocalLossOutput(zero, zero.detach(), 0)
+        # Eq. (4): prototypes of the classes present in the batch, summed per label.
+        present, inverse = torch.unique(concept_labels, return_inverse=True)  # (P,), (M,)
+        prototypes = torch.zeros(len(present), concepts.shape[1], dtype=concepts.dtype,
+                                 device=concepts.device).index_add_(0, inverse, concepts)
+        prototypes = F.normalize(prototypes, dim=-1)  # (P, D)
+        # Eq. (2): each concept's prototype queries the patch tokens of its own image.
+        query = prototypes[inverse]  # (M, D)
+        patches = patch_tokens[caption]  # (M, N, D)
+        attention = torch.einsum("md,mnd->mn", query, patches).div(self.pool_temperature).softmax(-1)
+        visual = F.normalize(torch.einsum("mn,mnd->md", attention, patches), dim=-1)  # (M, D)
+        # Eq. (5): classify visual concepts against the prototypes present in the batch.
+        logits = self.logit_scale * visual @ prototypes.T  # (M, P)
+        target = inverse if self.target == "label" else logits.detach().argmax(-1)
+        loss = F.cross_entropy(logits, target)
+        accuracy = (logits.detach().argmax(-1) == inverse).float().mean()
+        return LocalLossOutput(loss, accuracy, int(concepts.shape[0]))

@@ -1,0 +1,110 @@
+"""SimZSS Lightning glue: the three hooks of :class:`~ovseg.module.OVSegModule`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ovseg.encoders.base import ImageEncoder, TextEncoder
+from ovseg.methods.simzss.concepts import ConceptExtractor
+from ovseg.methods.simzss.loss import ConceptLoss, GlobalContrastiveLoss
+from ovseg.methods.simzss.model import SimZSSModel
+from ovseg.module import OVSegModule, to_unit_float
+
+CONCEPT_KEYS = ("concept_labels", "concept_token_positions", "concept_token_mask")
+
+
+class SimZSS(OVSegModule):
+    """SimZSS (Stegmueller et al., ICLR 2025): a text encoder trained from captions to align with
+    a frozen, spatially aware vision backbone, with a global and a concept-level loss.
+
+    Args:
+        image_encoder: the frozen backbone (DINOv2 ViT-B/14 with registers in the paper).
+        text_encoder: the trainable text encoder (CLIP-style, 12 x 512, projected to the backbone
+            width).
+        lambda_local: weight of the concept loss, eq. (6) (0.05; 0 is the LiT baseline).
+        pool_temperature: tau of the concept pooling, eq. (2) (0.1).
+        local_logit_scale: fixed scale of the concept logits, eq. (5) (1/0.07).
+        init_logit_scale: initial learnable scale of the global loss (1/0.07).
+        max_logit_scale: cap of the global scale (100).
+        local_target: ``"label"`` (the paper) or ``"argmax"`` (the official release).
+        concept_bank: concept bank file (default: the bank shipped with ovseg).
+        **kwargs: optimizer, scheduler and evaluation options of :class:`OVSegModule`.
+    """
+
+    def __init__(
+        self,
+        image_encoder: ImageEncoder,
+        text_encoder: TextEncoder,
+        lambda_local: float = 0.05,
+        pool_temperature: float = 0.1,
+        local_logit_scale: float = 1 / 0.07,
+        init_logit_scale: float = 1 / 0.07,
+        max_logit_scale: float = 100.0,
+        local_target: Literal["label", "argmax"] = "label",
+        concept_bank: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.model = SimZSSModel(image_encoder, text_encoder)
+        self.global_loss = GlobalContrastiveLoss(init_logit_scale, max_logit_scale)
+        self.local_loss = ConceptLoss(pool_temperature, local_logit_scale, local_target)
+        self.lambda_local = lambda_local
+        self.concepts = ConceptExtractor(concept_bank, context_length=text_encoder.context_length)
+        self._concept_cache: dict[str, dict[str, Tensor]] = {}
+
+    # ---------------------------------------------------------------- hooks
+    def encode_text(self, texts: list[str]) -> Tensor:
+        """Texts -> (N, D) normalised EOT features."""
+        return F.normalize(self.model.text_encoder.encode_texts(texts).pooled, dim=-1)
+
+    def predict_scores(self, images: Tensor, text_embeddings: Tensor) -> Tensor:
+        """Cosine between normalised patch tokens and class embeddings, times the logit scale.
+
+        Returns:
+            (B, Q, h, w) logits on the backbone's patch grid.
+        """
+        features = self.model.encode_image(images)
+        height, width = features.grid
+        logits = self.global_loss.scale() * features.patches @ text_embeddings.T.to(features.patches)
+        return logits.transpose(1, 2).reshape(images.shape[0], -1, height, width)
+
+    def concept_batch(self, captions: list[str]) -> dict[str, Tensor]:
+        """Concepts of captions extracted on the fly (cached per caption), as padded tensors."""
+        missing = [caption for caption in dict.fromkeys(captions) if caption not in self._concept_cache]
+        if len(self._concept_cache) + len(missing) > 200_000:
+            self._concept_cache.clear()
+        self._concept_cache.update({caption: self.concepts.encode(caption) for caption in missing})
+        encoded = [self._concept_cache[caption] for caption in captions]
+        return {key: torch.stack([e[key] for e in encoded]).to(self.device) for key in CONCEPT_KEYS}
+
+    def training_loss(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """Eq. (6): L = L_g + lambda L_l on a batch of images and captions."""
+        images = to_unit_float(batch["image"])
+        captions = list(batch["caption"])
+        concepts = ({key: batch[key] for key in CONCEPT_KEYS} if all(k in batch for k in CONCEPT_KEYS)
+                    else self.concept_batch(captions))
+        image = self.model.encode_image(images)
+        text = self.model.encode_text(self.model.text_encoder.tokenize(captions).to(self.device))
+        gather, rank = self._gather()
+        global_loss = self.global_loss(image.pooled, F.normalize(text.pooled, dim=-1), gather, rank)
+        terms = {"loss_global": global_loss, "logit_scale": self.global_loss.scale().detach()}
+        loss = global_loss
+        if self.lambda_local > 0:
+            local = self.local_loss(text.tokens, image.patches, concepts["concept_labels"],
+                                    concepts["concept_token_positions"], concepts["concept_token_mask"])
+            loss = loss + self.lambda_local * local.loss
+            terms.update(loss_local=local.loss, concept_accuracy=local.accuracy,
+                         concepts_per_caption=torch.tensor(local.num_concepts / len(captions)))
+        terms["loss"] = loss
+        return terms
+
+    def _gather(self):
+        """All-gather with gradients across ranks (Lightning's), or identity on one process."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return (lambda tensor: tensor), 0
+        return (lambda tensor: self.all_gather(tensor, sync_grads=True).flatten(0, 1)), self.global_rank

@@ -1,0 +1,379 @@
+"""``OVSegModule``: the LightningModule every method derives from.
+
+A method implements three hooks:
+
+- :meth:`OVSegModule.encode_text`: texts -> (N, D) embeddings;
+- :meth:`OVSegModule.predict_scores`: images in [0, 1] and (Q, D) query embeddings -> per-pixel
+  query logits (B, Q, h, w), or :class:`MaskPredictions` (masks with class probabilities) that the
+  base turns into per-pixel scores;
+- :meth:`OVSegModule.training_loss`: a training batch -> a dict of loss terms with ``"loss"``.
+
+Everything else is shared: evaluation on one or several dataloaders, each with its own
+:class:`~ovseg.benchmark.Benchmark` (vocabulary, inference settings, metric convention), prompt
+templates and synonyms, the text-embedding cache, whole-image and sliding-window inference,
+background by threshold, metrics, logging, and optimizers with per-prefix learning-rate
+multipliers and freezing.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+
+from ovseg.benchmark import Benchmark, check_unique_names
+from ovseg.inference import InferenceSettings, infer_scores
+from ovseg.metrics import SegmentationMetrics
+from ovseg.optim import (
+    apply_lr_multipliers,
+    freeze_by_prefix,
+    needs_total_steps,
+    parameter_groups,
+    set_total_steps,
+)
+from ovseg.vocabulary import TextEmbeddingCache, Vocabulary, reduce_synonyms
+
+SUMMARY_METRICS = ("mIoU", "pAcc", "mAcc", "fwIoU", "mIoU_seen", "mIoU_unseen", "hIoU")
+
+
+@dataclass
+class MaskPredictions:
+    """Mask proposals with class probabilities, as mask-classification methods produce them.
+
+    Attributes:
+        mask_logits: (B, M, h, w) mask logits (sigmoid gives the mask probability).
+        class_probs: (B, M, Q) probability of each query name for each mask (no-object removed).
+    """
+
+    mask_logits: Tensor
+    class_probs: Tensor
+
+    def pixel_scores(self) -> Tensor:
+        """(B, Q, h, w): per pixel, sum over masks of class probability x mask probability."""
+        return torch.einsum("bmq,bmhw->bqhw", self.class_probs, self.mask_logits.sigmoid())
+
+
+def to_unit_float(images: Tensor) -> Tensor:
+    """uint8 images in [0, 255] or float images in [0, 1] -> float32 in [0, 1]."""
+    if images.dtype == torch.uint8:
+        return images.float().div_(255.0)
+    if not images.is_floating_point():
+        raise TypeError(f"images must be uint8 or floating point in [0, 1], got {images.dtype}")
+    return images.float()
+
+
+class OVSegModule(L.LightningModule, ABC):
+    """Shared Lightning glue of every open-vocabulary segmentation method.
+
+    Args:
+        optimizer: optimizer callable (from YAML: ``class_path`` + ``init_args``).
+        lr_scheduler: scheduler callable; ovseg schedulers without ``total_steps`` get the
+            trainer's estimated number of optimizer steps.
+        lr_multipliers: parameter-name prefix -> learning-rate multiplier (longest prefix wins).
+        freeze: parameter-name prefixes to freeze before the optimizer is built.
+        no_weight_decay: parameter-name substrings without weight decay.
+        no_decay_on_1d: no weight decay on biases, norms and scalars.
+        lr_reference_batch: if set, the learning rate is multiplied by
+            (global batch size / lr_reference_batch), e.g. 256 for CLIP-style linear scaling.
+        scheduler_interval: ``"step"`` or ``"epoch"``.
+        text_batch_size: texts per forward pass when a vocabulary is encoded.
+        print_metrics: print a metrics table after each validation/test epoch.
+    """
+
+    def __init__(
+        self,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_multipliers: dict[str, float] | None = None,
+        freeze: list[str] | None = None,
+        no_weight_decay: list[str] | None = None,
+        no_decay_on_1d: bool = True,
+        lr_reference_batch: int | None = None,
+        scheduler_interval: str = "step",
+        text_batch_size: int = 1024,
+        print_metrics: bool = True,
+    ) -> None:
+        super().__init__()
+        if scheduler_interval not in ("step", "epoch"):
+            raise ValueError(f"scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}")
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.lr_multipliers = dict(lr_multipliers or {})
+        self.freeze = list(freeze or [])
+        self.no_weight_decay = list(no_weight_decay or [])
+        self.no_decay_on_1d = no_decay_on_1d
+        self.lr_reference_batch = lr_reference_batch
+        self.scheduler_interval = scheduler_interval
+        self.text_batch_size = text_batch_size
+        self.print_metrics = print_metrics
+        self.text_cache = TextEmbeddingCache()
+        self._metrics: dict[str, SegmentationMetrics] = {}
+        self.last_results: dict[str, dict[str, Tensor]] = {}
+
+    # ------------------------------------------------------------------ method hooks
+    @abstractmethod
+    def encode_text(self, texts: list[str]) -> Tensor:
+        """Texts -> (N, D) embeddings in the space :meth:`predict_scores` compares with."""
+
+    @abstractmethod
+    def predict_scores(self, images: Tensor, text_embeddings: Tensor) -> Tensor | MaskPredictions:
+        """Per-pixel query scores of a batch.
+
+        Args:
+            images: (B, 3, H, W) float in [0, 1]; the method normalises them itself.
+            text_embeddings: (Q, D) L2-normalised query embeddings (one per class name).
+
+        Returns:
+            (B, Q, h, w) logits whose softmax over Q is the class probability (at any
+            resolution; the base upsamples), or :class:`MaskPredictions`.
+        """
+
+    @abstractmethod
+    def training_loss(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """Loss terms of a training batch; ``"loss"`` is the one optimised."""
+
+    # ------------------------------------------------------------------ text embeddings
+    def text_embeddings(self, vocabulary: Vocabulary) -> Tensor:
+        """(Q, D) query embeddings of ``vocabulary``, from the cache when the encoder is unchanged."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.text_cache.get(vocabulary, self.encode_text, self.device, self.text_batch_size)
+        finally:
+            self.train(was_training)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.text_cache.invalidate()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.text_cache.invalidate()
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        self.text_cache.invalidate()
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def class_probabilities(
+        self,
+        images: Tensor,
+        vocabulary: Vocabulary,
+        settings: InferenceSettings | None = None,
+        output_size: tuple[int, int] | None = None,
+    ) -> Tensor:
+        """(B, K, H_out, W_out) class probabilities of equal-size images (max over synonyms).
+
+        Args:
+            images: (B, 3, H, W) uint8 or float in [0, 1].
+            vocabulary: the classes to segment.
+            settings: resize / sliding-window settings (default: whole image, native size).
+            output_size: (H_out, W_out), default the input size.
+        """
+        embeddings = self.text_embeddings(vocabulary)
+        kinds: set[str] = set()
+
+        def score_fn(batch: Tensor) -> Tensor:
+            output = self.predict_scores(batch, embeddings)
+            if isinstance(output, MaskPredictions):
+                kinds.add("probs")
+                return output.pixel_scores()
+            kinds.add("logits")
+            return output
+
+        scores = infer_scores(to_unit_float(images), score_fn, settings or InferenceSettings(),
+                              output_size).float()
+        probs = scores.softmax(1) if kinds == {"logits"} else scores
+        return reduce_synonyms(probs, vocabulary.query_to_class, len(vocabulary))
+
+    @staticmethod
+    def labels_from_probabilities(probs: Tensor, vocabulary: Vocabulary) -> Tensor:
+        """(B, K, H, W) probabilities -> (B, H, W) int64 labels, background by threshold."""
+        best, labels = probs.max(1)
+        if vocabulary.background_threshold is not None:
+            labels = torch.where(best < vocabulary.background_threshold, torch.zeros_like(labels), labels)
+        return labels
+
+    @torch.no_grad()
+    def segment(
+        self,
+        images: Tensor | Sequence[Tensor],
+        vocabulary: Vocabulary | Sequence[str],
+        settings: InferenceSettings | None = None,
+        output_sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> list[Tensor]:
+        """Label maps for images of any sizes.
+
+        Args:
+            images: (B, 3, H, W) or a list of (3, H_i, W_i), uint8 or float in [0, 1].
+            vocabulary: a :class:`Vocabulary` or a list of class names.
+            settings: resize / sliding-window settings.
+            output_sizes: per image, the size of the returned map (default: the image size).
+
+        Returns:
+            one (H_i, W_i) int64 map per image, values = class indices of ``vocabulary``.
+
+        Example::
+
+            labels = model.segment(image, ["sky", "grass", "a red ball"])[0]
+        """
+        if not isinstance(vocabulary, Vocabulary):
+            vocabulary = Vocabulary.from_names(list(vocabulary))
+        images = list(images) if not isinstance(images, Tensor) or images.dim() == 4 else [images]
+        sizes = list(output_sizes) if output_sizes is not None else [tuple(i.shape[-2:]) for i in images]
+        results: list[Tensor | None] = [None] * len(images)
+        # Images of the same size and output size run as one batch.
+        groups: dict[tuple, list[int]] = {}
+        for index, (image, size) in enumerate(zip(images, sizes)):
+            groups.setdefault((tuple(image.shape), tuple(size)), []).append(index)
+        for (_, size), indices in groups.items():
+            batch = torch.stack([images[i] for i in indices]).to(self.device)
+            probs = self.class_probabilities(batch, vocabulary, settings, size)
+            for i, labels in zip(indices, self.labels_from_probabilities(probs, vocabulary)):
+                results[i] = labels
+        return results  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ evaluation
+    def benchmarks(self) -> list[Benchmark]:
+        """The evaluation sets of the attached DataModule, one per dataloader."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        benchmarks = getattr(datamodule, "benchmarks", None)
+        if benchmarks is None:
+            raise RuntimeError(
+                "evaluation needs a DataModule with a `benchmarks` list (one Benchmark per "
+                f"evaluation dataloader); got {type(datamodule).__name__}"
+            )
+        check_unique_names(benchmarks)
+        return list(benchmarks)
+
+    def _reset_metrics(self) -> None:
+        self._metrics = {
+            benchmark.name: SegmentationMetrics(
+                num_classes=len(benchmark.vocabulary),
+                ignore_index=benchmark.ignore_index,
+                absent_policy=benchmark.absent_policy,
+                unseen_classes=benchmark.unseen_indices,
+            ).to(self.device)
+            for benchmark in self.benchmarks()
+        }
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset_metrics()
+
+    def on_test_epoch_start(self) -> None:
+        self._reset_metrics()
+
+    def _evaluate_batch(self, batch: Mapping[str, Any], dataloader_idx: int) -> None:
+        benchmark = self.benchmarks()[dataloader_idx]
+        labels = list(batch["label"])
+        predictions = self.segment(batch["image"], benchmark.vocabulary, benchmark.inference,
+                                   [tuple(label.shape[-2:]) for label in labels])
+        metric = self._metrics[benchmark.name]
+        for prediction, label in zip(predictions, labels):
+            metric.update(prediction, label.to(prediction.device))
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate_batch(batch, dataloader_idx)
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate_batch(batch, dataloader_idx)
+
+    def _log_metrics(self, stage: str) -> None:
+        self.last_results = {name: metric.compute() for name, metric in self._metrics.items()}
+        summary: dict[str, float] = {}
+        for name, results in self.last_results.items():
+            for key in SUMMARY_METRICS:
+                if key in results:
+                    summary[f"{stage}/{name}/{key}"] = float(results[key])
+        if self.last_results:
+            summary[f"{stage}/mIoU"] = sum(float(r["mIoU"]) for r in self.last_results.values()) / len(
+                self.last_results)
+        self.log_dict(summary, add_dataloader_idx=False, sync_dist=False)
+        sanity = self._trainer is not None and self.trainer.sanity_checking
+        if self.print_metrics and not sanity:
+            self._print_table(stage)
+
+    @rank_zero_only
+    def _print_table(self, stage: str) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        columns = [key for key in SUMMARY_METRICS if any(key in r for r in self.last_results.values())]
+        title = f"{stage} metrics (%), epoch {self.current_epoch}, step {self.global_step}"
+        table = Table(title=title)
+        table.add_column("benchmark")
+        for key in columns:
+            table.add_column(key, justify="right")
+        for name, results in self.last_results.items():
+            table.add_row(name, *[f"{float(results[key]):.2f}" if key in results else "-" for key in columns])
+        Console().print(table)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def predict_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """Label maps of a batch, with the batch's ``index`` when the dataset gives one."""
+        benchmark = self.benchmarks()[dataloader_idx]
+        predictions = self.segment(batch["image"], benchmark.vocabulary, benchmark.inference)
+        return {"prediction": [p.cpu() for p in predictions], "index": batch.get("index")}
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        terms = self.training_loss(batch)
+        if "loss" not in terms:
+            raise KeyError(f"{type(self).__name__}.training_loss must return a 'loss' term, got {list(terms)}")
+        loss = terms["loss"]
+        if not torch.isfinite(loss.detach()):
+            values = {key: float(value.detach()) for key, value in terms.items()}
+            raise FloatingPointError(f"non-finite loss at step {self.global_step}: {values}")
+        batch_size = len(batch["image"]) if "image" in batch else None
+        self.log_dict({f"train/{key}": value.detach() for key, value in terms.items()},
+                      prog_bar=False, batch_size=batch_size)
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch_size)
+        return loss
+
+    def setup(self, stage: str) -> None:
+        """Freeze by prefix; check the DataModule's benchmarks early, before any training."""
+        if self.freeze:
+            freeze_by_prefix(self, self.freeze)
+        benchmarks = getattr(getattr(self._trainer, "datamodule", None), "benchmarks", None)
+        if benchmarks is not None:
+            check_unique_names(benchmarks)
+        elif stage in ("validate", "test", "predict"):
+            self.benchmarks()  # raises with a clear message
+
+    def _lr_scale(self) -> float:
+        """Linear learning-rate scaling by the global batch size, if ``lr_reference_batch`` is set."""
+        if self.lr_reference_batch is None:
+            return 1.0
+        batch_size = getattr(self.trainer.datamodule, "batch_size", None)
+        if batch_size is None:
+            raise RuntimeError("lr_reference_batch needs a DataModule with a `batch_size` attribute")
+        world = self.trainer.world_size * self.trainer.accumulate_grad_batches
+        return batch_size * world / self.lr_reference_batch
+
+    def configure_optimizers(self) -> Any:
+        groups = parameter_groups(self, self.lr_multipliers, self.no_weight_decay, self.no_decay_on_1d)
+        optimizer = self.optimizer(groups)
+        apply_lr_multipliers(optimizer, self._lr_scale())
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        if needs_total_steps(scheduler):
+            total = self.trainer.estimated_stepping_batches
+            if not math.isfinite(total):
+                raise RuntimeError("the scheduler needs total_steps, and the trainer cannot estimate "
+                                   "them: set trainer.max_steps or the scheduler's total_steps")
+            set_total_steps(scheduler, int(total))
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}

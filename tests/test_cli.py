@@ -1,0 +1,130 @@
+"""The ``ovseg`` command: every shipped config runs through the real CLI in fast mode; smoke run;
+checkpoint round trip; clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ovseg.cli import run
+from ovseg.methods import METHODS
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+FAST = REPO / "tests" / "fast"
+
+
+def synthetic_data_args(tmp_path: Path) -> list[str]:
+    return ["--data.init_args.num_train", "8", "--data.init_args.num_val", "2",
+            "--data.init_args.batch_size", "4", "--data.init_args.eval_batch_size", "2"]
+
+
+# Fast-mode data settings per DataModule class: a new DataModule needs an entry here, so no
+# shipped config can escape this test.
+DATA_OVERLAYS: dict[str, Callable[[Path], list[str]]] = {
+    "ovseg.datamodules.synthetic.SyntheticDataModule": synthetic_data_args,
+}
+
+
+def method_key(class_path: str) -> str:
+    for key, path in METHODS.items():
+        if path == class_path:
+            return key
+    raise AssertionError(f"{class_path} is not listed in ovseg.methods.METHODS")
+
+
+def fast_args(config: Path, tmp_path: Path) -> list[str]:
+    """Arguments that run ``config`` for 2 steps with tiny encoders on small data."""
+    content = yaml.safe_load(config.read_text())
+    model_path = content["model"]["class_path"]
+    data_path = content["data"]["class_path"]
+    assert data_path in DATA_OVERLAYS, f"no fast-mode data overlay for {data_path} ({config})"
+    return [
+        "-c", str(config), "-c", str(FAST / f"{method_key(model_path)}.yaml"),
+        "--trainer.fast_dev_run", "2", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+        "--trainer.precision", "32-true", "--trainer.enable_progress_bar", "false",
+        *DATA_OVERLAYS[data_path](tmp_path),
+    ]
+
+
+EXPERIMENTS = [c for c in CONFIGS if "model" in yaml.safe_load(c.read_text())]
+
+
+def test_every_config_is_covered():
+    """Every YAML under configs/ is either a full experiment (run below) or parses as YAML."""
+    assert EXPERIMENTS, "no experiment config found"
+    for config in CONFIGS:
+        assert isinstance(yaml.safe_load(config.read_text()), dict), config
+
+
+@pytest.mark.parametrize("config", EXPERIMENTS, ids=[str(c.relative_to(REPO / "configs")) for c in EXPERIMENTS])
+def test_config_runs_in_fast_mode(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = run(["fit", *fast_args(config, tmp_path)])
+    assert cli.trainer.global_step == 2
+    assert "val/mIoU" in cli.trainer.callback_metrics
+
+
+def smoke(tmp_path: Path, *extra: str):
+    return run(["fit", "-c", str(REPO / "configs/experiment/smoke.yaml"), "--trainer.max_steps", "4",
+                 "--trainer.val_check_interval", "4", "--trainer.enable_progress_bar", "false",
+                 "--data.init_args.num_train", "64", "--data.init_args.batch_size", "16",
+                 "--data.init_args.num_val", "8", *extra])
+
+
+def test_smoke_fit_prints_table_and_validate_reproduces_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    fitted = smoke(tmp_path)
+    out = capsys.readouterr().out
+    assert "mIoU" in out and "synthetic" in out
+    fit_miou = float(fitted.trainer.callback_metrics["val/synthetic/mIoU"])
+    checkpoint = tmp_path / "runs/smoke/checkpoints/last.ckpt"
+    assert checkpoint.is_file()
+    # The resolved config was saved in the run directory.
+    assert list((tmp_path / "runs/smoke").rglob("config.yaml"))
+
+    validated = run(["validate", "-c", str(REPO / "configs/experiment/smoke.yaml"),
+                      "--data.init_args.num_val", "8", "--trainer.enable_progress_bar", "false",
+                      "--ckpt_path", str(checkpoint)])
+    assert float(validated.trainer.callback_metrics["val/synthetic/mIoU"]) == pytest.approx(fit_miou, abs=1e-6)
+    # A second run in the same place does not fail.
+    smoke(tmp_path)
+
+
+def test_swap_model_and_override_options_on_the_command_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = smoke(tmp_path, "--model.init_args.lambda_local", "0", "--trainer.max_steps", "2",
+                "--trainer.val_check_interval", "2")
+    assert cli.model.lambda_local == 0
+    assert cli.trainer.global_step == 2
+
+
+def ovseg_subprocess(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ovseg", *args], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+
+
+def test_help_and_bad_configs_give_clear_messages(tmp_path):
+    help_run = ovseg_subprocess("--help")
+    assert help_run.returncode == 0
+    assert "fit" in help_run.stdout and "ovseg data" in help_run.stdout
+
+    bad_class = tmp_path / "bad_class.yaml"
+    bad_class.write_text("model:\n  class_path: ovseg.methods.simzss.SimZZS\n")
+    run = ovseg_subprocess("fit", "-c", str(bad_class))
+    assert run.returncode != 0 and "SimZZS" in run.stderr
+
+    run = ovseg_subprocess("fit", "-c", str(REPO / "configs/experiment/smoke.yaml"), "--model.init_args.lamda_local", "0")
+    assert run.returncode != 0 and "lamda_local" in run.stderr
+
+
+def test_data_make_synthetic_command(tmp_path):
+    run(["data", "make-synthetic", "--format", "mmseg", "--out", str(tmp_path / "mmseg"), "--num-images", "3"])
+    assert len(list((tmp_path / "mmseg").rglob("*.png"))) == 3
+    with pytest.raises(SystemExit):
+        run(["data", "make-synthetic", "--format", "parquet", "--out", str(tmp_path)])

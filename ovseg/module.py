@@ -26,6 +26,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
@@ -114,6 +115,10 @@ class OVSegModule(L.LightningModule, ABC):
         self.scheduler_interval = scheduler_interval
         self.text_batch_size = text_batch_size
         self.print_metrics = print_metrics
+        if _given_hyperparameters.get() is not None:
+            # Built by LightningCLI: store its configuration so that
+            # `Method.load_from_checkpoint(path)` rebuilds the model without the YAML.
+            self.save_hyperparameters()
         self.text_cache = TextEmbeddingCache()
         self._metrics: dict[str, SegmentationMetrics] = {}
         self.last_results: dict[str, dict[str, Tensor]] = {}

@@ -60,6 +60,12 @@ class GlobalContrastiveLoss(nn.Module):
         """The current logit scale exp(t), clamped to ``max_scale``."""
         return self.logit_scale.exp().clamp(max=self.max_scale)
 
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Clamp the parameter itself to ln(max_scale), as OpenCLIP does after each optimizer step
+        (so that it can come back down instead of drifting above the cap with zero gradient)."""
+        self.logit_scale.clamp_(max=math.log(self.max_scale))
+
     def forward(self, image: Tensor, text: Tensor, gather: Gather = identity_gather, rank: int = 0) -> Tensor:
         """
         Args:

@@ -103,6 +103,10 @@ class SimZSS(OVSegModule):
         terms["loss"] = loss
         return terms
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        self.global_loss.clamp_()
+
     def _gather(self):
         """All-gather with gradients across ranks (Lightning's), or identity on one process."""
         if self._trainer is None or self.trainer.world_size == 1:

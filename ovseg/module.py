@@ -40,7 +40,7 @@ from ovseg.optim import (
     parameter_groups,
     set_total_steps,
 )
-from ovseg.vocabulary import TextEmbeddingCache, Vocabulary, reduce_synonyms
+from ovseg.vocabulary import Prompt, TextEmbeddingCache, Vocabulary, reduce_synonyms
 
 SUMMARY_METRICS = ("mIoU", "pAcc", "mAcc", "fwIoU", "mIoU_seen", "mIoU_unseen", "hIoU")
 
@@ -146,12 +146,17 @@ class OVSegModule(L.LightningModule, ABC):
         """Loss terms of a training batch; ``"loss"`` is the one optimised."""
 
     # ------------------------------------------------------------------ text embeddings
+    def encode_prompts(self, prompts: list[Prompt]) -> Tensor:
+        """Class names in templates -> (N, D) embeddings; by default :meth:`encode_text` of the
+        formatted texts. Override when the embedding depends on where the name sits in the prompt."""
+        return self.encode_text([prompt.text for prompt in prompts])
+
     def text_embeddings(self, vocabulary: Vocabulary) -> Tensor:
         """(Q, D) query embeddings of ``vocabulary``, from the cache when the encoder is unchanged."""
         was_training = self.training
         self.eval()
         try:
-            return self.text_cache.get(vocabulary, self.encode_text, self.device, self.text_batch_size)
+            return self.text_cache.get(vocabulary, self.encode_prompts, self.device, self.text_batch_size)
         finally:
             self.train(was_training)
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -214,15 +215,15 @@ class TextEmbeddingCache:
     def get(
         self,
         vocabulary: Vocabulary,
-        encode: Callable[[list[str]], Tensor],
+        encode: Callable[[list[Prompt]], Tensor],
         device: torch.device,
         batch_size: int = 1024,
     ) -> Tensor:
         """(Q, D) L2-normalised query embeddings of ``vocabulary``, averaged over templates.
 
         Args:
-            encode: texts -> (N, D) embeddings (normalised or not; each is normalised here).
-            batch_size: texts per call of ``encode``.
+            encode: prompts -> (N, D) embeddings (normalised or not; each is normalised here).
+            batch_size: prompts per call of ``encode``.
         """
         key = (self.version, vocabulary.fingerprint(), str(device))
         if key not in self._entries:
@@ -230,13 +231,24 @@ class TextEmbeddingCache:
         return self._entries[key]
 
 
+class Prompt(NamedTuple):
+    """A class name in a prompt template; ``text`` is what a text encoder reads."""
+
+    template: str
+    name: str
+
+    @property
+    def text(self) -> str:
+        return self.template.format(self.name)
+
+
 @torch.no_grad()
 def embed_queries(
-    vocabulary: Vocabulary, encode: Callable[[list[str]], Tensor], batch_size: int = 1024
+    vocabulary: Vocabulary, encode: Callable[[list[Prompt]], Tensor], batch_size: int = 1024
 ) -> Tensor:
     """(Q, D): per query, the normalised mean of its normalised per-template embeddings."""
-    texts = [template.format(query) for query in vocabulary.queries for template in vocabulary.templates]
-    chunks = [encode(texts[start:start + batch_size]) for start in range(0, len(texts), batch_size)]
+    prompts = [Prompt(template, query) for query in vocabulary.queries for template in vocabulary.templates]
+    chunks = [encode(prompts[start:start + batch_size]) for start in range(0, len(prompts), batch_size)]
     embeddings = torch.nn.functional.normalize(torch.cat(chunks).float(), dim=-1)
     embeddings = embeddings.view(len(vocabulary.queries), len(vocabulary.templates), -1).mean(1)
     return torch.nn.functional.normalize(embeddings, dim=-1)

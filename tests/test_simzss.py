@@ -19,6 +19,7 @@ from ovseg.encoders.text_transformer import CLIPTextTransformer
 from ovseg.encoders.timm_vit import TimmViT
 from ovseg.methods.simzss.loss import ConceptLoss, GlobalContrastiveLoss, gather_concepts
 from ovseg.methods.simzss.module import CONCEPT_KEYS, SimZSS
+from ovseg.vocabulary import Vocabulary
 
 POOL_TAU = 0.1
 LOCAL_SCALE = 1 / 0.07
@@ -498,8 +499,23 @@ def test_logit_scale_parameter_is_clamped_after_each_step():
     with torch.no_grad():
         loss.logit_scale.fill_(math.log(400.0))
     loss.clamp_()
-    assert float(loss.logit_scale) == pytest.approx(math.log(100.0))
+    assert loss.logit_scale.item() == pytest.approx(math.log(100.0))
     with torch.no_grad():
         loss.logit_scale.fill_(math.log(20.0))
     loss.clamp_()
-    assert float(loss.logit_scale) == pytest.approx(math.log(20.0))
+    assert loss.logit_scale.item() == pytest.approx(math.log(20.0))
+
+
+def test_concept_class_embedding_is_the_mean_of_the_name_tokens():
+    text = CLIPTextTransformer.tiny(output_dim=64)
+    model = SimZSS(TimmViT.tiny(), text, class_embedding="concept").eval()
+    vocabulary = Vocabulary.from_names(["traffic light", "dog"], templates=["a photo of a {}.", "{}"])
+    embeddings = model.text_embeddings(vocabulary)
+    # Independent computation: "a photo of a" is 4 BPE tokens, "traffic light" 2, after <start>.
+    with torch.no_grad():
+        tokens = text(text.tokenize(["a photo of a traffic light.", "traffic light"])).tokens
+    first = F.normalize(tokens[0, 5:7].mean(0), dim=-1)
+    second = F.normalize(tokens[1, 1:3].mean(0), dim=-1)
+    torch.testing.assert_close(embeddings[0], F.normalize(first + second, dim=-1))
+    with pytest.raises(ValueError, match="separate word"):
+        model.text_embeddings(Vocabulary.from_names(["dog"], templates=["a photo of {}s."]))

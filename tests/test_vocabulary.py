@@ -67,7 +67,7 @@ def test_embeddings_average_normalised_templates_then_renormalise():
     vocabulary = Vocabulary.from_names(["cat", "dog"], templates=["a {}.", "the {}!", "{}"])
     table = {text: torch.randn(8) * (i + 1) for i, text in enumerate(
         [t.format(n) for n in ("cat", "dog") for t in vocabulary.templates])}
-    out = embed_queries(vocabulary, lambda texts: torch.stack([table[t] for t in texts]), batch_size=2)
+    out = embed_queries(vocabulary, lambda prompts: torch.stack([table[p.text] for p in prompts]), batch_size=2)
     expected = torch.stack([
         F.normalize(torch.stack([F.normalize(table[t.format(n)], dim=0) for t in vocabulary.templates]).mean(0), dim=0)
         for n in ("cat", "dog")
@@ -78,9 +78,9 @@ def test_embeddings_average_normalised_templates_then_renormalise():
 def test_cache_encodes_once_per_encoder_state():
     calls = []
 
-    def encode(texts):
-        calls.append(len(texts))
-        return torch.randn(len(texts), 4)
+    def encode(prompts):
+        calls.append(len(prompts))
+        return torch.randn(len(prompts), 4)
 
     cache = TextEmbeddingCache()
     vocabulary = Vocabulary.from_names(["a", "b"], templates="imagenet80")

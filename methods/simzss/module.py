@@ -14,6 +14,7 @@ from ovseg.methods.simzss.concepts import ConceptExtractor
 from ovseg.methods.simzss.loss import ConceptLoss, GlobalContrastiveLoss
 from ovseg.methods.simzss.model import SimZSSModel
 from ovseg.module import OVSegModule, to_unit_float
+from ovseg.vocabulary import Prompt
 
 CONCEPT_KEYS = ("concept_labels", "concept_token_positions", "concept_token_mask")
 
@@ -32,6 +33,11 @@ class SimZSS(OVSegModule):
         init_logit_scale: initial learnable scale of the global loss (1/0.07).
         max_logit_scale: cap of the global scale (100).
         local_target: ``"label"`` (the paper) or ``"argmax"`` (the official release).
+        class_embedding: how a class name in a prompt becomes its embedding: ``"eot"``, the
+            end-of-text feature (the official release's ``embed_words``), or ``"concept"``, the mean
+            of the name's own token features, i.e. the textual concept of eq. (1) that the concept
+            loss aligns with patch tokens. A small text tower trained briefly routes that alignment
+            into the EOT token only weakly (see the README's synthetic-world figures).
         concept_bank: concept bank file (default: the bank shipped with ovseg).
         **kwargs: optimizer, scheduler and evaluation options of :class:`OVSegModule`.
     """
@@ -46,6 +52,7 @@ class SimZSS(OVSegModule):
         init_logit_scale: float = 1 / 0.07,
         max_logit_scale: float = 100.0,
         local_target: Literal["label", "argmax"] = "label",
+        class_embedding: Literal["eot", "concept"] = "eot",
         concept_bank: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -54,6 +61,9 @@ class SimZSS(OVSegModule):
         self.global_loss = GlobalContrastiveLoss(init_logit_scale, max_logit_scale)
         self.local_loss = ConceptLoss(pool_temperature, local_logit_scale, local_target)
         self.lambda_local = lambda_local
+        if class_embedding not in ("eot", "concept"):
+            raise ValueError(f"class_embedding must be 'eot' or 'concept', got {class_embedding!r}")
+        self.class_embedding = class_embedding
         self.concepts = ConceptExtractor(concept_bank, context_length=text_encoder.context_length)
         self._concept_cache: dict[str, dict[str, Tensor]] = {}
 
@@ -61,6 +71,17 @@ class SimZSS(OVSegModule):
     def encode_text(self, texts: list[str]) -> Tensor:
         """Texts -> (N, D) normalised EOT features."""
         return F.normalize(self.model.text_encoder.encode_texts(texts).pooled, dim=-1)
+
+    def encode_prompts(self, prompts: list[Prompt]) -> Tensor:
+        """(N, D) normalised embeddings: the EOT feature, or the mean feature of the name's tokens."""
+        if self.class_embedding == "eot":
+            return super().encode_prompts(prompts)
+        encoder = self.model.text_encoder
+        token_ids = encoder.tokenize([prompt.text for prompt in prompts]).to(self.device)
+        mask = name_token_mask(prompts, token_ids, encoder.bpe_tokenizer).to(self.device)
+        tokens = encoder(token_ids).tokens  # (N, L, D)
+        weights = mask.to(tokens.dtype).unsqueeze(-1)
+        return F.normalize((tokens * weights).sum(1) / weights.sum(1), dim=-1)
 
     def predict_scores(self, images: Tensor, text_embeddings: Tensor) -> Tensor:
         """Cosine between normalised patch tokens and class embeddings, times the logit scale.
@@ -112,3 +133,25 @@ class SimZSS(OVSegModule):
         if self._trainer is None or self.trainer.world_size == 1:
             return (lambda tensor: tensor), 0
         return (lambda tensor: self.all_gather(tensor, sync_grads=True).flatten(0, 1)), self.global_rank
+
+
+def name_token_mask(prompts: list[Prompt], token_ids: Tensor, bpe_tokenizer: Any) -> Tensor:
+    """(N, L) bool: the positions of each prompt's class-name tokens in its token ids.
+
+    The name is found where the template puts it (the BPE tokens of the template's prefix come
+    first, after the start token) and must tokenize there exactly as on its own; a template that
+    glues the name to other characters (``"{}s"``) or a name past the context length is an error.
+    """
+    mask = torch.zeros(token_ids.shape, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        prefix = prompt.template.split("{}")[0]
+        start = 1 + len(bpe_tokenizer.encode(prefix))
+        name = bpe_tokenizer.encode(prompt.name)
+        found = token_ids[row, start:start + len(name)].tolist()
+        if found != name:
+            raise ValueError(
+                f"class name {prompt.name!r} is not a separate word in template {prompt.template!r} "
+                "(or is cut by the context length): use class_embedding 'eot' or another template"
+            )
+        mask[row, start:start + len(name)] = True
+    return mask

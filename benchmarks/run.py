@@ -4,8 +4,9 @@
 
 Measures, for the tiny SimZSS of ``configs/experiment/smoke.yaml`` on the synthetic world:
 training samples/second, inference images/second (whole image, batched sliding window and the
-window-by-window loop kept here only as the baseline), concept extraction captions/second, and
-synthetic data loading images/second. The same command runs on a GPU when one is present.
+window-by-window loop kept here only as the baseline), concept extraction captions/second, and the
+images/second of each DataModule reading the synthetic world written in its real format. The same
+command runs on a GPU when one is present.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +36,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 def machine() -> str:
     """One line naming the hardware and software the figures come from."""
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")] if cpuinfo.exists() else []
+        device = names[0] if names else platform.processor() or "CPU"
     return (f"{device}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
 
@@ -59,7 +67,7 @@ def smoke_model(device: torch.device) -> SimZSS:
     parser = ArgumentParser()
     parser.add_subclass_arguments(SimZSS, "model")
     cfg = parser.parse_object({"model": config["model"]})
-    return parser.instantiate_classes(cfg).model.to(device).eval()
+    return parser.instantiate(cfg).model.to(device).eval()
 
 
 def window_loop(images: torch.Tensor, score_fn, window: int, stride: int) -> torch.Tensor:
@@ -125,11 +133,50 @@ def bench_concepts(count: int) -> list[tuple[str, float]]:
     return rows
 
 
-def bench_loading(count: int) -> list[tuple[str, float]]:
-    loader = SyntheticDataModule(num_train=count, batch_size=32).train_dataloader()
-    start = time.perf_counter()
-    seen = sum(len(batch["image"]) for batch in loader)
-    return [("synthetic data loading, 0 workers (images/s)", seen / (time.perf_counter() - start))]
+def _images_per_second(loader, limit: int) -> float:
+    """Images/second over one pass of ``loader`` (at most ``limit`` images), after one batch."""
+    iterator = iter(loader)
+    next(iterator)
+    start, seen = time.perf_counter(), 0
+    for batch in iterator:
+        seen += len(batch["image"])
+        if seen >= limit:
+            break
+    return seen / (time.perf_counter() - start)
+
+
+def bench_loading(count: int, workdir: Path) -> list[tuple[str, float]]:
+    """Each DataModule over the synthetic world written in its real on-disk format (512 px)."""
+    from ovseg.datamodules.benchmarks import BenchmarkSpec, EvaluationDataModule
+    from ovseg.datamodules.coco import CocoCaptionsDataModule
+    from ovseg.datamodules.synthetic import make_synthetic
+    from ovseg.datamodules.webdataset import WebDatasetDataModule
+
+    size = 512
+    coco = make_synthetic("coco", workdir / "coco", count, None, size, 0, progress=False)
+    shards = make_synthetic("wds", workdir / "wds", count, None, size, 0, progress=False)
+    mmseg = make_synthetic("mmseg", workdir / "mmseg", count, None, size, 0, progress=False)
+    rows = []
+    for workers in (0, 2):
+        loaders = {
+            "COCO Captions + RandomResizedCrop 224": CocoCaptionsDataModule(
+                coco, batch_size=32, num_workers=workers, concepts=None),
+            "WebDataset shards + RandomResizedCrop 224": WebDatasetDataModule(
+                str(shards / f"{{00000..{len(list(shards.glob('*.tar'))) - 1:05d}}}.tar"), epoch_length=count, batch_size=32,
+                num_workers=workers, shuffle_buffer=100),
+            "evaluation (mmseg folder, native size)": EvaluationDataModule(
+                [BenchmarkSpec(name="synthetic", data_root=".", class_names="class_names.txt")],
+                root=str(mmseg), batch_size=8, num_workers=workers),
+        }
+        for name, datamodule in loaders.items():
+            datamodule.setup("fit" if "evaluation" not in name else "validate")
+            loader = datamodule.val_dataloader()[0] if "evaluation" in name else datamodule.train_dataloader()
+            rows.append((f"loader: {name}, {size} px, {workers} workers (images/s)",
+                         _images_per_second(loader, count)))
+    synthetic = SyntheticDataModule(num_train=count, batch_size=32).train_dataloader()
+    rows.append(("loader: synthetic world generated on the fly, 112 px, 0 workers (images/s)",
+                 _images_per_second(synthetic, count)))
+    return rows
 
 
 def main() -> None:
@@ -140,8 +187,10 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = smoke_model(device)
-    rows = [*bench_training(model, device, repeats), *bench_inference(model, device, repeats),
-            *bench_concepts(500 if args.quick else 2000), *bench_loading(256 if args.quick else 1024)]
+    with tempfile.TemporaryDirectory() as workdir:
+        rows = [*bench_training(model, device, repeats), *bench_inference(model, device, repeats),
+                *bench_concepts(500 if args.quick else 2000),
+                *bench_loading(128 if args.quick else 512, Path(workdir))]
     print(f"machine: {machine()}\n")
     print("| measurement | value |\n|---|---:|")
     for name, value in rows:

@@ -562,6 +562,14 @@ class TrainDataModule(L.LightningDataModule):
         if self.eval_data is not None:
             self.eval_data.teardown(stage)
 
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled batches of ``self.train_set`` (a map-style dataset built by ``setup``)."""
+        if getattr(self, "train_set", None) is None:
+            self.setup("fit")
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=self.num_workers > 0, collate_fn=collate_samples)
+
     def val_dataloader(self) -> Any:
         if self.eval_data is not None:
             return self.eval_data.val_dataloader()
@@ -685,13 +693,6 @@ class CocoCaptionsDataModule(TrainDataModule):
             skips=self.skips,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        if self.train_set is None:
-            self.setup("fit")
-        assert self.train_set is not None
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0, collate_fn=collate_samples)
 
 
 # ================================================================================ COCO-Stuff
@@ -905,13 +906,6 @@ class CocoStuffDataModule(TrainDataModule):
             self.val_set = CocoStuffDataset(self.root, self.val_split, self.num_classes, (),
                                             self.eval_transform)
 
-    def train_dataloader(self) -> DataLoader:
-        if self.train_set is None:
-            self.setup("fit")
-        assert self.train_set is not None
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0, collate_fn=collate_samples)
 
     def own_eval_dataloader(self) -> list[DataLoader]:
         if self.val_split is None:

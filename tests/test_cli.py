@@ -142,6 +142,11 @@ def test_smoke_fit_prints_table_and_validate_reproduces_it(tmp_path, monkeypatch
                       "--data.init_args.num_val", "8", "--trainer.enable_progress_bar", "false",
                       "--ckpt_path", str(checkpoint)])
     assert float(validated.trainer.callback_metrics["val/synthetic/mIoU"]) == pytest.approx(fit_miou, abs=1e-6)
+    tested = run(["test", "-c", str(REPO / "configs/experiment/smoke.yaml"), "--data.init_args.num_val", "8",
+                  "--trainer.enable_progress_bar", "false", "--ckpt_path", str(checkpoint)])
+    assert float(tested.trainer.callback_metrics["test/synthetic/mIoU"]) == pytest.approx(fit_miou, abs=1e-6)
+    run(["predict", "-c", str(REPO / "configs/experiment/smoke.yaml"), "--data.init_args.num_val", "4",
+         "--trainer.enable_progress_bar", "false", "--ckpt_path", str(checkpoint)])
     # The checkpoint rebuilds the model from Python alone and segments the same way.
     loaded = SimZSS.load_from_checkpoint(checkpoint)
     image = torch.randint(0, 256, (3, 40, 52), dtype=torch.uint8)

@@ -479,9 +479,11 @@ def test_make_shards_concepts_and_simzss_steps(data, tmp_path, monkeypatch, extr
     assert all("concept_labels" not in s for s in other)
 
     monkeypatch.chdir(tmp_path)
-    cli = run(["fit", "-c", str(REPO / "configs/experiment/smoke.yaml"), "-c", str(REPO / "tests/fast/simzss.yaml"),
+    # The shipped shard config, with tiny encoders (tests/fast) and the shards just written.
+    cli = run(["fit", "-c", str(REPO / "configs/simzss/wds_vitb14.yaml"), "-c", str(REPO / "tests/fast/simzss.yaml"),
                "--trainer.fast_dev_run", "2", "--trainer.enable_progress_bar", "false",
-               "--data", "ovseg.datamodules.webdataset.WebDatasetDataModule", "--data.init_args.urls", urls,
+               "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
+               "--data.init_args.urls", urls, "--data.init_args.resampled", "false",
                "--data.init_args.epoch_length", "8", "--data.init_args.batch_size", "4",
                "--data.init_args.num_workers", "0",
                "--data.init_args.transform", "ovseg.datamodules.transforms.RandomResizedCrop",

@@ -18,7 +18,10 @@ Labels are decoded as raw indices (palette PNGs give their indices, never ``conv
 then ``label_map`` (raw value -> value, e.g. COCO-Object's 255 -> 0) and ``reduce_zero_label``
 (0 -> ignore, v -> v-1, as mmseg) are applied, and every value must be a class index or the
 ignore index, otherwise a :class:`DataError` names the file. Labels stay at the original
-resolution; images are RGB uint8 (grayscale, palette, RGBA, CMYK and 16-bit images converted).
+resolution. Files are read by :mod:`ovseg.datamodules.decode`, the project's one decoder: images
+come out RGB uint8 with their EXIF orientation applied (as cv2 / mmseg and detectron2 read them;
+grayscale, palette, RGBA, CMYK images converted, 16-bit ones scaled by ``>> 8`` as OpenCV does),
+labels as raw indices, never re-oriented.
 
 Example (Python)::
 
@@ -46,11 +49,11 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from ovseg.benchmark import AbsentPolicy, Benchmark, check_unique_names
 from ovseg.datamodules.common import collate_samples
+from ovseg.datamodules.decode import DecodeError, decode_image, decode_label
 from ovseg.inference import InferenceSettings
 from ovseg.vocabulary import Vocabulary, packaged_text, parse_class_names, resolve_templates
 
@@ -72,19 +75,14 @@ __all__ = [
     "Sample",
     "find_samples",
     "preset",
-    "read_image",
-    "read_label",
 ]
 
 
-class DataError(ValueError):
-    """A data file is missing, unreadable or malformed; ``path`` names it."""
-
-    def __init__(self, path: str | Path | None, message: str | None = None) -> None:
-        if message is None:  # DataError("full message"), as DataLoader workers re-raise it
-            path, message = None, str(path)
-        self.path = None if path is None else Path(path)
-        super().__init__(f"{path}: {message}" if path is not None else message)
+DataError = DecodeError
+"""A data file is unreadable or malformed: ``DataError(path, message)`` (``path`` names it, the
+message starts with it) or ``DataError("full message")``. The same class as
+:class:`ovseg.datamodules.decode.DecodeError`, so ``except DataError`` also catches the decoder's
+errors (an unreadable image or label, a multi-channel label)."""
 
 
 # ------------------------------------------------------------------------------------------ spec
@@ -487,63 +485,7 @@ def find_samples(spec: BenchmarkSpec, root: str | Path | None = None, strict: bo
     return samples, problems
 
 
-# ------------------------------------------------------------------------------------------ decoding
-_EXIF_ORIENTATION = 0x0112
-_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I;16BS", "I;16LS")
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB pixels of an image file, EXIF orientation applied (as cv2 / detectron2).
-
-    Grayscale, palette, RGBA (alpha dropped), CMYK and other modes are converted to RGB; 16-bit
-    and 32-bit integer images are scaled to 8 bits (value >> 8, as OpenCV does); float images are
-    clipped to [0, 255].
-
-    Raises:
-        DataError: naming the file when it cannot be read.
-    """
-    try:
-        with Image.open(path) as image:
-            if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
-                image = ImageOps.exif_transpose(image)
-            mode = image.mode
-            if mode == "RGB":
-                return np.asarray(image, dtype=np.uint8)
-            if mode in _SIXTEEN_BIT or mode == "I":
-                gray = np.asarray(image).astype(np.int64)
-                gray = (np.clip(gray, 0, 65535) >> 8).astype(np.uint8)
-                return np.repeat(gray[:, :, None], 3, axis=2)
-            if mode == "F":
-                gray = np.clip(np.asarray(image, dtype=np.float32), 0, 255).round().astype(np.uint8)
-                return np.repeat(gray[:, :, None], 3, axis=2)
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError) as error:
-        raise DataError(path, f"unreadable image ({type(error).__name__}: {error})") from None
-
-
-def read_label(path: str | Path) -> np.ndarray:
-    """(H, W) raw label indices of a single-channel label file (uint8, uint16 or int32).
-
-    Palette ('P') PNGs give their palette indices; 16-bit PNG/TIFF give uint16. No EXIF rotation.
-
-    Raises:
-        DataError: naming the file when it cannot be read or is not a single-channel index map.
-    """
-    try:
-        with Image.open(path) as image:
-            mode = image.mode
-            if mode in ("L", "P", "1"):
-                return np.asarray(image, dtype=np.uint8)
-            if mode in _SIXTEEN_BIT:
-                return np.asarray(image).astype(np.uint16)
-            if mode == "I":
-                return np.asarray(image).astype(np.int32)
-    except (OSError, SyntaxError, ValueError) as error:
-        raise DataError(path, f"unreadable label ({type(error).__name__}: {error})") from None
-    raise DataError(path, f"a label must be a single-channel index image (L, P or 16-bit), "
-                          f"got PIL mode {mode!r}")
-
-
+# ------------------------------------------------------------------------------------------ labels
 class LabelDecoder:
     """Raw label values -> class indices, by one lookup table: ``label_map``, then
     ``reduce_zero_label``, then a range check (a class index, or the ignore index).
@@ -587,19 +529,31 @@ class LabelDecoder:
             self._tables[size] = np.where(valid, values, -1)
         return self._tables[size]
 
-    def __call__(self, raw: np.ndarray, path: str | Path | None = None) -> np.ndarray:
+    def __call__(self, raw: np.ndarray | torch.Tensor, path: str | Path | None = None) -> np.ndarray:
         """(H, W) int64 class indices of a raw label map.
+
+        Args:
+            raw: raw values of any integer dtype, e.g. the int64 of
+                :func:`~ovseg.datamodules.decode.decode_label` (a tensor is accepted too).
+            path: the label file, for error messages.
 
         Raises:
             DataError: naming ``path`` and the offending raw values when a value is neither a
-                class index nor the ignore index.
+                class index nor the ignore index (values outside 0..65535 never are).
         """
-        if raw.dtype == np.int32:
-            if raw.size and (raw.min() < 0 or raw.max() > 65535):
-                bad = raw[(raw < 0) | (raw > 65535)]
-                self._raise(path, bad)
-            raw = raw.astype(np.uint16)
-        size = 256 if raw.dtype == np.uint8 else 65536
+        if isinstance(raw, torch.Tensor):
+            raw = raw.numpy()
+        if raw.dtype == np.uint8:
+            size = 256
+        elif raw.dtype == np.uint16:
+            size = 65536
+        elif raw.dtype.kind in "iu":
+            low, high = (int(raw.min()), int(raw.max())) if raw.size else (0, 0)
+            if low < 0 or high > 65535:
+                self._raise(path, raw[(raw < 0) | (raw > 65535)])
+            size = 256 if high < 256 else 65536
+        else:
+            raise TypeError(f"raw label values must be integers, got dtype {raw.dtype}")
         out = self.table(size)[raw]
         if out.size and out.min() < 0:
             self._raise(path, raw[out < 0])
@@ -643,13 +597,13 @@ class BenchmarkDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
-        image = read_image(sample.image)
-        label = self.decoder(read_label(sample.label), sample.label)
-        if image.shape[:2] != label.shape:
+        image = decode_image(sample.image)
+        label = self.decoder(decode_label(sample.label), sample.label)
+        if tuple(image.shape[1:]) != label.shape:
             raise DataError(sample.label, f"label size {label.shape[1]}x{label.shape[0]} differs from "
-                                          f"image {sample.image} size {image.shape[1]}x{image.shape[0]}")
+                                          f"image {sample.image} size {image.shape[2]}x{image.shape[1]}")
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "image": image,
             "label": torch.from_numpy(label),
             "name": sample.name,
             "index": index,

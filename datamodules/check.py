@@ -24,18 +24,10 @@ from typing import Any
 
 import numpy as np
 import yaml
-from PIL import Image
 from tqdm.auto import tqdm
 
-from ovseg.datamodules.benchmarks import (
-    BenchmarkSpec,
-    DataError,
-    LabelDecoder,
-    Sample,
-    find_samples,
-    read_image,
-    read_label,
-)
+from ovseg.datamodules.benchmarks import BenchmarkSpec, LabelDecoder, Sample, find_samples
+from ovseg.datamodules.decode import DecodeError, decode_image, decode_label, image_size
 from ovseg.inference import InferenceSettings
 
 DATAMODULE = "ovseg.datamodules.benchmarks.EvaluationDataModule"
@@ -74,31 +66,25 @@ def _check_sample(sample: Sample, decoder: LabelDecoder, decode_images: bool
                   ) -> tuple[bool, bool, np.ndarray | None, list[str]]:
     """(image ok, label ok, classes present, problems) of one sample."""
     problems: list[str] = []
-    image_size = label_size = None
+    image_hw = label_hw = None
     image_ok = label_ok = False
     present = None
-    try:
-        if decode_images:
-            image_size = read_image(sample.image).shape[:2]
-        else:
-            with Image.open(sample.image) as image:
-                image_size = (image.height, image.width)
+    try:  # the size decode_image gives (EXIF orientation applied), as the DataModule sees it
+        image_hw = tuple(decode_image(sample.image).shape[1:]) if decode_images else image_size(sample.image)
         image_ok = True
-    except DataError as error:
+    except (DecodeError, OSError) as error:  # DecodeError (= DataError) and FileNotFoundError name the file
         problems.append(str(error))
-    except (OSError, SyntaxError, ValueError) as error:
-        problems.append(f"{sample.image}: unreadable image ({type(error).__name__}: {error})")
     try:
-        label = decoder(read_label(sample.label), sample.label)
-        label_size = label.shape
+        label = decoder(decode_label(sample.label), sample.label)
+        label_hw = label.shape
         label_ok = True
         valid = label[label != decoder.ignore_index]
         present = np.unique(valid)
-    except DataError as error:
+    except (DecodeError, OSError) as error:
         problems.append(str(error))
-    if image_size is not None and label_size is not None and tuple(image_size) != tuple(label_size):
-        problems.append(f"{sample.label}: label size {label_size[1]}x{label_size[0]} differs from image "
-                        f"{sample.image} size {image_size[1]}x{image_size[0]}")
+    if image_hw is not None and label_hw is not None and tuple(image_hw) != tuple(label_hw):
+        problems.append(f"{sample.label}: label size {label_hw[1]}x{label_hw[0]} differs from image "
+                        f"{sample.image} size {image_hw[1]}x{image_hw[0]}")
         label_ok = False
     return image_ok, label_ok, present, problems
 
@@ -110,8 +96,9 @@ def check_benchmark(spec: BenchmarkSpec, root: str | Path | None = None, decode_
     Args:
         spec: the benchmark.
         root: the DataModule root its ``data_root`` is relative to.
-        decode_images: decode every image fully (else read only the image headers: faster, but a
-            truncated image goes unnoticed).
+        decode_images: decode every image fully (else read only the image headers, with
+            :func:`~ovseg.datamodules.decode.image_size`: faster, but a truncated image goes
+            unnoticed).
         workers: threads reading files.
         progress: show a tqdm progress bar.
     """

@@ -26,10 +26,9 @@ from ovseg.datamodules.benchmarks import (
     EvaluationDataModule,
     LabelDecoder,
     preset,
-    read_image,
-    read_label,
 )
 from ovseg.datamodules.check import check_benchmark, load_data_config, spec_from_dict
+from ovseg.datamodules.decode import DecodeError, decode_image, decode_label
 from ovseg.datamodules.synthetic import SyntheticWorld, write_mmseg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,7 +205,8 @@ def test_detectron2_16bit_tiff_variant(tmp_path, world):
     write_class_file(tmp_path / "ade847.txt", 847)
     truth = write_benchmark(spec, tmp_path, world, n=3)
     label_file = next((tmp_path / "ADE20K_2021_17_01/annotations_detectron2/validation").glob("*.tif"))
-    assert read_label(label_file).dtype == np.uint16
+    assert Image.open(label_file).mode == "I;16"
+    assert decode_label(label_file).max() == 65535  # 16-bit values kept
     dm = EvaluationDataModule(["ade847"], root=str(tmp_path))
     assert dm.benchmarks[0].ignore_index == 65535 and len(dm.benchmarks[0].vocabulary) == 847
     dm.setup()
@@ -435,7 +435,7 @@ def test_image_modes_decode_to_rgb_uint8(tmp_path):
             assert Image.open(path).mode == "CMYK"
         if name.startswith("gray16"):
             assert Image.open(path).mode == "I;16"
-        decoded = read_image(path)
+        decoded = decode_image(path).permute(1, 2, 0).numpy()
         assert decoded.dtype == np.uint8 and decoded.shape == (6, 9, 3), name
         if expected is None:
             expected = np.asarray(Image.open(path).convert("RGB"))
@@ -448,19 +448,62 @@ def test_exif_orientation_is_applied_to_images_only(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     Image.fromarray(stored).save(tmp_path / "rotated.png", exif=exif)
-    assert np.array_equal(read_image(tmp_path / "rotated.png"), np.rot90(stored, k=-1))
+    assert np.array_equal(decode_image(tmp_path / "rotated.png").permute(1, 2, 0).numpy(), np.rot90(stored, k=-1))
     Image.fromarray(stored[..., 0]).save(tmp_path / "label.png", exif=exif)
-    assert np.array_equal(read_label(tmp_path / "label.png"), stored[..., 0])
+    assert np.array_equal(decode_label(tmp_path / "label.png").numpy(), stored[..., 0])
 
+
+
+def test_rotated_jpeg_is_served_upright_and_checked_by_its_upright_size(tmp_path, mmseg_root):
+    """A JPEG stored sideways with EXIF orientation 6 (as phones write them) next to an upright label:
+    the dataset serves the upright image, and ``data check`` (full decode or headers only) finds
+    its size equal to the label's."""
+    root = copy_root(mmseg_root, tmp_path)
+    path = root / "images/validation/synthetic_val_00000001.jpg"
+    upright = np.asarray(Image.open(path).convert("RGB"))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display: rotate the stored pixels 90 degrees clockwise
+    Image.fromarray(np.rot90(upright)).save(path, quality=100, subsampling=0, exif=exif)  # stored turned left
+    assert Image.open(path).size == (SIZE[0], SIZE[1])  # stored sideways
+    dataset = EvaluationDataModule([synthetic_spec()], root=str(root)).val_dataloader()[0].dataset
+    image = dataset[1]["image"].permute(1, 2, 0).numpy()
+    assert image.shape == (*SIZE, 3)
+    assert np.abs(image.astype(int) - upright.astype(int)).mean() < 2
+    for decode_images in (True, False):
+        report = check_benchmark(synthetic_spec(), root, decode_images=decode_images, progress=False)
+        assert report.ok and report.images_ok == report.labels_ok == 5, report.problems
 
 def test_label_modes(tmp_path):
     values = np.array([[0, 3], [300, 65535]])
     Image.fromarray(values.astype(np.int32)).save(tmp_path / "i32.tif")
-    assert read_label(tmp_path / "i32.tif").tolist() == values.tolist()
+    assert decode_label(tmp_path / "i32.tif").tolist() == values.tolist()
     Image.fromarray(values.astype(np.uint16)).save(tmp_path / "u16.png")
-    assert read_label(tmp_path / "u16.png").dtype == np.uint16
+    assert Image.open(tmp_path / "u16.png").mode == "I;16"
+    assert decode_label(tmp_path / "u16.png").tolist() == values.tolist()  # 16-bit values kept
     save_label(tmp_path / "p.png", np.array([[1, 200]], np.uint8), palette=True)
-    assert read_label(tmp_path / "p.png").tolist() == [[1, 200]]
+    assert decode_label(tmp_path / "p.png").tolist() == [[1, 200]]
+
+
+def test_data_error_is_the_decoders_error(tmp_path):
+    """One error type: the decoder's errors are DataErrors (callers catching DataError see them)."""
+    assert DataError is DecodeError and issubclass(DataError, ValueError)
+    error = DataError(tmp_path / "x.png", "label values [6] are out of range")
+    assert str(error) == f"{tmp_path / 'x.png'}: label values [6] are out of range"
+    assert error.path == tmp_path / "x.png"
+    assert DataError("whole message").path is None and str(DataError("whole message")) == "whole message"
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'bad.png'}: unreadable label"):
+        decode_label(tmp_path / "bad.png")
+
+
+def test_label_decoder_accepts_decoded_int64_labels():
+    decoder = LabelDecoder(5, 255, reduce_zero_label=True)
+    raw = torch.tensor([[0, 1, 5, 255]])  # int64, as decode_label gives
+    assert decoder(raw).tolist() == decoder(raw.numpy().astype(np.uint8)).tolist() == [[255, 0, 4, 255]]
+    wide = LabelDecoder(300, 65535)
+    assert wide(torch.tensor([[299, 65535, 0]])).tolist() == [[299, 65535, 0]]
+    with pytest.raises(DataError, match=r"z\.tif: label values \[-1, 70000\]"):
+        wide(torch.tensor([[-1, 70000, 3]]), "z.tif")
 
 
 # ------------------------------------------------------------------------------------------ ovseg data check

@@ -127,10 +127,10 @@ def test_decode_every_image_mode_to_rgb_uint8_and_labels_as_raw_indices():
         image = decode_image(payload, name=name)
         assert image.dtype == torch.uint8 and image.shape == (3, 24, 32), name
         assert check(image), name
-    # 16-bit grayscale is rescaled (65535 -> 255), not clipped
+    # 16-bit grayscale is rescaled (65535 -> 255), not clipped: v >> 8, as OpenCV (so mmseg) does
     values = np.linspace(0, 65535, 24 * 32).astype(np.uint16).reshape(24, 32)
     image16 = decode_image(encoded(Image.fromarray(values), "PNG"))
-    assert torch.equal(image16[0], torch.from_numpy(np.rint(values / 257.0).astype(np.uint8)))
+    assert torch.equal(image16[0], torch.from_numpy((values >> 8).astype(np.uint8)))
     # palette label PNG: indices, not luminance
     indices = (np.arange(24 * 32) % 7).astype(np.uint8).reshape(24, 32)
     palette = Image.fromarray(indices, mode="P")

@@ -24,6 +24,8 @@ dict; the input is not modified) and
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -122,11 +124,12 @@ def resize_label(label: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 # ------------------------------------------------------------------------------ transforms
-class Transform:
+class Transform(ABC):
     """Base class: ``transform(sample) -> sample``. Subclasses implement :meth:`__call__`."""
 
-    def __call__(self, sample: Mapping[str, Any]) -> Sample:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def __call__(self, sample: Mapping[str, Any]) -> Sample:
+        """Transform one sample dict (``image`` (3, H, W) uint8, optional ``label`` (H, W))."""
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))

@@ -133,11 +133,11 @@ class OpenCLIPImage(ImageEncoder):
         self.dense_in_joint_space = True
         if isinstance(visual, VisionTransformer):
             if visual.attn_pool is not None:
-                raise NotImplementedError("ViT towers with attentional pooling have no per-patch projection")
+                raise ValueError("ViT towers with attentional pooling have no per-patch projection")
             if visual.pool_type not in ("tok", "avg"):
-                raise NotImplementedError(f"unsupported ViT pool_type {visual.pool_type!r}")
+                raise ValueError(f"unsupported ViT pool_type {visual.pool_type!r}")
             if visual.proj is None:
-                raise NotImplementedError("ViT tower without projection")
+                raise ValueError("ViT tower without projection")
             patch = visual.patch_size
             self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
             self.kind = "vit"
@@ -152,7 +152,7 @@ class OpenCLIPImage(ImageEncoder):
             self.dense_in_joint_space = "pool" not in head_names
             self.dense_dim = self.embed_dim if self.dense_in_joint_space else int(visual.trunk.num_features)
         else:
-            raise NotImplementedError(f"unsupported open_clip vision tower {type(visual).__name__}")
+            raise ValueError(f"unsupported open_clip vision tower {type(visual).__name__}")
 
     # ----------------------------------------------------------------------------------- ViT
     def _vit_pos_embed(self, grid: tuple[int, int]) -> Tensor:
@@ -196,7 +196,7 @@ class OpenCLIPImage(ImageEncoder):
         fmap = visual.trunk.forward_features(images)
         pooled = visual.head(visual.trunk.forward_head(fmap))  # identical to visual.forward
         if fmap.ndim != 4:
-            raise NotImplementedError("dense features need a convolutional (B, C, h, w) timm trunk")
+            raise ValueError("dense features need a convolutional (B, C, h, w) timm trunk")
         if not self.dense_in_joint_space:
             return ImageFeatures(dense=fmap, pooled=pooled)
         b, c, h, w = fmap.shape
@@ -256,9 +256,9 @@ class OpenCLIPText(TextEncoder):
         text = getattr(model, "text", None)
         if text is not None:  # CustomTextCLIP
             if not isinstance(text, TextTransformer):
-                raise NotImplementedError(f"unsupported text tower {type(text).__name__}")
+                raise ValueError(f"unsupported text tower {type(text).__name__}")
             if text.cls_emb is not None:
-                raise NotImplementedError("text towers with an appended CLS embedding (CoCa) are not supported")
+                raise ValueError("text towers with an appended CLS embedding (CoCa) are not supported")
             self.text = text
             self.pool_type, self.eos_id = text.pool_type, text.eos_id
             self.context_length: int = int(text.context_length)

@@ -42,6 +42,7 @@ from ovseg.optim import (
 )
 from ovseg.vocabulary import Prompt, TextEmbeddingCache, Vocabulary, reduce_synonyms
 
+AUTOCAST_DTYPES = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 SUMMARY_METRICS = ("mIoU", "pAcc", "mAcc", "fwIoU", "mIoU_seen", "mIoU_unseen", "hIoU")
 
 
@@ -87,6 +88,10 @@ class OVSegModule(L.LightningModule, ABC):
         scheduler_interval: ``"step"`` or ``"epoch"``.
         text_batch_size: texts per forward pass when a vocabulary is encoded.
         print_metrics: print a metrics table after each validation/test epoch.
+        inference_precision: ``"32"``, ``"bf16"`` or ``"16"``: autocast around
+            :meth:`predict_scores` at inference (scores are returned in float32).
+        compile: run :meth:`predict_scores` through ``torch.compile`` at inference (off by
+            default; worth it on GPUs for long evaluations).
     """
 
     def __init__(
@@ -101,6 +106,8 @@ class OVSegModule(L.LightningModule, ABC):
         scheduler_interval: str = "step",
         text_batch_size: int = 1024,
         print_metrics: bool = True,
+        inference_precision: str = "32",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if scheduler_interval not in ("step", "epoch"):
@@ -115,6 +122,12 @@ class OVSegModule(L.LightningModule, ABC):
         self.scheduler_interval = scheduler_interval
         self.text_batch_size = text_batch_size
         self.print_metrics = print_metrics
+        if inference_precision not in AUTOCAST_DTYPES:
+            raise ValueError(f"inference_precision must be one of {sorted(AUTOCAST_DTYPES)}, "
+                             f"got {inference_precision!r}")
+        self.inference_precision = inference_precision
+        self.compile_inference = compile
+        self._compiled_predict_scores: Any = None
         if _given_hyperparameters.get() is not None:
             # Built by LightningCLI: store its configuration so that
             # `Method.load_from_checkpoint(path)` rebuilds the model without the YAML.
@@ -189,19 +202,30 @@ class OVSegModule(L.LightningModule, ABC):
         """
         embeddings = self.text_embeddings(vocabulary)
         kinds: set[str] = set()
+        predict_scores = self.inference_predict_scores()
+        dtype = AUTOCAST_DTYPES[self.inference_precision]
 
         def score_fn(batch: Tensor) -> Tensor:
-            output = self.predict_scores(batch, embeddings)
+            with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+                output = predict_scores(batch, embeddings)
             if isinstance(output, MaskPredictions):
                 kinds.add("probs")
-                return output.pixel_scores()
+                return MaskPredictions(output.mask_logits.float(), output.class_probs.float()).pixel_scores()
             kinds.add("logits")
-            return output
+            return output.float()
 
         scores = infer_scores(to_unit_float(images), score_fn, settings or InferenceSettings(),
                               output_size).float()
         probs = scores.softmax(1) if kinds == {"logits"} else scores
         return reduce_synonyms(probs, vocabulary.query_to_class, len(vocabulary))
+
+    def inference_predict_scores(self) -> Any:
+        """:meth:`predict_scores`, compiled once with ``torch.compile`` if ``compile`` is on."""
+        if not self.compile_inference:
+            return self.predict_scores
+        if self._compiled_predict_scores is None:
+            self._compiled_predict_scores = torch.compile(self.predict_scores)
+        return self._compiled_predict_scores
 
     @staticmethod
     def labels_from_probabilities(probs: Tensor, vocabulary: Vocabulary) -> Tensor:

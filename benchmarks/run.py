@@ -4,9 +4,11 @@
 
 Measures, for the tiny SimZSS of ``configs/experiment/smoke.yaml`` on the synthetic world:
 training samples/second, inference images/second (whole image, batched sliding window and the
-window-by-window loop kept here only as the baseline), concept extraction captions/second, and the
-images/second of each DataModule reading the synthetic world written in its real format. The same
-command runs on a GPU when one is present.
+window-by-window loop kept here only as the baseline), concept extraction captions/second, the
+images/second of each DataModule reading the synthetic world written in its real format, SimZSS
+training samples/second from images (the frozen ViT-S/14 forward at 224 px each step) against the
+same training from a frozen-feature store, and the peak resident memory of a cached training epoch
+for two store sizes (each in a fresh subprocess). The same command runs on a GPU when one is present.
 """
 
 from __future__ import annotations
@@ -179,10 +181,132 @@ def bench_loading(count: int, workdir: Path) -> list[tuple[str, float]]:
     return rows
 
 
+def _vit_s_simzss(device: torch.device) -> SimZSS:
+    """SimZSS with a randomly initialised DINOv2 ViT-S/14 backbone (224 px) and the smoke text tower."""
+    from ovseg.encoders import CLIPTextTransformer, TimmViT
+
+    image_encoder = TimmViT("vit_small_patch14_dinov2", model_kwargs={"img_size": 224})
+    text_encoder = CLIPTextTransformer(width=64, layers=2, heads=2, context_length=32,
+                                       output_dim=image_encoder.embed_dim)
+    return SimZSS(image_encoder, text_encoder, lambda_local=1.0, class_embedding="concept").to(device)
+
+
+def bench_cached_training(device: torch.device, repeats: int, workdir: Path) -> list[tuple[str, float]]:
+    """Samples/second of the same SimZSS training step from images and from a feature store."""
+    from torch.utils.data import DataLoader
+
+    from ovseg.datamodules.common import collate_samples
+    from ovseg.datamodules.feature_cache import CachedFeaturesDataset, CacheViews, build_feature_cache
+
+    torch.manual_seed(0)
+    model = _vit_s_simzss(device)
+    dataset = SyntheticDataModule(num_train=64, batch_size=32).train_dataset()
+    views = CacheViews("center", size=224)
+    images = torch.stack([views.view(dataset[i]["image"], i, 0) for i in range(32)])
+    image_batch = {"image": images.to(device), "caption": [dataset[i]["caption"] for i in range(32)]}
+    store = build_feature_cache(model.model.image_encoder, dataset, workdir / "vits_store", views,
+                                batch_size=32, device=device, progress=False)
+    loader = DataLoader(CachedFeaturesDataset(store), batch_size=32, shuffle=True, drop_last=True,
+                        collate_fn=collate_samples)
+    for captions in loader.dataset.captions:  # concepts of every caption, outside the timing
+        model.concept_batch(captions)
+    model.concept_batch(image_batch["caption"])
+    batches = iter(())
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step(batch: dict) -> None:
+        optimizer.zero_grad()
+        model.training_loss(batch)["loss"].backward()
+        optimizer.step()
+
+    def cached_step() -> None:
+        nonlocal batches
+        batch = next(batches, None)
+        if batch is None:
+            batches = iter(loader)
+            batch = next(batches)
+        step(batch)
+
+    uncached = timed(lambda: step(image_batch), max(2, repeats // 2), warmup=1)
+    cached = timed(cached_step, 10 * repeats, warmup=4)
+    return [("SimZSS training from images, frozen ViT-S/14 at 224 px, batch 32 (samples/s)", 32 / uncached),
+            ("SimZSS training from the feature store, same model, batch 32 (samples/s)", 32 / cached),
+            ("feature-store speed-up of SimZSS training (x)", uncached / cached)]
+
+
+def write_random_store(path: Path, num_images: int, num_patches: int = 256, dim: int = 384) -> float:
+    """A feature store of random normalised features (the ViT-S/14 224-px shapes); returns MiB."""
+    import json
+
+    import numpy as np
+
+    from ovseg.datamodules.feature_cache import FeatureStoreWriter
+
+    world = SyntheticWorld(seed=2)
+    captions = [world.scene(i).captions for i in range(8)]
+    writer = FeatureStoreWriter(path, num_images, 1, num_patches, dim, (16, 16), shard_size=1024,
+                                meta={"encoder": "random", "views": {"mode": "center"}})
+    rng = np.random.default_rng(0)
+    for start in range(0, num_images, 200):
+        count = min(200, num_images - start)
+        patches = rng.standard_normal((count, 1, num_patches, dim), dtype=np.float32)
+        patches /= np.linalg.norm(patches, axis=-1, keepdims=True)
+        pooled = patches.mean(2)
+        writer.append(patches.astype(np.float16), pooled.astype(np.float16),
+                      [captions[(start + i) % len(captions)] for i in range(count)])
+    json.loads((path / "index.json").read_text())
+    return sum(f.stat().st_size for f in path.glob("*.npy")) / 2**20
+
+
+def rss_child(store: str) -> None:
+    """One cached training epoch over ``store`` (batch 32); prints the peak RSS (VmHWM) in MiB."""
+    from torch.utils.data import DataLoader
+
+    from ovseg.datamodules.common import collate_samples
+    from ovseg.datamodules.feature_cache import CachedFeaturesDataset
+    from ovseg.encoders import CLIPTextTransformer, TimmViT
+
+    torch.manual_seed(0)
+    image_encoder = TimmViT("vit_small_patch14_dinov2", model_kwargs={"img_size": 224})
+    model = SimZSS(image_encoder, CLIPTextTransformer(width=64, layers=2, heads=2, context_length=32,
+                                                      output_dim=384), lambda_local=1.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    loader = DataLoader(CachedFeaturesDataset(store), batch_size=32, shuffle=True, drop_last=True,
+                        collate_fn=collate_samples)
+    for batch in loader:
+        optimizer.zero_grad()
+        model.training_loss(batch)["loss"].backward()
+        optimizer.step()
+    status = Path("/proc/self/status").read_text()
+    peak = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
+    print(f"VmHWM_MiB {peak / 1024:.1f}")
+
+
+def bench_cached_memory(workdir: Path, sizes: tuple[int, ...]) -> list[tuple[str, float]]:
+    """Peak RSS of a cached training epoch, in a fresh CPU subprocess per store size."""
+    import subprocess
+    import sys
+
+    rows = []
+    for size in sizes:
+        path = workdir / f"rss_store_{size}"
+        mib = write_random_store(path, size)
+        out = subprocess.run([sys.executable, __file__, "--rss-child", str(path)], check=True,
+                             capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}).stdout
+        peak = float(out.split("VmHWM_MiB")[1].split()[0])
+        rows.append((f"peak RSS, one cached training epoch, {size}-image store of {mib:,.0f} MiB (MiB)", peak))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a rough check)")
+    parser.add_argument("--rss-child", metavar="STORE", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rss_child:
+        rss_child(args.rss_child)
+        return
     repeats = 2 if args.quick else 5
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -190,7 +314,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         rows = [*bench_training(model, device, repeats), *bench_inference(model, device, repeats),
                 *bench_concepts(500 if args.quick else 2000),
-                *bench_loading(128 if args.quick else 512, Path(workdir))]
+                *bench_loading(128 if args.quick else 512, Path(workdir)),
+                *bench_cached_training(device, repeats, Path(workdir)),
+                *bench_cached_memory(Path(workdir), (200, 2000))]
     print(f"machine: {machine()}\n")
     print("| measurement | value |\n|---|---:|")
     for name, value in rows:

@@ -78,6 +78,29 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--shards", metavar="URLS", help='local shards, e.g. "DIR/{00000..00003}.tar"')
     concepts.add_argument("--out", default=None, help="output file with --coco (default: next to it)")
     _add_concept_options(concepts)
+
+    cache = commands.add_parser(
+        "cache-features",
+        help="run SimZSS's frozen backbone once over the training images and store its features",
+        description="Run the frozen image encoder of a config (model.init_args.image_encoder) over "
+        "the training images of its data module (data) for fixed views, and write fp16 patch tokens "
+        "and global features to a sharded, memory-mapped store (OUT/index.json). Re-running "
+        "continues an unfinished store. Train from it with "
+        "ovseg.datamodules.feature_cache.CachedFeaturesDataModule.",
+    )
+    cache.add_argument("--config", required=True, help="a SimZSS config, e.g. configs/simzss/coco_vitb14.yaml")
+    cache.add_argument("--out", required=True, help="store directory")
+    cache.add_argument("--views", choices=["center", "rrc"], default="center",
+                       help="center: resize + centre crop (one view); rrc: --num-views RandomResizedCrops")
+    cache.add_argument("--num-views", type=int, default=1, help="views per image with --views rrc")
+    cache.add_argument("--size", type=int, default=224, help="view side in pixels")
+    cache.add_argument("--seed", type=int, default=0, help="seed of the rrc views")
+    cache.add_argument("--batch-size", type=int, default=64)
+    cache.add_argument("--shard-size", type=int, default=4096, help="images per shard")
+    cache.add_argument("--num-images", type=int, default=None, help="first N images only")
+    cache.add_argument("--num-workers", type=int, default=0, help="loader processes")
+    cache.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    cache.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -101,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         make_shards(args)
     if args.command == "extract-concepts":
         extract_concepts(args)
+    if args.command == "cache-features":
+        cache_features(args)
     if args.command == "make-synthetic":
         from ovseg.datamodules.synthetic.writers import make_synthetic
 
@@ -184,3 +209,43 @@ def extract_concepts(args: argparse.Namespace) -> None:
     print(f"added concepts to {samples} samples of {args.shards}")
     if errors:
         raise SystemExit("ovseg data extract-concepts: shards left unchanged:\n  " + "\n  ".join(errors))
+
+
+def cache_features(args: argparse.Namespace) -> None:
+    """``ovseg data cache-features``: the frozen backbone's features of the training images. Example::
+
+        ovseg data cache-features --config configs/simzss/coco_vitb14.yaml --out data/coco_cache \
+            --views rrc --num-views 4 --size 224 --device cuda
+    """
+    import torch
+    import yaml
+    from jsonargparse import ArgumentParser
+    from lightning import LightningDataModule
+
+    from ovseg.datamodules.feature_cache import CacheViews, build_feature_cache, train_dataset_of
+    from ovseg.encoders.base import ImageEncoder
+
+    try:
+        config = yaml.safe_load(open(args.config))
+        encoder_config = config["model"]["init_args"]["image_encoder"]
+        parser = ArgumentParser()
+        parser.add_subclass_arguments(ImageEncoder, "encoder")
+        parser.add_subclass_arguments(LightningDataModule, "data")
+        parsed = parser.parse_object({"encoder": encoder_config, "data": config["data"]})
+        # a randomly initialised backbone (tiny test configs) gets the config's seed, so that
+        # re-running (resuming) builds the same weights; the fingerprint guards against a mismatch
+        seed = config.get("seed_everything")
+        torch.manual_seed(int(seed) if isinstance(seed, int) else 0)
+        built = parser.instantiate_classes(parsed)
+        dataset = train_dataset_of(built.data)
+        views = CacheViews(args.views, args.size, args.num_views, args.seed)
+        store = build_feature_cache(built.encoder, dataset, args.out, views, args.batch_size,
+                                    args.shard_size, args.num_images, args.device, args.num_workers,
+                                    progress=not args.no_progress)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SystemExit(f"ovseg data cache-features: {error}") from None
+    from ovseg.datamodules.feature_cache import read_index
+
+    index = read_index(store)
+    print(f"cached {index['num_done']}/{index['num_images']} images x {index['num_views']} views "
+          f"({index['num_patches']} patches x {index['dim']}) in {store}")

@@ -12,7 +12,7 @@ from torch import Tensor
 from ovseg.encoders.base import ImageEncoder, TextEncoder
 from ovseg.methods.simzss.concepts import ConceptExtractor
 from ovseg.methods.simzss.loss import ConceptLoss, GlobalContrastiveLoss
-from ovseg.methods.simzss.model import SimZSSModel
+from ovseg.methods.simzss.model import FrozenImageFeatures, SimZSSModel
 from ovseg.module import OVSegModule, to_unit_float
 from ovseg.vocabulary import Prompt
 
@@ -105,11 +105,10 @@ class SimZSS(OVSegModule):
 
     def training_loss(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """Eq. (6): L = L_g + lambda L_l on a batch of images and captions."""
-        images = to_unit_float(batch["image"])
         captions = list(batch["caption"])
         concepts = ({key: batch[key] for key in CONCEPT_KEYS} if all(k in batch for k in CONCEPT_KEYS)
                     else self.concept_batch(captions))
-        image = self.model.encode_image(images)
+        image = self.frozen_features(batch)
         text = self.model.encode_text(self.model.text_encoder.tokenize(captions).to(self.device))
         gather, rank = self._gather()
         global_loss = self.global_loss(image.pooled, F.normalize(text.pooled, dim=-1), gather, rank)
@@ -123,6 +122,18 @@ class SimZSS(OVSegModule):
                          concepts_per_caption=torch.tensor(local.num_concepts / len(captions)))
         terms["loss"] = loss
         return terms
+
+    def frozen_features(self, batch: Mapping[str, Any]) -> FrozenImageFeatures:
+        """The backbone's features of a batch: read from ``batch["patches"]`` / ``batch["pooled"]``
+        when present (a feature store, see :mod:`ovseg.datamodules.feature_cache`; no image
+        needed), else computed from ``batch["image"]``."""
+        if "patches" in batch and "pooled" in batch:
+            patches = F.normalize(batch["patches"].to(self.device, torch.float32), dim=-1)
+            pooled = F.normalize(batch["pooled"].to(self.device, torch.float32), dim=-1)
+            side = int(round(patches.shape[1] ** 0.5))
+            grid = (side, patches.shape[1] // side) if side * side == patches.shape[1] else (1, patches.shape[1])
+            return FrozenImageFeatures(patches, grid, pooled)
+        return self.model.encode_image(to_unit_float(batch["image"]))
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)

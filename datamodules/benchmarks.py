@@ -52,7 +52,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ovseg.benchmark import AbsentPolicy, Benchmark, check_unique_names
-from ovseg.datamodules.common import collate_samples
+from ovseg.datamodules.common import collate_samples, evaluation_sampler
 from ovseg.datamodules.decode import DecodeError, decode_image, decode_label
 from ovseg.inference import InferenceSettings
 from ovseg.vocabulary import Vocabulary, packaged_text, parse_class_names, resolve_templates
@@ -695,6 +695,7 @@ class EvaluationDataModule(L.LightningDataModule):
         assert self.datasets is not None
         return [
             DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                       sampler=evaluation_sampler(dataset, self.trainer),
                        pin_memory=self.pin_memory, collate_fn=collate_samples,
                        persistent_workers=self.num_workers > 0)
             for dataset in self.datasets

@@ -49,7 +49,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ovseg.benchmark import AbsentPolicy, Benchmark
-from ovseg.datamodules.common import collate_samples
+from ovseg.datamodules.common import collate_samples, evaluation_sampler
 from ovseg.datamodules.decode import DecodeError, SkipCounter, decode_image, decode_label
 from ovseg.datamodules.transforms import (
     Compose,
@@ -913,7 +913,7 @@ class CocoStuffDataModule(TrainDataModule):
         if self.val_set is None:
             self.setup("validate")
         return [DataLoader(self.val_set, batch_size=self.eval_batch_size, shuffle=False,
-                           num_workers=self.num_workers, pin_memory=self.pin_memory,
+                           sampler=evaluation_sampler(self.val_set, self.trainer), num_workers=self.num_workers, pin_memory=self.pin_memory,
                            collate_fn=collate_samples)]
 
 

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ovseg.benchmark import AbsentPolicy, Benchmark
-from ovseg.datamodules.common import collate_samples
+from ovseg.datamodules.common import collate_samples, evaluation_sampler
 from ovseg.datamodules.synthetic.dataset import SyntheticDataset
 from ovseg.datamodules.synthetic.world import CATEGORIES, SyntheticWorld
 from ovseg.inference import InferenceSettings
@@ -98,7 +98,10 @@ class SyntheticDataModule(L.LightningDataModule):
         return dataset
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        # evaluation: each scene once across processes (no padding by repeated scenes)
+        sampler = None if shuffle else evaluation_sampler(dataset, self.trainer)  # type: ignore[arg-type]
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          sampler=sampler,
                           collate_fn=collate_samples, persistent_workers=self.num_workers > 0,
                           drop_last=shuffle)
 

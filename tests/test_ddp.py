@@ -5,8 +5,6 @@ an uneven split (5 images on 2 ranks, ranks running different numbers of batches
 from __future__ import annotations
 
 import os
-import socket
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,17 +13,12 @@ import torch
 import yaml
 
 from ovseg.datamodules.common import UnpaddedDistributedSampler, evaluation_sampler
+from spawn_ranks import free_port, run_ranks  # tests/spawn_ranks.py
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
 NUM_VAL = 5
 TIMEOUT_S = 120  # a hang (e.g. a rank waiting in a collective) fails the test instead of blocking
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ------------------------------------------------------------------ the sampler alone
@@ -119,21 +112,7 @@ def _worker(rank: int, port: int, out_dir: str, data_root: str) -> None:
 
 
 def _run_two_processes(out_dir: str, data_root: str) -> list[dict]:
-    import torch.multiprocessing as mp
-
-    context = mp.start_processes(_worker, args=(_free_port(), out_dir, data_root), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {WORLD} gloo processes did not finish within {TIMEOUT_S} s (deadlock?)")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-                process.join(5)
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+    return run_ranks(_worker, (free_port(), out_dir, data_root), WORLD, TIMEOUT_S, out_dir)
 
 
 @pytest.fixture(scope="module")

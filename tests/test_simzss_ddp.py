@@ -13,13 +13,13 @@ Two paths are checked in the same pair of processes:
 from __future__ import annotations
 
 import os
-import socket
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from spawn_ranks import free_port, run_ranks  # tests/spawn_ranks.py
 
 WORLD = 2
 HALF = 3  # samples per rank
@@ -32,12 +32,6 @@ CAPTIONS = [
     "a horse on the beach",
     "a bus parked near a tree",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ------------------------------------------------------------------ what both sides compute
@@ -152,21 +146,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def _run_two_processes(out_dir: str) -> list[dict]:
-    import torch.multiprocessing as mp
-
-    context = mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {WORLD} gloo processes did not finish within {TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-                process.join(5)
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+    return run_ranks(_worker, (free_port(), out_dir), WORLD, TIMEOUT_S, out_dir)
 
 
 @pytest.fixture(scope="module")

@@ -76,7 +76,7 @@ def _is_local(path: _PATH) -> bool:
 
 def atomic_torch_save(obj: Any, path: _PATH) -> None:
     """``torch.save(obj, path)`` such that ``path`` holds either its old content or the complete new
-    one, never a part: serialise to memory, write ``.NAME.tmp-XXXX`` next to ``path``, fsync,
+    one, never a part: serialise to memory, write ``.NAME.tmp-<random>`` next to ``path``, fsync,
     ``os.replace``, fsync the folder. Temporary files of earlier killed saves of ``path`` are removed."""
     path = os.fspath(path)
     if path.startswith("file://"):

@@ -172,8 +172,7 @@ def test_global_loss_initial_scale_and_clamp_at_100():
     loss.backward()
     expected = ref_global_loss(image.detach(), text.detach(), torch.tensor(100.0, dtype=torch.float64))
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-10, atol=1e-10)
-    assert loss_fn.logit_scale.grad is not None
-    assert float(loss_fn.logit_scale.grad) == 0.0
+    assert float(loss_fn.logit_scale.grad) == 0.0  # float(None) would raise: the grad exists
     assert float(image.grad.abs().sum()) > 0  # the features are still trained
 
     capped = GlobalContrastiveLoss().double()
@@ -417,7 +416,7 @@ def test_module_image_encoder_is_frozen_and_stays_in_eval_mode():
     assert text_params
     for name, param in text_params:
         assert param.requires_grad and param.grad is not None, name
-    assert module.global_loss.logit_scale.grad is not None
+    assert float(module.global_loss.logit_scale.grad.abs()) > 0
     assert sum(float(p.grad.abs().sum()) for _, p in text_params) > 0
 
 

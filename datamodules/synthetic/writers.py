@@ -9,6 +9,8 @@ next to the data so the loaders know the vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import hashlib
 import io
 import json
@@ -155,14 +157,8 @@ def write_coco_stuff(
 
     Label values are the world's category indices (contiguous 0..K-1), 255 = ignore.
     """
-    root = Path(root)
-    for i in _bar(num_images, f"coco-stuff {split}", progress):
-        scene = world.scene(i, split)
-        stem = f"{coco_image_id(i, split):012d}"
-        atomic_write(root / "images" / split / f"{stem}.jpg", encode_jpeg(scene.image))
-        atomic_write(root / "annotations" / split / f"{stem}_labelTrainIds.png", encode_png(scene.label))
-    write_vocabulary(world, root)
-    return root
+    return _write_image_label_folders(world, Path(root), split, num_images, progress, "coco-stuff",
+                                      lambda i: f"{coco_image_id(i, split):012d}", "_labelTrainIds.png")
 
 
 def write_mmseg(
@@ -176,13 +172,20 @@ def write_mmseg(
 
     Also writes ``root/class_names.txt`` and ``root/split.json`` (seen/unseen class names).
     """
-    root = Path(root)
     stream = canonical_split(split)
-    for i in _bar(num_images, f"mmseg {split}", progress):
+    return _write_image_label_folders(world, Path(root), split, num_images, progress, "mmseg",
+                                      lambda i: f"synthetic_{stream}_{i:08d}", ".png")
+
+
+def _write_image_label_folders(world: SyntheticWorld, root: Path, split: str, num_images: int,
+                               progress: bool, what: str, stem: Callable[[int], str],
+                               label_suffix: str) -> Path:
+    """``root/images/{split}/STEM.jpg`` + ``root/annotations/{split}/STEM{label_suffix}``, plus
+    the class names and split files."""
+    for i in _bar(num_images, f"{what} {split}", progress):
         scene = world.scene(i, split)
-        stem = f"synthetic_{stream}_{i:08d}"
-        atomic_write(root / "images" / split / f"{stem}.jpg", encode_jpeg(scene.image))
-        atomic_write(root / "annotations" / split / f"{stem}.png", encode_png(scene.label))
+        atomic_write(root / "images" / split / f"{stem(i)}.jpg", encode_jpeg(scene.image))
+        atomic_write(root / "annotations" / split / f"{stem(i)}{label_suffix}", encode_png(scene.label))
     write_vocabulary(world, root)
     return root
 

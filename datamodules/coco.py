@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ovseg.benchmark import AbsentPolicy, Benchmark
+from ovseg.benchmark import AbsentPolicy, Benchmark, TrainingClasses
 from ovseg.datamodules.common import collate_samples, evaluation_sampler
 from ovseg.datamodules.decode import DecodeError, SkipCounter, decode_image, decode_label
 from ovseg.datamodules.transforms import (
@@ -862,6 +862,11 @@ class CocoStuffDataModule(TrainDataModule):
         self.inference = inference or InferenceSettings()
         self.absent_policy = absent_policy
         self.benchmark_name = benchmark_name
+        # what mask-supervised methods train on: every class, or the seen ones in zero-shot mode
+        self.training_classes = TrainingClasses(
+            vocabulary=Vocabulary(tuple(names[:1] for names in self.vocabulary.classes)),
+            unseen_classes=self.unseen_classes if zero_shot else (),
+        )
         self.train_set: CocoStuffDataset | None = None
         self.val_set: CocoStuffDataset | None = None
 

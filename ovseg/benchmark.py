@@ -50,6 +50,36 @@ class Benchmark:
         return tuple(self.vocabulary.index_of(name) for name in self.unseen_classes)
 
 
+@dataclass(frozen=True)
+class TrainingClasses:
+    """The label space of a mask-supervised training set.
+
+    Attributes:
+        vocabulary: label value ``k`` of the training label maps is class ``k`` of this vocabulary.
+        unseen_classes: display names of classes held out of training (zero-shot splits); their
+            pixels are ignored and their names are never given to the trained model.
+    """
+
+    vocabulary: Vocabulary
+    unseen_classes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "unseen_classes", tuple(self.unseen_classes))
+        for name in self.unseen_classes:
+            self.vocabulary.index_of(name)  # raises KeyError naming the class
+
+    @property
+    def seen_indices(self) -> tuple[int, ...]:
+        """Label values of the classes trained on."""
+        unseen = {self.vocabulary.index_of(name) for name in self.unseen_classes}
+        return tuple(k for k in range(len(self.vocabulary)) if k not in unseen)
+
+    @property
+    def seen_names(self) -> tuple[str, ...]:
+        """Display names of the classes trained on, in label order."""
+        return tuple(self.vocabulary.display_names[k] for k in self.seen_indices)
+
+
 def check_unique_names(benchmarks: Sequence[Benchmark]) -> None:
     """Raise if two benchmarks share a name (their metrics would overwrite each other)."""
     names = [benchmark.name for benchmark in benchmarks]

@@ -53,14 +53,27 @@ class MaskPredictions:
     Attributes:
         mask_logits: (B, M, h, w) mask logits (sigmoid gives the mask probability).
         class_probs: (B, M, Q) probability of each query name for each mask (no-object removed).
+        query_offsets: optional (B, Q) or (Q,) constant added to every pixel's score of a query
+            after the sum over masks (e.g. ZegFormer's calibration, -0.1 on seen classes).
     """
 
     mask_logits: Tensor
     class_probs: Tensor
+    query_offsets: Tensor | None = None
 
     def pixel_scores(self) -> Tensor:
-        """(B, Q, h, w): per pixel, sum over masks of class probability x mask probability."""
-        return torch.einsum("bmq,bmhw->bqhw", self.class_probs, self.mask_logits.sigmoid())
+        """(B, Q, h, w): per pixel, sum over masks of class probability x mask probability
+        (MaskFormer's semantic inference), plus :attr:`query_offsets`."""
+        scores = torch.einsum("bmq,bmhw->bqhw", self.class_probs, self.mask_logits.sigmoid())
+        if self.query_offsets is not None:
+            offsets = self.query_offsets.to(scores.dtype)
+            scores = scores + offsets.view(-1 if offsets.dim() == 2 else 1, scores.shape[1], 1, 1)
+        return scores
+
+    def float(self) -> MaskPredictions:
+        """A float32 copy (after autocast)."""
+        offsets = None if self.query_offsets is None else self.query_offsets.float()
+        return MaskPredictions(self.mask_logits.float(), self.class_probs.float(), offsets)
 
 
 def to_unit_float(images: Tensor) -> Tensor:
@@ -142,12 +155,16 @@ class OVSegModule(L.LightningModule, ABC):
         """Texts -> (N, D) embeddings in the space :meth:`predict_scores` compares with."""
 
     @abstractmethod
-    def predict_scores(self, images: Tensor, text_embeddings: Tensor) -> Tensor | MaskPredictions:
+    def predict_scores(
+        self, images: Tensor, text_embeddings: Tensor, query_names: tuple[str, ...] = ()
+    ) -> Tensor | MaskPredictions:
         """Per-pixel query scores of a batch.
 
         Args:
             images: (B, 3, H, W) float in [0, 1]; the method normalises them itself.
             text_embeddings: (Q, D) L2-normalised query embeddings (one per class name).
+            query_names: the Q class names (synonyms are separate queries), for methods whose
+                scoring depends on whether a name was trained on (ZegFormer's seen/unseen fusion).
 
         Returns:
             (B, Q, h, w) logits whose softmax over Q is the class probability (at any
@@ -173,8 +190,13 @@ class OVSegModule(L.LightningModule, ABC):
         finally:
             self.train(was_training)
 
+    #: whether training changes the text embeddings (then the cache is dropped after every step);
+    #: methods with a frozen text encoder set it to False and keep their embeddings.
+    text_encoder_trained: bool = True
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.text_cache.invalidate()
+        if self.text_encoder_trained:
+            self.text_cache.invalidate()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.text_cache.invalidate()
@@ -201,16 +223,17 @@ class OVSegModule(L.LightningModule, ABC):
             output_size: (H_out, W_out), default the input size.
         """
         embeddings = self.text_embeddings(vocabulary)
+        query_names = vocabulary.queries
         kinds: set[str] = set()
         predict_scores = self.inference_predict_scores()
         dtype = AUTOCAST_DTYPES[self.inference_precision]
 
         def score_fn(batch: Tensor) -> Tensor:
             with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-                output = predict_scores(batch, embeddings)
+                output = predict_scores(batch, embeddings, query_names=query_names)
             if isinstance(output, MaskPredictions):
                 kinds.add("probs")
-                return MaskPredictions(output.mask_logits.float(), output.class_probs.float()).pixel_scores()
+                return output.float().pixel_scores()
             kinds.add("logits")
             return output.float()
 

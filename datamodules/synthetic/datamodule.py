@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ovseg.benchmark import AbsentPolicy, Benchmark
+from ovseg.benchmark import AbsentPolicy, Benchmark, TrainingClasses
 from ovseg.datamodules.common import collate_samples, evaluation_sampler
 from ovseg.datamodules.synthetic.dataset import SyntheticDataset
 from ovseg.datamodules.synthetic.world import CATEGORIES, SyntheticWorld
@@ -85,6 +85,12 @@ class SyntheticDataModule(L.LightningDataModule):
             absent_policy=absent_policy,
             unseen_classes=tuple(c.name for c in CATEGORIES if not c.seen),
         )]
+        # label maps index CATEGORIES; mask-supervised methods train on the seen classes only
+        # when unseen pixels are ignored
+        self.training_classes = TrainingClasses(
+            vocabulary=Vocabulary(tuple((c.name,) for c in CATEGORIES)),
+            unseen_classes=self.benchmarks[0].unseen_classes if ignore_unseen_in_training else (),
+        )
 
     @property
     def unseen_indices(self) -> list[int]:

@@ -83,7 +83,7 @@ class SimZSS(OVSegModule):
         weights = mask.to(tokens.dtype).unsqueeze(-1)
         return F.normalize((tokens * weights).sum(1) / weights.sum(1), dim=-1)
 
-    def predict_scores(self, images: Tensor, text_embeddings: Tensor) -> Tensor:
+    def predict_scores(self, images: Tensor, text_embeddings: Tensor, query_names: tuple[str, ...] = ()) -> Tensor:
         """Cosine between normalised patch tokens and class embeddings, times the logit scale.
 
         Returns:

@@ -1,0 +1,119 @@
+"""``MaskClassificationModule``: the shared base of mask-classification methods (ZegFormer, CDT).
+
+What these methods share beyond :class:`~ovseg.module.OVSegModule`: a frozen text encoder (its
+class embeddings are computed once, not after every step), a training label space that comes from
+the DataModule (``datamodule.training_classes``, a :class:`~ovseg.benchmark.TrainingClasses`) and
+travels in the checkpoint, label maps turned into per-class mask targets, and the seen / unseen
+status of a query name at inference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ovseg.benchmark import TrainingClasses
+from ovseg.masks import MaskTargets, semantic_targets
+from ovseg.module import OVSegModule
+from ovseg.vocabulary import Vocabulary, resolve_templates
+
+CHECKPOINT_KEY = "ovseg_training_classes"
+
+
+class MaskClassificationModule(OVSegModule):
+    """Base of methods that classify mask proposals against frozen text embeddings.
+
+    Subclasses implement ``encode_text``, ``predict_scores`` (returning
+    :class:`~ovseg.module.MaskPredictions`) and ``training_loss``, using
+    :meth:`training_text_embeddings` and :meth:`mask_targets`.
+
+    Args:
+        training_templates: prompt templates of the training classes' text embeddings
+            (``"single"``, ``"imagenet80"`` or a list). Evaluation templates come with each benchmark.
+        ignore_index: label value of unlabelled pixels in training label maps.
+        **kwargs: :class:`~ovseg.module.OVSegModule` arguments (optimizer, lr_scheduler,
+            lr_multipliers, freeze, ...).
+    """
+
+    text_encoder_trained = False
+
+    def __init__(self, training_templates: str | list[str] = "single", ignore_index: int = 255,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.training_templates = resolve_templates(training_templates)
+        self.ignore_index = ignore_index
+        self.training_classes: TrainingClasses | None = None
+
+    # ------------------------------------------------------------------ the training label space
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        classes = getattr(getattr(self._trainer, "datamodule", None), "training_classes", None)
+        if stage == "fit":
+            if classes is None:
+                raise RuntimeError(
+                    f"{type(self).__name__} trains on label maps: the DataModule needs a "
+                    "`training_classes` attribute (ovseg.benchmark.TrainingClasses), e.g. "
+                    "SyntheticDataModule or CocoStuffDataModule"
+                )
+            self.set_training_classes(classes)
+
+    def set_training_classes(self, classes: TrainingClasses) -> None:
+        """Use ``classes`` as the training label space (also restored from checkpoints)."""
+        self.training_classes = classes
+        self.text_cache.invalidate()
+
+    @property
+    def seen_class_names(self) -> tuple[str, ...]:
+        """Names of the classes the model was trained on (empty before training)."""
+        return () if self.training_classes is None else self.training_classes.seen_names
+
+    @property
+    def num_training_classes(self) -> int:
+        """K, the number of seen training classes (the classifier has K + 1 outputs)."""
+        return len(self.seen_class_names)
+
+    def training_vocabulary(self) -> Vocabulary:
+        """The seen training classes with :attr:`training_templates`."""
+        if not self.seen_class_names:
+            raise RuntimeError("no training classes: fit with a DataModule that has `training_classes`")
+        return Vocabulary(tuple((name,) for name in self.seen_class_names), self.training_templates)
+
+    def training_text_embeddings(self) -> Tensor:
+        """(K, D) L2-normalised embeddings of the seen training classes (computed once)."""
+        return self.text_embeddings(self.training_vocabulary())
+
+    def label_to_class(self) -> Tensor:
+        """(V,) int64: training-class index of each label value, -1 for unseen classes."""
+        assert self.training_classes is not None
+        lookup = torch.full((len(self.training_classes.vocabulary),), -1, dtype=torch.long)
+        seen = torch.tensor(self.training_classes.seen_indices, dtype=torch.long)
+        lookup[seen] = torch.arange(len(seen))
+        return lookup
+
+    def mask_targets(self, label_maps: Tensor) -> list[MaskTargets]:
+        """(B, H, W) training label maps -> per image, one mask per seen class present."""
+        return semantic_targets(label_maps.long(), self.label_to_class(), self.ignore_index)
+
+    def seen_queries(self, query_names: Sequence[str]) -> Tensor:
+        """(Q,) bool: which query names are names of training (seen) classes."""
+        seen = set(self.seen_class_names)
+        return torch.tensor([name in seen for name in query_names], dtype=torch.bool, device=self.device)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.training_classes is not None:
+            checkpoint[CHECKPOINT_KEY] = {
+                "classes": [list(names) for names in self.training_classes.vocabulary.classes],
+                "unseen": list(self.training_classes.unseen_classes),
+            }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        stored = checkpoint.get(CHECKPOINT_KEY)
+        if stored is not None:
+            vocabulary = Vocabulary(tuple(tuple(names) for names in stored["classes"]))
+            self.set_training_classes(TrainingClasses(vocabulary, tuple(stored["unseen"])))

@@ -6,4 +6,5 @@ one explicit registry for code that needs the list (tests, docs, checkpoint chec
 
 METHODS: dict[str, str] = {
     "simzss": "ovseg.methods.simzss.SimZSS",
+    "zegformer": "ovseg.methods.zegformer.ZegFormer",
 }

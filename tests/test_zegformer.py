@@ -1,0 +1,273 @@
+"""ZegFormer: fusion rule, CLIP crop branch, no-object logit, shapes, semantic inference, frozen CLIP
+and a short training (../shared/reference/zegformer.md)."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+from ovseg.benchmark import TrainingClasses
+from ovseg.datamodules.synthetic import CATEGORIES
+from ovseg.datamodules.synthetic.datamodule import SyntheticDataModule
+from ovseg.encoders import OpenCLIPImage, OpenCLIPText, tiny_open_clip_config
+from ovseg.methods import METHODS
+from ovseg.methods.zegformer import (
+    SegmentClassifier,
+    TimmBackbone,
+    ZegFormer,
+    ZegFormerModel,
+    fuse_scores,
+    mask_boxes,
+    masked_crops,
+    semantic_inference,
+)
+from ovseg.methods.zegformer.model import CLIPCropClassifier, class_probabilities
+from ovseg.module import MaskPredictions
+from ovseg.optim import parameter_groups
+from ovseg.vocabulary import Vocabulary
+
+TINY = dict(backbone="test_resnet", freeze_bn=False, num_queries=6, conv_dim=16, mask_dim=16, hidden_dim=16,
+            dec_layers=2, heads=2, ffn_dim=32, clip_crop_size=32, size_divisibility=32)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these tensors are tiny, and on a busy 2-core machine two OpenMP threads
+    spin against other processes (a tiny training step took 13 s instead of 0.2 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_zegformer(**overrides) -> ZegFormer:
+    config = tiny_open_clip_config("vit")
+    kwargs = {**TINY, **overrides}
+    return ZegFormer(OpenCLIPText(config=config), OpenCLIPImage(config=config), **kwargs)
+
+
+# ------------------------------------------------------------------------------- fusion (1.5)
+def test_fusion_rule_by_hand():
+    # classes: A, B seen; C, D unseen. Values are cubes so that the powers 1/3, 2/3 are exact.
+    seen = torch.tensor([True, True, False, False])
+    p_seg = torch.tensor([[0.512, 0.064, 0.216, 0.008],
+                          [0.027, 0.729, 0.001, 0.125]])
+    p_clip = torch.tensor([[0.100, 0.150, 0.343, 0.027],   # seen mean 0.125 -> cube root 0.5
+                           [0.010, 0.006, 0.729, 0.001]])  # seen mean 0.008 -> cube root 0.2
+    # seen:   p^(2/3) * mean_seen(p')^(1/3); unseen: p^(1/3) * p'^(2/3)
+    expected = torch.tensor([[0.64 * 0.5, 0.16 * 0.5, 0.6 * 0.49, 0.2 * 0.09],
+                             [0.09 * 0.2, 0.81 * 0.2, 0.1 * 0.81, 0.5 * 0.01]])
+    fused = fuse_scores(p_seg, p_clip, seen)
+    assert torch.allclose(fused, expected, atol=1e-6)
+    assert torch.allclose(fused, torch.tensor([[0.32, 0.08, 0.294, 0.018], [0.018, 0.162, 0.081, 0.005]]),
+                          atol=1e-6)
+    # the mean does not reorder seen classes among themselves
+    assert torch.equal(fused[:, :2].argsort(-1), p_seg[:, :2].argsort(-1))
+    # batched over (B, N, K) and the weight is a parameter
+    batched = fuse_scores(p_seg.view(1, 2, 4), p_clip.view(1, 2, 4), seen, weight=1.0)
+    assert torch.allclose(batched[0, :, :2], p_seg[:, :2]) and torch.allclose(batched[0, :, 2:], p_clip[:, 2:])
+
+
+def test_calibration_is_subtracted_from_seen_pixel_scores_after_semantic_inference():
+    model = tiny_zegformer(clip_classification=False, calibration=0.1).eval()
+    names = ("sky", "grass", "sand")
+    model.set_training_classes(TrainingClasses(Vocabulary.from_names(list(names)), ("sand",)))
+    text = F.normalize(torch.randn(3, 32), dim=-1)
+    with torch.no_grad():
+        out = model.predict_scores(torch.rand(1, 3, 40, 48), text, query_names=names)
+    assert out.query_offsets.tolist() == pytest.approx([-0.1, -0.1, 0.0])
+    plain = semantic_inference(out.class_probs, out.mask_logits)
+    scores = out.pixel_scores()
+    assert torch.allclose(scores[:, :2], plain[:, :2] - 0.1, atol=1e-6)
+    assert torch.allclose(scores[:, 2], plain[:, 2])
+
+
+# ------------------------------------------------------------------------------- semantic inference (5)
+def test_semantic_inference_by_hand():
+    # 2 masks over a 1x2 image: sigmoid(0) = 0.5, sigmoid(ln 3) = 0.75, sigmoid(-ln 3) = 0.25
+    ln3 = torch.log(torch.tensor(3.0))
+    masks = torch.tensor([[[[0.0, -ln3]], [[ln3, 0.0]]]])  # (B=1, N=2, 1, 2)
+    probs = torch.tensor([[[0.5, 0.25], [0.1, 0.6]]])  # (1, N=2, K=2)
+    expected = torch.tensor([[[[0.5 * 0.5 + 0.1 * 0.75, 0.5 * 0.25 + 0.1 * 0.5]],
+                              [[0.25 * 0.5 + 0.6 * 0.75, 0.25 * 0.25 + 0.6 * 0.5]]]])
+    assert torch.allclose(semantic_inference(probs, masks), expected)
+    assert torch.allclose(expected, torch.tensor([[[[0.325, 0.175]], [[0.575, 0.3625]]]]))
+    assert torch.allclose(MaskPredictions(masks, probs).pixel_scores(), expected)
+
+
+def test_predict_scores_segment_branch_is_softmax_without_no_object():
+    model = tiny_zegformer(clip_classification=False, calibration=0.0).eval()
+    images, text = torch.rand(2, 3, 64, 64), F.normalize(torch.randn(4, 32), dim=-1)
+    with torch.no_grad():
+        out = model.predict_scores(images, text, query_names=("a", "b", "c", "d"))
+        logits = model.classifier(model(images).segment_embeddings[-1], text)
+    assert out.query_offsets is None
+    assert out.mask_logits.shape == (2, 6, 64, 64) and out.class_probs.shape == (2, 6, 4)
+    assert torch.allclose(out.class_probs, logits.softmax(-1)[..., :4], atol=1e-6)
+    assert bool((out.class_probs.sum(-1) < 1).all())  # no-object takes the rest
+
+
+# ------------------------------------------------------------------------------- classification (1.2)
+def test_no_object_logit_is_an_unnormalised_dot_product_times_100():
+    classifier = SegmentClassifier(4, temperature=0.01)
+    assert classifier.no_object_embedding.shape == (1, 4) and classifier.no_object_embedding.requires_grad
+    with torch.no_grad():
+        classifier.no_object_embedding.copy_(torch.tensor([[2.0, 0.0, 0.0, 0.0]]))  # norm 2, kept as is
+    segment = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    text = F.normalize(torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]), dim=-1)
+    logits = classifier(segment, text)
+    assert torch.allclose(logits, torch.tensor([[100 * 0.5 ** 0.5, 0.0, 200.0]]), atol=1e-4)
+    assert torch.allclose(class_probabilities(logits), logits.softmax(-1)[..., :2])
+
+
+# ------------------------------------------------------------------------------- CLIP crops (1.4)
+def test_mask_boxes_of_known_masks_and_empty_mask_is_full_image():
+    masks = torch.zeros(4, 8, 10, dtype=torch.bool)
+    masks[0, 2:5, 1:6] = True  # rows 2..4, cols 1..5
+    masks[1, 0, 0] = True  # one pixel
+    masks[2, 3, 9] = masks[2, 7, 4] = True  # two pixels: box spans both
+    boxes = mask_boxes(masks.view(2, 2, 8, 10))  # (B, N) leading dims are kept
+    assert boxes.shape == (2, 2, 4)
+    assert boxes.view(4, 4).tolist() == [[1, 2, 6, 5], [0, 0, 1, 1], [4, 3, 10, 8], [0, 0, 10, 8]]
+
+
+def test_masked_crops_match_one_roi_align_per_proposal():
+    images = torch.randn(2, 3, 12, 16)
+    masks = torch.rand(2, 3, 12, 16) > 0.7
+    masks[0, 1] = False  # empty: full image
+    masks[1, 2] = False
+    masks[1, 2, 4:9, 2:5] = True
+    crops = masked_crops(images, masks, size=8)
+    assert crops.shape == (6, 3, 8, 8)
+    for b in range(2):
+        for n in range(3):
+            mask = masks[b, n]
+            if mask.any():
+                ys, xs = torch.nonzero(mask, as_tuple=True)
+                box = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+            else:
+                box = [0, 0, 16, 12]
+            box = torch.tensor([[0.0, *map(float, box)]])
+            expected = roi_align((images[b] * mask).unsqueeze(0), box, 8, aligned=True)[0]
+            assert torch.allclose(crops[b * 3 + n], expected, atol=1e-5)
+    # pixels outside the mask are 0 (the CLIP mean in normalised space): a box-shaped mask's crop
+    # is the image inside the box
+    box_only = roi_align(images[1:2], torch.tensor([[0.0, 2.0, 4.0, 5.0, 9.0]]), 8, aligned=True)[0]
+    assert not torch.allclose(crops[5], box_only)  # bilinear samples at the border mix in the zeros
+    assert torch.allclose(crops[5][:, 2:6, 2:6], box_only[:, 2:6, 2:6], atol=1e-5)
+
+
+class CountingEncoder(torch.nn.Module):
+    """Wraps an image encoder, recording the batch size of every ``encode`` call."""
+
+    def __init__(self, encoder) -> None:
+        super().__init__()
+        self.inner = encoder
+        self.calls: list[tuple[int, ...]] = []
+
+    def normalize(self, images):
+        return self.inner.normalize(images)
+
+    def encode(self, images):
+        self.calls.append(tuple(images.shape))
+        return self.inner.encode(images)
+
+
+def test_clip_branch_encodes_all_proposals_of_all_images_in_one_forward():
+    model = tiny_zegformer(clip_classification=True, ensemble=True, calibration=0.0).eval()
+    counter = CountingEncoder(model.clip_image)
+    model.clip_image = counter
+    names = ("sky", "grass", "sand")
+    model.set_training_classes(TrainingClasses(Vocabulary.from_names(list(names)), ("sand",)))
+    images, text = torch.rand(2, 3, 48, 40), F.normalize(torch.randn(3, 32), dim=-1)
+    with torch.no_grad():
+        out = model.predict_scores(images, text, query_names=names)
+    assert counter.calls == [(2 * 6, 3, 32, 32)]  # B * N crops of clip_crop_size, once
+    # the fused probabilities are fuse_scores of the two branches
+    with torch.no_grad():
+        seg_logits = model.classifier(model(images).segment_embeddings[-1], text)
+        clip_logits = CLIPCropClassifier(counter, 32)(images, out.mask_logits, text, seg_logits[..., -1])
+    assert torch.allclose(clip_logits[..., -1], seg_logits[..., -1])  # segment branch's no-object appended
+    expected = fuse_scores(class_probabilities(seg_logits), class_probabilities(clip_logits),
+                           torch.tensor([True, True, False]))
+    assert torch.allclose(out.class_probs, expected, atol=1e-5)
+    # ZegFormer-img: CLIP-branch probabilities only
+    model.ensemble = False
+    with torch.no_grad():
+        img_only = model.predict_scores(images, text, query_names=names)
+    assert torch.allclose(img_only.class_probs, class_probabilities(clip_logits), atol=1e-5)
+
+
+def test_clip_classification_needs_an_image_encoder():
+    with pytest.raises(ValueError, match="clip_image"):
+        ZegFormer(OpenCLIPText(config=tiny_open_clip_config("vit")), None, **TINY)
+
+
+# ------------------------------------------------------------------------------- model shapes (1.1)
+def test_model_outputs_per_decoder_layer():
+    backbone = TimmBackbone("test_resnet", freeze_bn=True)
+    assert backbone.channels == [32, 48, 192, 96]
+    model = ZegFormerModel(backbone, embed_dim=24, num_queries=5, conv_dim=16, mask_dim=8, hidden_dim=16,
+                           dec_layers=3, heads=2, ffn_dim=32).eval()
+    out = model(torch.randn(2, 3, 64, 96))
+    assert out.segment_embeddings.shape == (3, 2, 5, 24)
+    assert out.mask_logits.shape == (3, 2, 5, 16, 24)  # stride 4
+    assert torch.allclose(out.segment_embeddings.norm(dim=-1), torch.ones(3, 2, 5), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- training
+def test_clip_stays_frozen_and_in_eval_mode_through_lightning_training():
+    data = SyntheticDataModule(num_train=8, num_val=2, image_size=48, batch_size=4, ignore_unseen_in_training=True)
+    model = tiny_zegformer(optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
+                           lr_multipliers={"model.backbone.": 0.1}, print_metrics=False)
+    assert all(not p.requires_grad for p in model.clip_text.parameters())
+    assert all(not p.requires_grad for p in model.clip_image.parameters())
+    clip_before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("clip_")}
+    trained_before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("model.")}
+    groups = parameter_groups(model, {"model.backbone.": 0.1})
+    names = [name for group in groups for name in group["names"]]
+    assert not any(name.startswith("clip_") for name in names)
+    assert {g["lr_multiplier"] for g in groups if any(n.startswith("model.backbone.") for n in g["names"])} == {0.1}
+
+    modes: list[tuple[bool, bool, bool]] = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            modes.append((module.model.training, module.clip_text.training, module.clip_image.training))
+
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[Spy()])
+    trainer.fit(model, data)
+    assert modes == [(True, False, False)] * 2
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in clip_before.items())
+    assert any(not torch.equal(state[k], v) for k, v in trained_before.items())
+    seen = tuple(c.name for c in CATEGORIES if c.seen)
+    assert model.seen_class_names == seen
+
+
+def test_short_training_on_synthetic_scenes_decreases_the_loss():
+    torch.manual_seed(0)
+    data = SyntheticDataModule(num_train=4, image_size=48, batch_size=4, ignore_unseen_in_training=True)
+    model = tiny_zegformer(clip_classification=False, dropout=0.0)
+    model.set_training_classes(data.training_classes)
+    batch = next(iter(data.train_dataloader()))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    losses = []
+    for _ in range(25):
+        terms = model.training_loss(batch)
+        optimizer.zero_grad()
+        terms["loss"].backward()
+        optimizer.step()
+        losses.append(float(terms["loss"].detach()))
+    assert set(terms) == {"loss", "loss_ce", "loss_mask", "loss_dice"}
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+
+
+def test_registered_in_methods():
+    assert METHODS["zegformer"] == "ovseg.methods.zegformer.ZegFormer"

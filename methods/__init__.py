@@ -6,5 +6,6 @@ one explicit registry for code that needs the list (tests, docs, checkpoint chec
 
 METHODS: dict[str, str] = {
     "simzss": "ovseg.methods.simzss.SimZSS",
+    "cdt": "ovseg.methods.cdt.CDT",
     "zegformer": "ovseg.methods.zegformer.ZegFormer",
 }

@@ -225,9 +225,13 @@ class BenchmarkSpec:
             if candidate.is_file():
                 return str(candidate)
         tried = ", ".join(str(c) for c in dict.fromkeys(candidates))
+        data_dir = self.data_dir(root)
+        missing_dir = "" if path.is_absolute() or data_dir.is_dir() else (
+            f" (the data directory {data_dir} does not exist: root={str(root)!r}, "
+            f"data_root={spec.data_root!r}; point the DataModule's root at the folder that holds it)")
         raise FileNotFoundError(
-            f"benchmark {spec.name!r}: class-name file {names!r} not found (tried {tried}); give "
-            "class_names as 'packaged:NAME' or a file with one class per line"
+            f"benchmark {spec.name!r}: class-name file {names!r} not found (tried {tried}){missing_dir}; "
+            "give class_names as 'packaged:NAME' or a file with one class per line"
         )
 
     def vocabulary(self, root: str | Path | None = None) -> Vocabulary:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
@@ -34,6 +35,27 @@ DESCRIPTION = (
 
 class OVSegCLI(LightningCLI):
     """Stock LightningCLI with ovseg's base classes; nothing overrides the user's Trainer settings."""
+
+    def _parse_ckpt_path(self) -> None:
+        """Refuse a ``--ckpt_path`` of another method before LightningCLI reads its hyper-parameters.
+
+        LightningCLI replaces the configured model with the one recorded in the checkpoint's
+        hyper-parameters (class path included), so a checkpoint of another method would silently
+        run that method instead of the configured one.
+        """
+        subcommand = self.config.get("subcommand")
+        settings = self.config.get(subcommand) if subcommand else None
+        ckpt_path = settings.get("ckpt_path") if settings is not None else None
+        model = settings.get("model") if settings is not None else None
+        class_path = model.get("class_path") if model is not None and hasattr(model, "get") else None
+        if ckpt_path and class_path and Path(ckpt_path).is_file():
+            import torch
+            from jsonargparse.typing import import_object
+
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+            OVSegModule.check_checkpoint_method(checkpoint, import_object(class_path), f"checkpoint {ckpt_path}",
+                                                class_path)
+        super()._parse_ckpt_path()
 
 
 def run(args: Sequence[str] | None = None) -> OVSegCLI | None:

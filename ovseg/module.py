@@ -198,12 +198,111 @@ class OVSegModule(L.LightningModule, ABC):
         if self.text_encoder_trained:
             self.text_cache.invalidate()
 
+    # ------------------------------------------------------------------ checkpoints
+    #: checkpoint key holding the class path of the method that saved it
+    CHECKPOINT_METHOD_KEY = "ovseg_method"
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record which method saved the checkpoint (checked when it is loaded)."""
+        checkpoint[self.CHECKPOINT_METHOD_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another method (clear message instead of a state-dict error).
+
+        Runs before Lightning loads the weights, under ``fit/validate/test/predict --ckpt_path``
+        and ``load_from_checkpoint``. Checkpoints without ``ovseg_method`` (older or foreign ones)
+        are checked by their state-dict keys in :meth:`load_state_dict`.
+        """
         self.text_cache.invalidate()
+        self.check_checkpoint_method(checkpoint, type(self), self._checkpoint_source())
+        self._loading_method = self.checkpoint_method(checkpoint)
+
+    @classmethod
+    def checkpoint_method(cls, checkpoint: Mapping[str, Any]) -> str | None:
+        """Class path of the method that saved ``checkpoint``: ovseg's own record, else the
+        ``_class_path`` LightningCLI keeps in the hyper-parameters; None if neither is there."""
+        method = checkpoint.get(cls.CHECKPOINT_METHOD_KEY)
+        if method is None:
+            hparams = checkpoint.get("hyper_parameters")
+            method = hparams.get("_class_path") if isinstance(hparams, Mapping) else None
+        return None if method is None else str(method)
+
+    @staticmethod
+    def check_checkpoint_method(checkpoint: Mapping[str, Any], method: type, source: str | None = None,
+                                configured: str | None = None) -> None:
+        """Raise ``ValueError`` naming both methods if ``checkpoint`` was saved by a method that is
+        neither ``method`` nor a subclass or base class of it (class paths are compared after
+        import, so ``ovseg.methods.simzss.SimZSS`` and its defining module's path are the same).
+        ``configured`` is how the configuration names ``method`` (default: its class path)."""
+        import importlib
+
+        stored = OVSegModule.checkpoint_method(checkpoint)
+        configured = configured or f"{method.__module__}.{method.__qualname__}"
+        if stored is None or stored == configured:
+            return
+        stored_class = None
+        module_name, _, attribute = stored.rpartition(".")
+        while module_name and stored_class is None:
+            try:
+                stored_class = importlib.import_module(module_name)
+                for part in attribute.split("."):
+                    stored_class = getattr(stored_class, part)
+            except (ImportError, AttributeError):
+                stored_class = None
+                module_name, _, head = module_name.rpartition(".")
+                attribute = f"{head}.{attribute}"
+        if isinstance(stored_class, type) and (issubclass(method, stored_class) or issubclass(stored_class, method)):
+            return
+        raise ValueError(
+            f"{source or 'the checkpoint'} was saved by the method {stored}, but the model configured "
+            f"is {configured}: evaluate or resume it with its own method's config "
+            f"(model.class_path: {stored}), or give a checkpoint of {method.__name__}"
+        )
+
+    def _checkpoint_source(self) -> str | None:
+        """'checkpoint PATH' when the trainer is restoring one, for error messages."""
+        connector = getattr(self._trainer, "_checkpoint_connector", None)
+        path = getattr(connector, "_ckpt_path", None)
+        return None if path is None else f"checkpoint {path}"
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         self.text_cache.invalidate()
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        method, self._loading_method = getattr(self, "_loading_method", None), None
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as error:
+            message = self._state_dict_mismatch(state_dict, strict, method)
+            if message is None:
+                raise
+            raise RuntimeError(message) from error
+
+    def _state_dict_mismatch(self, state_dict: Mapping[str, Any], strict: bool, method: str | None,
+                             shown: int = 4) -> str | None:
+        """A short account of missing / unexpected / reshaped tensors (None if there are none)."""
+        own = self.state_dict()
+        missing = [k for k in own if k not in state_dict] if strict else []
+        unexpected = [k for k in state_dict if k not in own] if strict else []
+        reshaped = [f"{k}: {tuple(state_dict[k].shape)} in the checkpoint, {tuple(v.shape)} here"
+                    for k, v in own.items() if k in state_dict and hasattr(state_dict[k], "shape")
+                    and tuple(state_dict[k].shape) != tuple(v.shape)]
+        if not (missing or unexpected or reshaped):
+            return None
+
+        def some(keys: list[str]) -> str:
+            return ", ".join(keys[:shown]) + (", ..." if len(keys) > shown else "")
+
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} of the model's {len(own)} tensors are missing ({some(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} tensors of the checkpoint are unknown to the model "
+                         f"({some(unexpected)})")
+        if reshaped:
+            parts.append(f"{len(reshaped)} have another shape ({some(reshaped)})")
+        origin = (f"saved by {method}, another configuration of it?" if method is not None
+                  else "a checkpoint of another method or another configuration?")
+        source = self._checkpoint_source() or "the state dict"
+        return (f"{source} does not fit {type(self).__name__} ({origin}): " + "; ".join(parts))
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()

@@ -71,6 +71,22 @@ def webdataset_data_args(tmp_path: Path) -> list[str]:
             "--data.init_args.resampled", "false", *_small_crop_args(), *_synthetic_eval_args()]
 
 
+def cached_features_data_args(tmp_path: Path) -> list[str]:
+    """A tiny feature store built by the fast-mode SimZSS backbone (tests/fast/simzss.yaml) over 8
+    synthetic scenes, so the cached config trains on features of the model's own shapes."""
+    from ovseg.datamodules.feature_cache import CacheViews, build_feature_cache
+    from ovseg.datamodules.synthetic import SyntheticDataModule
+    from ovseg.encoders import TimmViT
+
+    fast = yaml.safe_load((FAST / "simzss.yaml").read_text())["model"]["init_args"]["image_encoder"]
+    encoder = TimmViT(**fast["init_args"])
+    dataset = SyntheticDataModule(num_train=8, image_size=56).train_dataset()
+    store = build_feature_cache(encoder, dataset, tmp_path / "store", CacheViews("center", 56),
+                                batch_size=8, device="cpu", progress=False)
+    return ["--data.init_args.store", str(store), "--data.init_args.batch_size", "4",
+            "--data.init_args.num_workers", "0", *_synthetic_eval_args()]
+
+
 # Fast-mode data settings per DataModule class: a new DataModule needs an entry here, so no
 # shipped config can escape this test.
 DATA_OVERLAYS: dict[str, Callable[[Path], list[str]]] = {
@@ -78,6 +94,7 @@ DATA_OVERLAYS: dict[str, Callable[[Path], list[str]]] = {
     "ovseg.datamodules.coco.CocoCaptionsDataModule": coco_captions_data_args,
     "ovseg.datamodules.coco.CocoStuffDataModule": coco_stuff_data_args,
     "ovseg.datamodules.webdataset.WebDatasetDataModule": webdataset_data_args,
+    "ovseg.datamodules.feature_cache.CachedFeaturesDataModule": cached_features_data_args,
 }
 
 

@@ -7,8 +7,9 @@ border (no padding; a window never exceeds the image), the scores of overlapping
 averaged, and the result is bilinearly upsampled (align_corners=False) to the label's size.
 
 All windows of a batch of images run through the model as one batch (or in chunks of
-``max_batch`` windows); crops are gathered and scores scattered back with index tensors, so there
-is no Python loop over windows or pixels.
+``max_batch`` windows); crops are gathered with index tensors, and the window scores are resized
+and overlap-added one axis at a time (two small interpolation matrices and two ``index_add_``), so
+there is no Python loop over windows or pixels and no full-size score map per window in memory.
 """
 
 from __future__ import annotations
@@ -86,31 +87,45 @@ def sliding_window_scores(
     """
     batch, channels, height, width = images.shape
     win_h, win_w = min(window, height), min(window, width)
-    ys = window_starts(height, window, stride).to(images.device)
-    xs = window_starts(width, window, stride).to(images.device)
-    # (N,) window origins of the grid, row-major.
-    origin_y = ys.repeat_interleave(len(xs))
-    origin_x = xs.repeat(len(ys))
-    rows = origin_y[:, None] + torch.arange(win_h, device=images.device)  # (N, win_h)
-    cols = origin_x[:, None] + torch.arange(win_w, device=images.device)  # (N, win_w)
-    # Gather every crop at once: (B, 3, N, win_h, win_w) -> (B*N, 3, win_h, win_w).
-    crops = images[:, :, rows[:, :, None], cols[:, None, :]]
-    num_windows = rows.shape[0]
-    crops = crops.permute(0, 2, 1, 3, 4).reshape(batch * num_windows, channels, win_h, win_w)
+    device = images.device
+    ys = window_starts(height, window, stride).to(device)  # (ny,) window rows
+    xs = window_starts(width, window, stride).to(device)  # (nx,) window columns
+    rows_y, cols_x = len(ys), len(xs)
+    # Every crop at once, indexed out of a strided view of all window positions (no copy until
+    # the index): (B, 3, ny, nx, win_h, win_w) -> (B*ny*nx, 3, win_h, win_w), windows row-major.
+    positions = images.unfold(2, win_h, 1).unfold(3, win_w, 1)
+    crops = positions[:, :, ys[:, None], xs[None, :]]
+    crops = crops.permute(0, 2, 3, 1, 4, 5).reshape(batch * rows_y * cols_x, channels, win_h, win_w)
 
     step = max_batch or crops.shape[0]
-    scores = torch.cat([
-        _upsample(score_fn(crops[start:start + step]), (win_h, win_w))
-        for start in range(0, crops.shape[0], step)
-    ])
-    num_queries = scores.shape[1]
-    # Scatter-add into the image: flat pixel index of every window pixel, (N, win_h, win_w).
-    flat = (rows[:, :, None] * width + cols[:, None, :]).reshape(-1)
-    scores = scores.view(batch, num_windows, num_queries, win_h * win_w)
-    scores = scores.permute(0, 2, 1, 3).reshape(batch, num_queries, -1)
-    total = scores.new_zeros(batch, num_queries, height * width).index_add_(2, flat, scores)
-    counts = torch.bincount(flat, minlength=height * width).to(total.dtype)
-    return (total / counts).view(batch, num_queries, height, width)
+    scores = torch.cat([score_fn(crops[start:start + step]) for start in range(0, crops.shape[0], step)])
+    num_queries, out_h, out_w = scores.shape[1:]
+    # Bilinear upsampling is separable and overlap-adding is too, so neither the per-window
+    # full-size score maps nor a per-pixel scatter is needed: along the width, each window's
+    # scores are resized by one (win_w, out_w) matrix and added at their columns; then the same
+    # along the height. (B, ny, nx, Q, h', w') -> (B, Q, ny, h', nx, w').
+    scores = scores.view(batch, rows_y, cols_x, num_queries, out_h, out_w).permute(0, 3, 1, 4, 2, 5)
+    if out_w != win_w:
+        scores = scores @ interpolation_matrix(win_w, out_w, scores).T  # (..., nx, win_w)
+    cols = (xs[:, None] + torch.arange(win_w, device=device)).reshape(-1)  # (nx * win_w,)
+    rows = (ys[:, None] + torch.arange(win_h, device=device)).reshape(-1)  # (ny * win_h,)
+    band = scores.new_zeros(batch, num_queries, rows_y, out_h, width)
+    band.index_add_(4, cols, scores.reshape(batch, num_queries, rows_y, out_h, cols_x * win_w))
+    if out_h != win_h:
+        band = interpolation_matrix(win_h, out_h, band) @ band  # (B, Q, ny, win_h, W)
+    total = band.new_zeros(batch, num_queries, height, width)
+    total.index_add_(2, rows, band.reshape(batch, num_queries, rows_y * win_h, width))
+    # Windows per pixel: a product grid, so (windows over the row) x (windows over the column).
+    counts = torch.bincount(rows, minlength=height)[:, None] * torch.bincount(cols, minlength=width)[None, :]
+    return total.div_(counts.to(total.dtype))
+
+
+def interpolation_matrix(size_out: int, size_in: int, like: Tensor) -> Tensor:
+    """(size_out, size_in): the weights of 1-d linear resizing with align_corners=False, i.e. one
+    axis of ``F.interpolate(..., mode="bilinear", align_corners=False)`` (dtype and device of ``like``)."""
+    eye = torch.eye(size_in, dtype=torch.float32, device=like.device)[None]
+    weights = F.interpolate(eye, size=size_out, mode="linear", align_corners=False)[0].T
+    return weights.to(like.dtype)
 
 
 def _upsample(scores: Tensor, size: tuple[int, int]) -> Tensor:

@@ -52,6 +52,25 @@ def test_sliding_window_equals_loop_reference(size, window, stride):
     torch.testing.assert_close(ours, loop_reference(image, score_fn, window, stride), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("scorer", ["full_resolution", "upsampled", "non_square"])
+def test_sliding_window_equals_loop_reference_at_any_score_resolution(scorer):
+    """Scores at the window's size (no resizing), larger than it (resized down), or of a
+    different factor per axis: the separable resize-and-add equals the window loop."""
+    image = torch.rand(3, 3, 41, 57)
+    conv = conv_score_fn(num_queries=4, stride=1)
+
+    def score_fn(batch):
+        scores = conv(batch)
+        if scorer == "upsampled":
+            return F.interpolate(scores, scale_factor=1.5, mode="nearest")
+        if scorer == "non_square":
+            return scores[:, :, ::3, ::2]
+        return scores
+
+    ours = sliding_window_scores(image, score_fn, 20, 9, max_batch=7)
+    torch.testing.assert_close(ours, loop_reference(image, score_fn, 20, 9), atol=1e-5, rtol=1e-5)
+
+
 def test_windows_run_as_one_batch_or_in_chunks():
     image = torch.rand(1, 3, 45, 33)
     calls = []

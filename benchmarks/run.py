@@ -4,11 +4,13 @@
 
 Measures, for the tiny SimZSS of ``configs/experiment/smoke.yaml`` on the synthetic world:
 training samples/second, inference images/second (whole image, batched sliding window and the
-window-by-window loop kept here only as the baseline), concept extraction captions/second, the
-images/second of each DataModule reading the synthetic world written in its real format, SimZSS
-training samples/second from images (the frozen ViT-S/14 forward at 224 px each step) against the
-same training from a frozen-feature store, and the peak resident memory of a cached training epoch
-for two store sizes (each in a fresh subprocess). The same command runs on a GPU when one is present.
+window-by-window loop kept here only as the baseline), the peak memory of a training step and of
+each inference mode (above the model: resident set on the CPU, allocator peak on a GPU), concept
+extraction captions/second, the images/second of each DataModule reading the synthetic world
+written in its real format, SimZSS training samples/second and epoch time from images (the frozen
+ViT-S/14 forward at 224 px each step) against the same training from a frozen-feature store, and
+the peak resident memory of a cached training epoch for two store sizes (each in a fresh
+subprocess). The same command runs on a GPU when one is present.
 """
 
 from __future__ import annotations
@@ -63,6 +65,57 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def timed_pair(first: Callable[[], object], second: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median seconds per call of two functions timed alternately (after one warm-up call each)."""
+    import statistics
+
+    def once(fn: Callable[[], object]) -> float:
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    once(first), once(second)
+    times = [(once(first), once(second)) for _ in range(repeats)]
+    return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
+
+
+def _status_kib(key: str) -> int:
+    status = Path("/proc/self/status").read_text()
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith(key))
+
+
+def memory_kind() -> str:
+    """What :func:`peak_memory` measures on this machine."""
+    return "CUDA memory" if torch.cuda.is_available() else "RSS"
+
+
+def peak_memory(fn: Callable[[], object]) -> float | None:
+    """Peak memory of one call of ``fn`` above what was in use before it, in MiB: the CUDA
+    allocator's peak on a GPU; on the CPU the peak resident set (VmHWM, reset through
+    /proc/self/clear_refs after returning freed heap to the system). None if it cannot be read."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - start) / 2**20
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        start = _status_kib("VmRSS")
+    except (OSError, AttributeError, StopIteration):
+        return None
+    fn()
+    return (_status_kib("VmHWM") - start) / 1024
+
+
 def smoke_model(device: torch.device) -> SimZSS:
     """The SimZSS of the smoke config, built from its YAML."""
     config = yaml.safe_load((REPO / "configs/experiment/smoke.yaml").read_text())
@@ -98,12 +151,22 @@ def bench_inference(model: SimZSS, device: torch.device, repeats: int) -> list[t
 
     with torch.no_grad():
         whole = timed(lambda: infer_scores(image, score_fn, InferenceSettings()), repeats)
-        sliding = timed(lambda: infer_scores(image, score_fn, InferenceSettings(window=112, stride=56)), repeats)
-        loop = timed(lambda: window_loop(image, score_fn, 112, 56), repeats)
-    return [("inference, whole image 448x448 (images/s)", 1 / whole),
+        # batched and loop alternate, and each takes its median, so that a change of load on the
+        # machine during the measurement hits both sides alike
+        sliding, loop = timed_pair(lambda: infer_scores(image, score_fn, InferenceSettings(window=112, stride=56)),
+                                   lambda: window_loop(image, score_fn, 112, 56), 2 * repeats)
+        memory = [peak_memory(lambda: infer_scores(image, score_fn, InferenceSettings())),
+                  peak_memory(lambda: infer_scores(image, score_fn, InferenceSettings(window=112, stride=56))),
+                  peak_memory(lambda: window_loop(image, score_fn, 112, 56))]
+    rows = [("inference, whole image 448x448 (images/s)", 1 / whole),
             ("inference, sliding window 112/56, batched (images/s)", 1 / sliding),
             ("inference, sliding window 112/56, window-by-window loop (images/s)", 1 / loop),
             ("batched sliding window speed-up over the loop (x)", loop / sliding)]
+    names = ("inference, whole image 448x448", "inference, sliding window 112/56, batched",
+             "inference, sliding window 112/56, window-by-window loop")
+    rows += [(f"peak {memory_kind()} of one {name}, above the model (MiB)", value)
+             for name, value in zip(names, memory) if value is not None]
+    return rows
 
 
 def bench_training(model: SimZSS, device: torch.device, repeats: int) -> list[tuple[str, float]]:
@@ -119,7 +182,12 @@ def bench_training(model: SimZSS, device: torch.device, repeats: int) -> list[tu
         optimizer.step()
 
     seconds = timed(step, repeats, warmup=2)
-    return [("SimZSS tiny training, batch 32 (samples/s)", 32 / seconds)]
+    rows = [("SimZSS tiny training, batch 32 (samples/s)", 32 / seconds)]
+    memory = peak_memory(step)
+    if memory is not None:
+        rows.append((f"peak {memory_kind()} of one SimZSS tiny training step, batch 32, above the model (MiB)",
+                     memory))
+    return rows
 
 
 def bench_concepts(count: int) -> list[tuple[str, float]]:
@@ -230,9 +298,34 @@ def bench_cached_training(device: torch.device, repeats: int, workdir: Path) -> 
 
     uncached = timed(lambda: step(image_batch), max(2, repeats // 2), warmup=1)
     cached = timed(cached_step, 10 * repeats, warmup=4)
+
+    class ImageViews(torch.utils.data.Dataset):
+        """The uncached epoch's data: each image's view made as it is loaded."""
+
+        def __len__(self) -> int:
+            return len(dataset)
+
+        def __getitem__(self, index: int) -> dict:
+            sample = dataset[index]
+            return {"image": views.view(sample["image"], index, 0), "caption": sample["caption"]}
+
+    def epoch_seconds(epoch_loader) -> float:
+        start = time.perf_counter()
+        for batch in epoch_loader:
+            step({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    image_loader = DataLoader(ImageViews(), batch_size=32, shuffle=True, drop_last=True, collate_fn=collate_samples)
+    count = len(dataset)
     return [("SimZSS training from images, frozen ViT-S/14 at 224 px, batch 32 (samples/s)", 32 / uncached),
             ("SimZSS training from the feature store, same model, batch 32 (samples/s)", 32 / cached),
-            ("feature-store speed-up of SimZSS training (x)", uncached / cached)]
+            ("feature-store speed-up of SimZSS training (x)", uncached / cached),
+            (f"SimZSS epoch of {count} images from images, views made while loading, batch 32 (s)",
+             epoch_seconds(image_loader)),
+            (f"SimZSS epoch of the same {count} images from the feature store, batch 32 (s)",
+             epoch_seconds(loader))]
 
 
 def write_random_store(path: Path, num_images: int, num_patches: int = 256, dim: int = 384) -> float:

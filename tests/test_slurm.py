@@ -112,6 +112,20 @@ def test_sbatch_template_is_valid_bash_with_one_srun_line():
     assert "#SBATCH --signal=SIGUSR1@" in text and "#SBATCH --requeue" in text
 
 
+def test_readme_multinode_section_quotes_the_template():
+    """The README's section shows the template's own srun line and submits files that exist."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Multi-node training"):]
+    section = section[:section.index("\n## ", 3)]
+    (srun,) = [line for line in SBATCH.read_text().splitlines() if re.match(r"\s*srun\b", line)]
+    assert srun.strip() in section
+    submitted = re.findall(r"sbatch .*?\\?\n?\s*(scripts/\S+) (configs/\S+)", section)
+    assert submitted
+    for paths in submitted:
+        assert all((REPO / p).is_file() for p in paths), paths
+    assert "SIGUSR1" in section and "--ckpt_path last" in section and "hpc_ckpt" in section
+
+
 def test_two_simulated_nodes_join_one_process_group_and_end_with_identical_weights(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

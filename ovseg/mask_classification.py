@@ -9,7 +9,6 @@ status of a query name at inference.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -97,10 +96,19 @@ class MaskClassificationModule(OVSegModule):
         """(B, H, W) training label maps -> per image, one mask per seen class present."""
         return semantic_targets(label_maps.long(), self.label_to_class(), self.ignore_index)
 
-    def seen_queries(self, query_names: Sequence[str]) -> Tensor:
-        """(Q,) bool: which query names are names of training (seen) classes."""
-        seen = set(self.seen_class_names)
-        return torch.tensor([name in seen for name in query_names], dtype=torch.bool, device=self.device)
+    def seen_queries(self, vocabulary: Vocabulary) -> Tensor:
+        """(Q,) bool, per query of ``vocabulary``: whether its class was trained on.
+
+        A class is seen when any of its names is a name (display name or synonym) of a seen
+        training class, so every synonym of a seen class counts as seen, even one the training
+        vocabulary did not list."""
+        seen_names: set[str] = set()
+        if self.training_classes is not None:
+            for index in self.training_classes.seen_indices:
+                seen_names.update(self.training_classes.vocabulary.classes[index])
+        seen_classes = torch.tensor([any(name in seen_names for name in names) for names in vocabulary.classes],
+                                    dtype=torch.bool)
+        return seen_classes[vocabulary.query_to_class].to(self.device)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

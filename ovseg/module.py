@@ -156,15 +156,17 @@ class OVSegModule(L.LightningModule, ABC):
 
     @abstractmethod
     def predict_scores(
-        self, images: Tensor, text_embeddings: Tensor, query_names: tuple[str, ...] = ()
+        self, images: Tensor, text_embeddings: Tensor, vocabulary: Vocabulary | None = None
     ) -> Tensor | MaskPredictions:
         """Per-pixel query scores of a batch.
 
         Args:
             images: (B, 3, H, W) float in [0, 1]; the method normalises them itself.
             text_embeddings: (Q, D) L2-normalised query embeddings (one per class name).
-            query_names: the Q class names (synonyms are separate queries), for methods whose
-                scoring depends on whether a name was trained on (ZegFormer's seen/unseen fusion).
+            vocabulary: the vocabulary the Q queries come from (``vocabulary.queries``, synonyms
+                as separate queries), for methods whose scoring depends on which classes were
+                trained on (ZegFormer's seen/unseen fusion); None when called outside
+                :meth:`class_probabilities`.
 
         Returns:
             (B, Q, h, w) logits whose softmax over Q is the class probability (at any
@@ -322,14 +324,13 @@ class OVSegModule(L.LightningModule, ABC):
             output_size: (H_out, W_out), default the input size.
         """
         embeddings = self.text_embeddings(vocabulary)
-        query_names = vocabulary.queries
         kinds: set[str] = set()
         predict_scores = self.inference_predict_scores()
         dtype = AUTOCAST_DTYPES[self.inference_precision]
 
         def score_fn(batch: Tensor) -> Tensor:
             with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-                output = predict_scores(batch, embeddings, query_names=query_names)
+                output = predict_scores(batch, embeddings, vocabulary=vocabulary)
             if isinstance(output, MaskPredictions):
                 kinds.add("probs")
                 return output.float().pixel_scores()

@@ -18,6 +18,7 @@ from ovseg.methods.cdt.model import inference_class_probs, ms_deform_attn_sample
 from ovseg.methods.cdt.module import crop_padding
 from ovseg.methods.cdt.transfer import ContentDependentTransfer
 from ovseg.module import MaskPredictions
+from ovseg.vocabulary import Vocabulary
 
 TINY_HEAD = dict(num_queries=4, conv_dim=32, mask_dim=32, hidden_dim=32, enc_layers=1, enc_heads=4,
                  enc_ffn_dim=32, dec_layers=3, dec_heads=4, dec_ffn_dim=32, cdt_heads=4, num_points=256)
@@ -190,7 +191,7 @@ def test_predict_scores_shapes_for_convnext_and_vit():
     for kind in ("convnext", "vit"):
         model = tiny_cdt(clip_config=tiny_open_clip_config(kind)).eval()
         with torch.no_grad():
-            out = model.predict_scores(images, text, query_names=("a", "b", "c"))
+            out = model.predict_scores(images, text, vocabulary=Vocabulary.from_names(["a", "b", "c"]))
         assert out.mask_logits.shape == (2, 4, 13, 18) and out.class_probs.shape == (2, 4, 3)
         assert torch.all(out.class_probs.sum(-1) <= 1 + 1e-6)
 

@@ -32,7 +32,7 @@ class OtherMethod(OVSegModule):
     def encode_text(self, texts):
         return torch.nn.functional.normalize(torch.randn(len(texts), 8), dim=-1)
 
-    def predict_scores(self, images, text_embeddings, query_names=()):
+    def predict_scores(self, images, text_embeddings, vocabulary=None):
         features = self.head(images.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return torch.einsum("bdhw,qd->bqhw", features, text_embeddings)
 

@@ -50,7 +50,7 @@ class TinyMaskMethod(MaskClassificationModule):
         logits = torch.cat([self.queries @ text.T, torch.zeros(2, 1)], dim=1)  # (2, K + 1)
         return logits.expand(b, -1, -1), masks + self.mask_bias
 
-    def predict_scores(self, images, text_embeddings, query_names=()):
+    def predict_scores(self, images, text_embeddings, vocabulary=None):
         logits, masks = self._outputs(images, text_embeddings)
         return MaskPredictions(masks, logits.softmax(-1)[..., :-1])
 
@@ -76,7 +76,8 @@ def test_training_classes_come_from_the_datamodule_and_travel_in_the_checkpoint(
     restored.on_load_checkpoint(torch.load(path, weights_only=False))
     assert restored.seen_class_names == seen
     unseen = [c.name for c in CATEGORIES if not c.seen]
-    assert restored.seen_queries([seen[0], unseen[0], "zebra"]).tolist() == [True, False, False]
+    queries = Vocabulary.from_names([seen[0], unseen[0], "zebra", [f"a {seen[1]}", seen[1]]])
+    assert restored.seen_queries(queries).tolist() == [True, False, False, True, True]
 
 
 def test_mask_targets_drop_unseen_classes():

@@ -49,7 +49,7 @@ class OracleMethod(OVSegModule):
             feats[:, WORDS.index(word)] = (level == lvl).float()
         return feats
 
-    def predict_scores(self, images, text_embeddings, query_names=()):
+    def predict_scores(self, images, text_embeddings, vocabulary=None):
         feats = self.word_features(images)  # (B, W, H, W)
         logits = 20 * torch.einsum("bwhx,qw->bqhx", feats, F.normalize(text_embeddings, dim=-1))
         if not self.mask_mode:

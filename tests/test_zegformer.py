@@ -77,13 +77,25 @@ def test_calibration_is_subtracted_from_seen_pixel_scores_after_semantic_inferen
     model.set_training_classes(TrainingClasses(Vocabulary.from_names(list(names)), ("sand",)))
     text = F.normalize(torch.randn(3, 32), dim=-1)
     with torch.no_grad():
-        out = model.predict_scores(torch.rand(1, 3, 40, 48), text, query_names=names)
+        out = model.predict_scores(torch.rand(1, 3, 40, 48), text, vocabulary=Vocabulary.from_names(list(names)))
     assert out.query_offsets.tolist() == pytest.approx([-0.1, -0.1, 0.0])
     plain = semantic_inference(out.class_probs, out.mask_logits)
     scores = out.pixel_scores()
     assert torch.allclose(scores[:, :2], plain[:, :2] - 0.1, atol=1e-6)
     assert torch.allclose(scores[:, 2], plain[:, 2])
 
+
+
+def test_synonyms_of_a_seen_class_are_calibrated_and_fused_as_seen():
+    """A query is seen by its class: "heaven", a synonym of the seen "sky" that training never
+    named, is calibrated like "sky"; the unseen "sand" is not."""
+    model = tiny_zegformer(clip_classification=False, calibration=0.1).eval()
+    model.set_training_classes(TrainingClasses(Vocabulary.from_names(["sky", "grass", "sand"]), ("sand",)))
+    queries = Vocabulary.from_names([["sky", "heaven"], "grass", "sand"])
+    with torch.no_grad():
+        out = model.predict_scores(torch.rand(1, 3, 64, 64), F.normalize(torch.randn(4, 32), dim=-1),
+                                   vocabulary=queries)
+    assert out.query_offsets.tolist() == pytest.approx([-0.1, -0.1, -0.1, 0.0])
 
 # ------------------------------------------------------------------------------- semantic inference (5)
 def test_semantic_inference_by_hand():
@@ -102,7 +114,7 @@ def test_predict_scores_segment_branch_is_softmax_without_no_object():
     model = tiny_zegformer(clip_classification=False, calibration=0.0).eval()
     images, text = torch.rand(2, 3, 64, 64), F.normalize(torch.randn(4, 32), dim=-1)
     with torch.no_grad():
-        out = model.predict_scores(images, text, query_names=("a", "b", "c", "d"))
+        out = model.predict_scores(images, text, vocabulary=Vocabulary.from_names(["a", "b", "c", "d"]))
         logits = model.classifier(model(images).segment_embeddings[-1], text)
     assert out.query_offsets is None
     assert out.mask_logits.shape == (2, 6, 64, 64) and out.class_probs.shape == (2, 6, 4)
@@ -184,7 +196,7 @@ def test_clip_branch_encodes_all_proposals_of_all_images_in_one_forward():
     model.set_training_classes(TrainingClasses(Vocabulary.from_names(list(names)), ("sand",)))
     images, text = torch.rand(2, 3, 48, 40), F.normalize(torch.randn(3, 32), dim=-1)
     with torch.no_grad():
-        out = model.predict_scores(images, text, query_names=names)
+        out = model.predict_scores(images, text, vocabulary=Vocabulary.from_names(list(names)))
     assert counter.calls == [(2 * 6, 3, 32, 32)]  # B * N crops of clip_crop_size, once
     # the fused probabilities are fuse_scores of the two branches
     with torch.no_grad():
@@ -197,7 +209,7 @@ def test_clip_branch_encodes_all_proposals_of_all_images_in_one_forward():
     # ZegFormer-img: CLIP-branch probabilities only
     model.ensemble = False
     with torch.no_grad():
-        img_only = model.predict_scores(images, text, query_names=names)
+        img_only = model.predict_scores(images, text, vocabulary=Vocabulary.from_names(list(names)))
     assert torch.allclose(img_only.class_probs, class_probabilities(clip_logits), atol=1e-5)
 
 

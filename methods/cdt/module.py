@@ -19,6 +19,7 @@ from ovseg.methods.cdt.losses import mask_aware_loss, representation_compensatio
 from ovseg.methods.cdt.model import CDTModel, CLIPBackbone, inference_class_probs
 from ovseg.methods.cdt.transfer import Residual
 from ovseg.module import MaskPredictions, to_unit_float
+from ovseg.vocabulary import Vocabulary
 
 #: ViLD's 14 prompt templates (``VILD_PROMPT`` of MAFT+, maftplus.md section 1).
 VILD_TEMPLATES: tuple[str, ...] = (
@@ -154,7 +155,7 @@ class CDT(MaskClassificationModule):
         return self.text_encoder(token_ids).pooled.float()
 
     def predict_scores(self, images: Tensor, text_embeddings: Tensor,
-                       query_names: tuple[str, ...] = ()) -> MaskPredictions:
+                       vocabulary: Vocabulary | None = None) -> MaskPredictions:
         """Masks and class probabilities by MAFT+'s inference rule (maftplus.md section 6).
 
         Args:

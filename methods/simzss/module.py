@@ -14,7 +14,7 @@ from ovseg.methods.simzss.concepts import ConceptExtractor
 from ovseg.methods.simzss.loss import ConceptLoss, GlobalContrastiveLoss
 from ovseg.methods.simzss.model import FrozenImageFeatures, SimZSSModel
 from ovseg.module import OVSegModule, to_unit_float
-from ovseg.vocabulary import Prompt
+from ovseg.vocabulary import Prompt, Vocabulary
 
 CONCEPT_KEYS = ("concept_labels", "concept_token_positions", "concept_token_mask")
 
@@ -83,7 +83,7 @@ class SimZSS(OVSegModule):
         weights = mask.to(tokens.dtype).unsqueeze(-1)
         return F.normalize((tokens * weights).sum(1) / weights.sum(1), dim=-1)
 
-    def predict_scores(self, images: Tensor, text_embeddings: Tensor, query_names: tuple[str, ...] = ()) -> Tensor:
+    def predict_scores(self, images: Tensor, text_embeddings: Tensor, vocabulary: Vocabulary | None = None) -> Tensor:
         """Cosine between normalised patch tokens and class embeddings, times the logit scale.
 
         Returns:

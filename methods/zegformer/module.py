@@ -157,13 +157,14 @@ class ZegFormer(MaskClassificationModule):
         return self.model(self.padded(images))
 
     def predict_scores(self, images: Tensor, text_embeddings: Tensor,
-                       query_names: tuple[str, ...] = ()) -> MaskPredictions:
+                       vocabulary: Vocabulary | None = None) -> MaskPredictions:
         """Masks and class scores of the last decoder layer (sections 1.4, 1.5, 5).
 
         Args:
             images: (B, 3, H, W) in [0, 1].
             text_embeddings: (Q, D) L2-normalised.
-            query_names: the Q class names (which are seen decides the fusion and calibration).
+            vocabulary: where the Q queries come from: which of its classes were trained on
+                decides the fusion and calibration (None: every query is unseen).
 
         Returns:
             :class:`MaskPredictions`: (B, N, H, W) mask logits (upsampled to the padded size and
@@ -171,8 +172,9 @@ class ZegFormer(MaskClassificationModule):
             probabilities (segment branch, fused, or CLIP branch), ``query_offsets`` = -gamma on
             seen classes (the calibration, subtracted after the sum over masks).
         """
-        if query_names and len(query_names) != len(text_embeddings):
-            raise ValueError(f"{len(query_names)} query names for {len(text_embeddings)} text embeddings")
+        if vocabulary is not None and len(vocabulary.queries) != len(text_embeddings):
+            raise ValueError(f"{len(vocabulary.queries)} queries in the vocabulary for {len(text_embeddings)} "
+                             "text embeddings")
         height, width = images.shape[-2:]
         out = self(images)
         masks = F.interpolate(out.mask_logits[-1], size=self.padded_size((height, width)), mode="bilinear",
@@ -180,11 +182,11 @@ class ZegFormer(MaskClassificationModule):
         masks = masks[..., :height, :width]
         logits = self.classifier(out.segment_embeddings[-1], text_embeddings)  # (B, N, Q + 1)
         probs = class_probabilities(logits)
-        seen = (self.seen_queries(query_names) if query_names
+        seen = (self.seen_queries(vocabulary) if vocabulary is not None
                 else torch.zeros(len(text_embeddings), dtype=torch.bool, device=self.device))
         if self.clip_classification:
             assert self.clip_image is not None
-            clip_logits = self.crop_classifier()(images, masks, self.clip_text_embeddings(text_embeddings, query_names),
+            clip_logits = self.crop_classifier()(images, masks, self.clip_text_embeddings(text_embeddings, vocabulary),
                                                  logits[..., -1])
             clip_probs = class_probabilities(clip_logits)
             probs = fuse_scores(probs, clip_probs, seen, self.ensemble_weight) if self.ensemble else clip_probs
@@ -217,14 +219,15 @@ class ZegFormer(MaskClassificationModule):
         assert self.clip_image is not None
         return CLIPCropClassifier(self.clip_image, **self._crop_settings)
 
-    def clip_text_embeddings(self, text_embeddings: Tensor, query_names: tuple[str, ...]) -> Tensor:
-        """(Q, D) text embeddings of the CLIP branch: the given ones, or ``clip_templates``'."""
+    def clip_text_embeddings(self, text_embeddings: Tensor, vocabulary: Vocabulary | None) -> Tensor:
+        """(Q, D) text embeddings of the CLIP branch: the given ones, or the queries of
+        ``vocabulary`` in ``clip_templates``."""
         if self.clip_templates is None:
             return text_embeddings
-        if len(query_names) != len(text_embeddings):
-            raise ValueError("clip_templates needs the query names")
-        vocabulary = Vocabulary(tuple((name,) for name in query_names), self.clip_templates)
-        return self.text_embeddings(vocabulary).to(text_embeddings)
+        if vocabulary is None:
+            raise ValueError("clip_templates needs the vocabulary of the queries")
+        queries = Vocabulary(tuple((name,) for name in vocabulary.queries), self.clip_templates)
+        return self.text_embeddings(queries).to(text_embeddings)
 
     def padded(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) in [0, 1] -> normalised and zero-padded (bottom/right) to ``size_divisibility``."""

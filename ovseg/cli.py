@@ -18,6 +18,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
@@ -36,12 +37,21 @@ DESCRIPTION = (
 class OVSegCLI(LightningCLI):
     """Stock LightningCLI with ovseg's base classes; nothing overrides the user's Trainer settings."""
 
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parse as LightningCLI does, keeping the command line for :meth:`_parse_ckpt_path`."""
+        self._command_line = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        super().parse_arguments(parser, args)
+
     def _parse_ckpt_path(self) -> None:
-        """Refuse a ``--ckpt_path`` of another method before LightningCLI reads its hyper-parameters.
+        """Apply a ``--ckpt_path``'s hyper-parameters as LightningCLI does, with two changes.
 
         LightningCLI replaces the configured model with the one recorded in the checkpoint's
         hyper-parameters (class path included), so a checkpoint of another method would silently
-        run that method instead of the configured one.
+        run that method instead of the configured one: that is refused, naming both. And the
+        recorded hyper-parameters would also replace the ``--model.*`` options given on the
+        command line (``ovseg validate ... --ckpt_path X --model.init_args.calibration 0`` would
+        evaluate with the training value): those are applied again on top, so the command line
+        has the last word, as everywhere else.
         """
         subcommand = self.config.get("subcommand")
         settings = self.config.get(subcommand) if subcommand else None
@@ -56,6 +66,25 @@ class OVSegCLI(LightningCLI):
             OVSegModule.check_checkpoint_method(checkpoint, import_object(class_path), f"checkpoint {ckpt_path}",
                                                 class_path)
         super()._parse_ckpt_path()
+        overrides = model_options(getattr(self, "_command_line", []))
+        if ckpt_path and overrides and Path(ckpt_path).is_file():
+            self.config = self.parser.parse_args([subcommand, *overrides], namespace=self.config.clone())
+
+
+def model_options(args: Sequence[str]) -> list[str]:
+    """The ``--model.KEY VALUE`` / ``--model.KEY=VALUE`` options of a command line, in order."""
+    options: list[str] = []
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg.startswith("--model.") and "=" not in arg and index + 1 < len(args):
+            options += [arg, args[index + 1]]
+            index += 2
+            continue
+        if arg.startswith("--model."):
+            options.append(arg)
+        index += 1
+    return options
 
 
 def run(args: Sequence[str] | None = None) -> OVSegCLI | None:

@@ -209,3 +209,20 @@ def test_nan_loss_stops_with_the_step_and_the_loss_terms(tmp_path, monkeypatch):
     assert int(message.split("step ")[1].split(":")[0]) >= 1
     for term in ("loss_global", "loss_local", "logit_scale", "'loss': nan"):
         assert term in message
+
+
+# ------------------------------------------------------------------ command line over checkpoint
+
+
+@pytest.mark.parametrize("override", [[], ["--model.init_args.lambda_local", "0.5"],
+                                      ["--model.init_args.lambda_local=0.5"]])
+def test_command_line_model_options_win_over_checkpoint_hyper_parameters(smoke_checkpoint, tmp_path, override):
+    """LightningCLI applies the checkpoint's hyper-parameters over the config (kept: a run trained
+    with lambda_local 0.25 is rebuilt with it), but explicit ``--model.*`` options come last."""
+    path, _ = smoke_checkpoint
+    checkpoint = torch.load(path, weights_only=False)
+    checkpoint["hyper_parameters"]["lambda_local"] = 0.25
+    edited = tmp_path / "trained_with_override.ckpt"
+    torch.save(checkpoint, edited)
+    cli = run(["validate", "-c", SMOKE, *QUIET, *TINY_DATA, "--ckpt_path", str(edited), *override])
+    assert cli.model.lambda_local == (0.5 if override else 0.25)

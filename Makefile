@@ -29,7 +29,7 @@ demo: install
 	$(BIN)/python -m ovseg.demo
 
 bench: install
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) lightning_logs runs .pytest_cache

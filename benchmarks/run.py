@@ -1,16 +1,19 @@
 """Throughput measurements, printed as Markdown tables with the machine they ran on.
 
-    make bench                      # or: python benchmarks/run.py [--quick]
+    make bench                      # or: python benchmarks/run.py [--quick] [--real-size]
+    make bench BENCH_ARGS=--real-size
 
-Measures, for the tiny SimZSS of ``configs/experiment/smoke.yaml`` on the synthetic world:
-training samples/second, inference images/second (whole image, batched sliding window and the
-window-by-window loop kept here only as the baseline), the peak memory of a training step and of
-each inference mode (above the model: resident set on the CPU, allocator peak on a GPU), concept
-extraction captions/second, the images/second of each DataModule reading the synthetic world
-written in its real format, SimZSS training samples/second and epoch time from images (the frozen
-ViT-S/14 forward at 224 px each step) against the same training from a frozen-feature store, and
-the peak resident memory of a cached training epoch for two store sizes (each in a fresh
-subprocess). The same command runs on a GPU when one is present.
+One table per method, for its tiny config (the synthetic demo; SimZSS: ``configs/experiment/smoke.yaml``)
+and, with ``--real-size`` (the default on a GPU), its real-size config built with random weights
+(nothing is downloaded): training samples/second, inference images/second (whole image, batched
+sliding window and the window-by-window loop kept here only as the baseline), and the peak memory
+of a training step and of each inference mode (above the model: resident set on the CPU, allocator
+peak on a GPU). The SimZSS table adds concept extraction captions/second, SimZSS training
+samples/second and epoch time from images (the frozen ViT-S/14 forward at 224 px each step)
+against the same training from a frozen-feature store, and the peak resident memory of a cached
+training epoch for two store sizes (each in a fresh subprocess). A last table gives the
+images/second of each DataModule reading the synthetic world written in its real format. The same
+command runs on a GPU when one is present.
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ from jsonargparse import ArgumentParser
 from ovseg.datamodules.synthetic import CATEGORIES, SyntheticWorld
 from ovseg.datamodules.synthetic.datamodule import SyntheticDataModule
 from ovseg.inference import InferenceSettings, infer_scores, window_starts
+from ovseg.mask_classification import MaskClassificationModule
 from ovseg.methods.simzss import SimZSS
 from ovseg.methods.simzss.concepts import ConceptExtractor
+from ovseg.module import MaskPredictions, OVSegModule
 from ovseg.vocabulary import Vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,13 +121,46 @@ def peak_memory(fn: Callable[[], object]) -> float | None:
     return (_status_kib("VmHWM") - start) / 1024
 
 
-def smoke_model(device: torch.device) -> SimZSS:
-    """The SimZSS of the smoke config, built from its YAML."""
-    config = yaml.safe_load((REPO / "configs/experiment/smoke.yaml").read_text())
+#: Per method: its tiny config (trained in minutes on a CPU) and its real-size config.
+METHOD_CONFIGS: dict[str, tuple[str, str]] = {
+    "SimZSS": ("configs/experiment/smoke.yaml", "configs/simzss/coco_vitb14.yaml"),
+    "ZegFormer": ("configs/zegformer/synthetic.yaml", "configs/zegformer/coco_stuff_156_r101.yaml"),
+    "CDT": ("configs/cdt/synthetic.yaml", "configs/cdt/coco_stuff_convnext_l.yaml"),
+}
+
+#: Sizes of the measurements: (training image px, training batch, inference image px, window px;
+#: None: no sliding-window rows). Real-size models run whole images only: on a CPU, ZegFormer's
+#: 100 CLIP crops per window would take minutes per sliding-window image.
+TINY_SIZES: tuple[int, int, int, int | None] = (112, 8, 448, 112)
+REAL_SIZES: tuple[int, int, int, int | None] = (320, 2, 448, None)
+
+
+def without_pretrained_weights(config: object) -> object:
+    """A copy of a config tree with every pretrained-weight source turned off (``pretrained``,
+    ``backbone_pretrained``: false or null; ``checkpoint_path``, ``backbone_checkpoint``: null),
+    so a real-size model is built with random weights and nothing is downloaded."""
+    if isinstance(config, list):
+        return [without_pretrained_weights(value) for value in config]
+    if not isinstance(config, dict):
+        return config
+    out = {}
+    for key, value in config.items():
+        if key in ("pretrained", "backbone_pretrained"):
+            value = False if isinstance(value, bool) else None
+        elif key in ("checkpoint_path", "backbone_checkpoint"):
+            value = None
+        out[key] = without_pretrained_weights(value)
+    return out
+
+
+def config_model(path: str, device: torch.device, random_weights: bool = False) -> OVSegModule:
+    """The model section of a shipped config, built as ``ovseg fit`` builds it."""
+    config = yaml.safe_load((REPO / path).read_text())["model"]
+    if random_weights:
+        config = without_pretrained_weights(config)
     parser = ArgumentParser()
-    parser.add_subclass_arguments(SimZSS, "model")
-    cfg = parser.parse_object({"model": config["model"]})
-    return parser.instantiate(cfg).model.to(device).eval()
+    parser.add_subclass_arguments(OVSegModule, "model")
+    return parser.instantiate(parser.parse_object({"model": config})).model.to(device).eval()
 
 
 def window_loop(images: torch.Tensor, score_fn, window: int, stride: int) -> torch.Tensor:
@@ -141,36 +179,20 @@ def window_loop(images: torch.Tensor, score_fn, window: int, stride: int) -> tor
     return total / count
 
 
-def bench_inference(model: SimZSS, device: torch.device, repeats: int) -> list[tuple[str, float]]:
-    vocabulary = Vocabulary.from_names([c.name for c in CATEGORIES])
-    embeddings = model.text_embeddings(vocabulary)
-    image = torch.rand(1, 3, 448, 448, device=device)
+def bench_method(model: OVSegModule, device: torch.device, repeats: int,
+                 sizes: tuple[int, int, int, int | None] = TINY_SIZES) -> list[tuple[str, float]]:
+    """Training and inference rows of one method on synthetic scenes (random images for inference).
 
-    def score_fn(batch: torch.Tensor) -> torch.Tensor:
-        return model.predict_scores(batch, embeddings)
-
-    with torch.no_grad():
-        whole = timed(lambda: infer_scores(image, score_fn, InferenceSettings()), repeats)
-        # batched and loop alternate, and each takes its median, so that a change of load on the
-        # machine during the measurement hits both sides alike
-        sliding, loop = timed_pair(lambda: infer_scores(image, score_fn, InferenceSettings(window=112, stride=56)),
-                                   lambda: window_loop(image, score_fn, 112, 56), 2 * repeats)
-        memory = [peak_memory(lambda: infer_scores(image, score_fn, InferenceSettings())),
-                  peak_memory(lambda: infer_scores(image, score_fn, InferenceSettings(window=112, stride=56))),
-                  peak_memory(lambda: window_loop(image, score_fn, 112, 56))]
-    rows = [("inference, whole image 448x448 (images/s)", 1 / whole),
-            ("inference, sliding window 112/56, batched (images/s)", 1 / sliding),
-            ("inference, sliding window 112/56, window-by-window loop (images/s)", 1 / loop),
-            ("batched sliding window speed-up over the loop (x)", loop / sliding)]
-    names = ("inference, whole image 448x448", "inference, sliding window 112/56, batched",
-             "inference, sliding window 112/56, window-by-window loop")
-    rows += [(f"peak {memory_kind()} of one {name}, above the model (MiB)", value)
-             for name, value in zip(names, memory) if value is not None]
-    return rows
-
-
-def bench_training(model: SimZSS, device: torch.device, repeats: int) -> list[tuple[str, float]]:
-    data = SyntheticDataModule(num_train=64, batch_size=32)
+    Training: AdamW steps on one batch of ``sizes[1]`` synthetic scenes of ``sizes[0]`` px (mask
+    methods with the seen classes as the label space). Inference: one ``sizes[2]`` px image, the
+    synthetic world's 13 classes, whole and (unless ``sizes[3]`` is None) in ``sizes[3]`` px
+    windows at half-window stride, the windows as one batch and one by one.
+    """
+    train_px, batch_size, image_px, window = sizes
+    data = SyntheticDataModule(num_train=batch_size, batch_size=batch_size, image_size=train_px,
+                               ignore_unseen_in_training=True)
+    if isinstance(model, MaskClassificationModule):
+        model.set_training_classes(data.training_classes)
     batch = next(iter(data.train_dataloader()))
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     model.train()
@@ -182,11 +204,43 @@ def bench_training(model: SimZSS, device: torch.device, repeats: int) -> list[tu
         optimizer.step()
 
     seconds = timed(step, repeats, warmup=2)
-    rows = [("SimZSS tiny training, batch 32 (samples/s)", 32 / seconds)]
+    rows = [(f"training, batch {batch_size} at {train_px} px (samples/s)", batch_size / seconds)]
     memory = peak_memory(step)
     if memory is not None:
-        rows.append((f"peak {memory_kind()} of one SimZSS tiny training step, batch 32, above the model (MiB)",
-                     memory))
+        rows.append((f"peak {memory_kind()} of one training step, above the model (MiB)", memory))
+    del optimizer
+    model.eval()
+
+    vocabulary = Vocabulary.from_names([c.name for c in CATEGORIES])
+    embeddings = model.text_embeddings(vocabulary)
+    image = torch.rand(1, 3, image_px, image_px, device=device)
+
+    def score_fn(images: torch.Tensor) -> torch.Tensor:
+        output = model.predict_scores(images, embeddings, vocabulary=vocabulary)
+        return output.float().pixel_scores() if isinstance(output, MaskPredictions) else output
+
+    whole_name = f"inference, whole image {image_px}x{image_px}"
+    modes = {whole_name: lambda: infer_scores(image, score_fn, InferenceSettings())}
+    with torch.no_grad():
+        rows.append((f"{whole_name} (images/s)", 1 / timed(modes[whole_name], repeats)))
+        if window is not None:
+            stride = window // 2
+            count = len(window_starts(image_px, window, stride)) ** 2
+            name = f"inference, sliding window {window}/{stride} ({count} windows)"
+            settings = InferenceSettings(window=window, stride=stride)
+            modes[f"{name}, batched"] = lambda: infer_scores(image, score_fn, settings)
+            modes[f"{name}, window-by-window loop"] = lambda: window_loop(image, score_fn, window, stride)
+            # batched and loop alternate, and each takes its median, so that a change of load on
+            # the machine during the measurement hits both sides alike
+            sliding, loop = timed_pair(modes[f"{name}, batched"], modes[f"{name}, window-by-window loop"],
+                                       2 * repeats)
+            rows += [(f"{name}, batched (images/s)", 1 / sliding),
+                     (f"{name}, window-by-window loop (images/s)", 1 / loop),
+                     ("batched sliding window speed-up over the loop (x)", loop / sliding)]
+        for name, run in modes.items():
+            memory = peak_memory(run)
+            if memory is not None:
+                rows.append((f"peak {memory_kind()} of one {name}, above the model (MiB)", memory))
     return rows
 
 
@@ -392,9 +446,22 @@ def bench_cached_memory(workdir: Path, sizes: tuple[int, ...]) -> list[tuple[str
     return rows
 
 
+def print_table(title: str, rows: list[tuple[str, float]]) -> None:
+    print(f"\n### {title}\n\n| measurement | value |\n|---|---:|")
+    for name, value in rows:
+        print(f"| {name} | {value:,.1f} |" if abs(value) >= 10 else f"| {name} | {value:.3g} |")
+    print(flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a rough check)")
+    parser.add_argument("--methods", nargs="+", choices=list(METHOD_CONFIGS), default=list(METHOD_CONFIGS),
+                        help="the methods to measure (default: all)")
+    parser.add_argument("--real-size", action=argparse.BooleanOptionalAction, default=None,
+                        help="also measure the real-size configs with random weights "
+                             "(default: on a GPU only; on a CPU they take minutes)")
+    parser.add_argument("--no-loading", action="store_true", help="skip the DataModule table")
     parser.add_argument("--rss-child", metavar="STORE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
@@ -402,18 +469,26 @@ def main() -> None:
         return
     repeats = 2 if args.quick else 5
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    model = smoke_model(device)
+    real_size = torch.cuda.is_available() if args.real_size is None else args.real_size
+    print(f"machine: {machine()}", flush=True)
     with tempfile.TemporaryDirectory() as workdir:
-        rows = [*bench_training(model, device, repeats), *bench_inference(model, device, repeats),
-                *bench_concepts(500 if args.quick else 2000),
-                *bench_loading(128 if args.quick else 512, Path(workdir)),
-                *bench_cached_training(device, repeats, Path(workdir)),
-                *bench_cached_memory(Path(workdir), (200, 2000))]
-    print(f"machine: {machine()}\n")
-    print("| measurement | value |\n|---|---:|")
-    for name, value in rows:
-        print(f"| {name} | {value:,.1f} |")
+        for method in args.methods:
+            tiny, real = METHOD_CONFIGS[method]
+            torch.manual_seed(0)
+            rows = bench_method(config_model(tiny, device), device, repeats)
+            if method == "SimZSS":
+                rows += [*bench_concepts(500 if args.quick else 2000),
+                         *bench_cached_training(device, repeats, Path(workdir)),
+                         *bench_cached_memory(Path(workdir), (200, 2000))]
+            print_table(f"{method}, tiny: {tiny}", rows)
+            if real_size:
+                torch.manual_seed(0)
+                model = config_model(real, device, random_weights=True)
+                rows = bench_method(model, device, max(1, repeats // 2), REAL_SIZES)
+                print_table(f"{method}, real size: {real} (random weights)", rows)
+                del model
+        if not args.no_loading:
+            print_table("data loading", bench_loading(128 if args.quick else 512, Path(workdir)))
 
 
 if __name__ == "__main__":

@@ -205,3 +205,20 @@ def test_data_make_synthetic_command(tmp_path):
     assert len(list((tmp_path / "mmseg").rglob("*.png"))) == 3
     with pytest.raises(SystemExit):
         run(["data", "make-synthetic", "--format", "parquet", "--out", str(tmp_path)])
+
+
+def test_synthetic_configs_of_all_methods_validate_on_the_same_scenes():
+    """Moving between methods on the synthetic world is a change of ``-c`` file only: the three
+    demo configs read the same DataModule with the same validation scenes and vocabulary (the mask
+    methods additionally ignore unseen pixels in training, which is their zero-shot protocol)."""
+    configs = {name: yaml.safe_load((REPO / f"configs/{name}/synthetic.yaml").read_text())["data"]
+               for name in ("simzss", "zegformer", "cdt")}
+    assert {c["class_path"] for c in configs.values()} == {"ovseg.datamodules.synthetic.SyntheticDataModule"}
+    validation_keys = ("num_val", "image_size", "seed", "use_synonyms")
+    settings = {name: {key: config["init_args"].get(key) for key in validation_keys}
+                for name, config in configs.items()}
+    simzss = settings.pop("simzss")
+    for name, setting in settings.items():
+        differing = {k for k in validation_keys if setting[k] != simzss[k]}
+        assert not differing, (name, differing)
+        assert configs[name]["init_args"]["ignore_unseen_in_training"] is True

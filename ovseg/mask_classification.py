@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ovseg.benchmark import TrainingClasses
-from ovseg.masks import MaskTargets, semantic_targets
+from ovseg.masks import MaskSetCriterion, MaskTargets, semantic_targets
 from ovseg.module import OVSegModule
 from ovseg.vocabulary import Vocabulary, resolve_templates
 
@@ -45,6 +45,9 @@ class MaskClassificationModule(OVSegModule):
         self.training_templates = resolve_templates(training_templates)
         self.ignore_index = ignore_index
         self.training_classes: TrainingClasses | None = None
+        #: keyword arguments of :class:`~ovseg.masks.MaskSetCriterion` (set by the subclass)
+        self.set_loss: dict[str, Any] = {}
+        self._criteria: dict[tuple[int, str], MaskSetCriterion] = {}  # not submodules: no state
 
     # ------------------------------------------------------------------ the training label space
     def setup(self, stage: str) -> None:
@@ -91,6 +94,14 @@ class MaskClassificationModule(OVSegModule):
         seen = torch.tensor(self.training_classes.seen_indices, dtype=torch.long)
         lookup[seen] = torch.arange(len(seen))
         return lookup
+
+    def criterion(self, num_classes: int) -> MaskSetCriterion:
+        """The set loss (:attr:`set_loss` settings) for ``num_classes`` training classes, built
+        once per number of classes and device."""
+        key = (num_classes, str(self.device))
+        if key not in self._criteria:
+            self._criteria[key] = MaskSetCriterion(num_classes, **self.set_loss).to(self.device)
+        return self._criteria[key]
 
     def mask_targets(self, label_maps: Tensor) -> list[MaskTargets]:
         """(B, H, W) training label maps -> per image, one mask per seen class present."""

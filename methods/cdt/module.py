@@ -14,7 +14,6 @@ from torch import Tensor, nn
 
 from ovseg.encoders.open_clip import OpenCLIPImage, OpenCLIPText, build_open_clip_model
 from ovseg.mask_classification import MaskClassificationModule
-from ovseg.masks import MaskSetCriterion
 from ovseg.methods.cdt.losses import mask_aware_loss, representation_compensation_loss
 from ovseg.methods.cdt.model import CDTModel, CLIPBackbone, inference_class_probs
 from ovseg.methods.cdt.transfer import Residual
@@ -135,7 +134,6 @@ class CDT(MaskClassificationModule):
         self.set_loss = dict(class_weight=class_weight, mask_weight=mask_weight, dice_weight=dice_weight,
                              no_object_weight=no_object_weight, mask_loss="bce", num_points=num_points,
                              oversample_ratio=oversample_ratio, importance_ratio=importance_ratio)
-        self._criteria: dict[tuple[int, str], MaskSetCriterion] = {}  # not a submodule: no state
         self.mask_aware_weight = mask_aware_weight
         self.rc_weight = rc_weight
         self.size_divisibility = size_divisibility
@@ -188,13 +186,6 @@ class CDT(MaskClassificationModule):
         return terms
 
     # ------------------------------------------------------------------ helpers
-    def criterion(self, num_classes: int) -> MaskSetCriterion:
-        """The Mask2Former set loss for ``num_classes`` training classes (built once per K and device)."""
-        key = (num_classes, str(self.device))
-        if key not in self._criteria:
-            self._criteria[key] = MaskSetCriterion(num_classes, **self.set_loss).to(self.device)
-        return self._criteria[key]
-
     def padded_batch(self, images: Tensor | Sequence[Tensor], labels: Tensor | Sequence[Tensor] | None = None
                      ) -> tuple[Tensor, Tensor | None]:
         """Normalise images and pad them (zeros, bottom/right) to one size, a multiple of

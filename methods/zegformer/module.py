@@ -11,7 +11,6 @@ from torch import Tensor
 
 from ovseg.encoders.base import ImageEncoder, TextEncoder
 from ovseg.mask_classification import MaskClassificationModule
-from ovseg.masks import MaskSetCriterion
 from ovseg.methods.zegformer.model import (
     CLIPCropClassifier,
     SegmentClassifier,
@@ -126,7 +125,6 @@ class ZegFormer(MaskClassificationModule):
         self.classifier = SegmentClassifier(clip_text.embed_dim, temperature)
         self.set_loss = dict(class_weight=class_weight, mask_weight=mask_weight, dice_weight=dice_weight,
                              no_object_weight=no_object_weight, mask_loss="focal")
-        self._criteria: dict[tuple[int, str], MaskSetCriterion] = {}  # not submodules: no state
         self.deep_supervision = deep_supervision
         self.clip_classification = clip_classification
         self.ensemble = ensemble
@@ -207,13 +205,6 @@ class ZegFormer(MaskClassificationModule):
         return self.criterion(text.shape[0])(logits, masks, targets)
 
     # ------------------------------------------------------------------ helpers
-    def criterion(self, num_classes: int) -> MaskSetCriterion:
-        """The MaskFormer set loss (focal + dice masks) for ``num_classes`` training classes."""
-        key = (num_classes, str(self.device))
-        if key not in self._criteria:
-            self._criteria[key] = MaskSetCriterion(num_classes, **self.set_loss).to(self.device)
-        return self._criteria[key]
-
     def crop_classifier(self) -> CLIPCropClassifier:
         """The CLIP image branch around the frozen image encoder."""
         assert self.clip_image is not None

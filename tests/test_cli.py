@@ -222,3 +222,32 @@ def test_synthetic_configs_of_all_methods_validate_on_the_same_scenes():
         differing = {k for k in validation_keys if setting[k] != simzss[k]}
         assert not differing, (name, differing)
         assert configs[name]["init_args"]["ignore_unseen_in_training"] is True
+
+
+@pytest.mark.parametrize("method", ["zegformer", "cdt"])
+def test_mask_method_checkpoint_validates_the_same_and_on_the_evaluation_datamodule(method, tmp_path, monkeypatch):
+    """A mask method's checkpoint carries its training classes: ``validate --ckpt_path`` on the
+    training DataModule reproduces the fit's metrics (the seen/unseen split included), and the
+    same checkpoint evaluates on benchmark folders through EvaluationDataModule (cross-dataset use)."""
+    from ovseg.datamodules.synthetic import SyntheticWorld, write_mmseg
+
+    monkeypatch.chdir(tmp_path)
+    config = REPO / f"configs/{method}/synthetic.yaml"
+    common = ["-c", str(config), "-c", str(FAST / f"{method}.yaml"), "--trainer.logger", "false",
+              "--trainer.enable_progress_bar", "false", "--data.init_args.num_val", "2",
+              "--data.init_args.eval_batch_size", "2"]
+    fitted = run(["fit", *common, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+                  "--data.init_args.num_train", "8", "--data.init_args.batch_size", "4"])
+    checkpoint = tmp_path / f"runs/{method}_synthetic/checkpoints/last.ckpt"
+    assert checkpoint.is_file()
+    validated = run(["validate", *common, "--ckpt_path", str(checkpoint)])
+    for key in ("val/synthetic/mIoU_seen", "val/synthetic/mIoU_unseen", "val/synthetic/hIoU"):
+        assert float(validated.trainer.callback_metrics[key]) == pytest.approx(
+            float(fitted.trainer.callback_metrics[key]), abs=1e-6), key
+
+    write_mmseg(SyntheticWorld(image_size=(64, 80), seed=4), tmp_path / "data/synthetic_mmseg", num_images=2,
+                progress=False)
+    evaluated = run(["validate", *common[:4], "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                     "--data", str(REPO / "configs/data/eval_synthetic.yaml"),
+                     "--data.init_args.root", str(tmp_path / "data"), "--ckpt_path", str(checkpoint)])
+    assert 0.0 <= float(evaluated.trainer.callback_metrics["val/synthetic/hIoU"]) <= 100.0

@@ -226,3 +226,8 @@ def test_command_line_model_options_win_over_checkpoint_hyper_parameters(smoke_c
     torch.save(checkpoint, edited)
     cli = run(["validate", "-c", SMOKE, *QUIET, *TINY_DATA, "--ckpt_path", str(edited), *override])
     assert cli.model.lambda_local == (0.5 if override else 0.25)
+    # the rest of the configuration (files and other options) is kept
+    settings = cli.config["validate"]
+    assert settings["data"]["init_args"]["num_val"] == 2 and settings["trainer"]["logger"] is False
+    assert settings["model"]["init_args"]["class_embedding"] == "concept"  # from the smoke YAML
+    assert str(settings["ckpt_path"]) == str(edited)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ovseg.benchmark import TrainingClasses
@@ -33,6 +34,8 @@ class MaskClassificationModule(OVSegModule):
         training_templates: prompt templates of the training classes' text embeddings
             (``"single"``, ``"imagenet80"`` or a list). Evaluation templates come with each benchmark.
         ignore_index: label value of unlabelled pixels in training label maps.
+        size_divisibility: :meth:`pad_batch` pads images and labels (bottom/right) to a multiple of
+            this, as detectron2's ``ImageList`` (32, the backbones' largest stride).
         **kwargs: :class:`~ovseg.module.OVSegModule` arguments (optimizer, lr_scheduler,
             lr_multipliers, freeze, ...).
     """
@@ -40,10 +43,11 @@ class MaskClassificationModule(OVSegModule):
     text_encoder_trained = False
 
     def __init__(self, training_templates: str | list[str] = "single", ignore_index: int = 255,
-                 **kwargs: Any) -> None:
+                 size_divisibility: int = 32, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.training_templates = resolve_templates(training_templates)
         self.ignore_index = ignore_index
+        self.size_divisibility = size_divisibility
         self.training_classes: TrainingClasses | None = None
         #: keyword arguments of :class:`~ovseg.masks.MaskSetCriterion` (set by the subclass)
         self.set_loss: dict[str, Any] = {}
@@ -102,6 +106,16 @@ class MaskClassificationModule(OVSegModule):
         if key not in self._criteria:
             self._criteria[key] = MaskSetCriterion(num_classes, **self.set_loss).to(self.device)
         return self._criteria[key]
+
+    def pad_batch(self, pixels: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Pad at the bottom and right to multiples of ``size_divisibility`` (detectron2's
+        ``ImageList``): (B, C, H, W) normalised images with zeros, (B, H, W) label maps of the same
+        size with the ignore index (returned as int64; None stays None)."""
+        height, width = pixels.shape[-2:]
+        padding = (0, -width % self.size_divisibility, 0, -height % self.size_divisibility)
+        if labels is not None:
+            labels = F.pad(labels.long(), padding, value=self.ignore_index)
+        return F.pad(pixels, padding), labels
 
     def mask_targets(self, label_maps: Tensor) -> list[MaskTargets]:
         """(B, H, W) training label maps -> per image, one mask per seen class present."""

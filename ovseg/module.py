@@ -236,23 +236,16 @@ class OVSegModule(L.LightningModule, ABC):
         neither ``method`` nor a subclass or base class of it (class paths are compared after
         import, so ``ovseg.methods.simzss.SimZSS`` and its defining module's path are the same).
         ``configured`` is how the configuration names ``method`` (default: its class path)."""
-        import importlib
+        from jsonargparse.typing import import_object
 
         stored = OVSegModule.checkpoint_method(checkpoint)
         configured = configured or f"{method.__module__}.{method.__qualname__}"
         if stored is None or stored == configured:
             return
-        stored_class = None
-        module_name, _, attribute = stored.rpartition(".")
-        while module_name and stored_class is None:
-            try:
-                stored_class = importlib.import_module(module_name)
-                for part in attribute.split("."):
-                    stored_class = getattr(stored_class, part)
-            except (ImportError, AttributeError):
-                stored_class = None
-                module_name, _, head = module_name.rpartition(".")
-                attribute = f"{head}.{attribute}"
+        try:
+            stored_class = import_object(stored)
+        except (ImportError, AttributeError, ValueError):  # a method that no longer exists
+            stored_class = None
         if isinstance(stored_class, type) and (issubclass(method, stored_class) or issubclass(stored_class, method)):
             return
         raise ValueError(

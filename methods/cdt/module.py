@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import open_clip
@@ -74,8 +74,6 @@ class CDT(MaskClassificationModule):
         num_points, oversample_ratio, importance_ratio: point sampling (12544, 3, 0.75); ``None``
             points: every pixel.
         mask_aware_weight, rc_weight: weights of the CLIP-branch losses (1, 0.1).
-        size_divisibility: images are padded (bottom/right, zeros after normalisation) to a
-            multiple of this (32, the trunk's stride).
         **kwargs: :class:`~ovseg.mask_classification.MaskClassificationModule` and
             :class:`~ovseg.module.OVSegModule` options (training_templates, optimizer, ...).
     """
@@ -110,7 +108,6 @@ class CDT(MaskClassificationModule):
         importance_ratio: float = 0.75,
         mask_aware_weight: float = 1.0,
         rc_weight: float = 0.1,
-        size_divisibility: int = 32,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -136,7 +133,6 @@ class CDT(MaskClassificationModule):
                              oversample_ratio=oversample_ratio, importance_ratio=importance_ratio)
         self.mask_aware_weight = mask_aware_weight
         self.rc_weight = rc_weight
-        self.size_divisibility = size_divisibility
 
     def train(self, mode: bool = True) -> CDT:
         """Train mode for everything but the frozen text tower and RC teacher."""
@@ -164,7 +160,7 @@ class CDT(MaskClassificationModule):
             :class:`MaskPredictions` with (B, N, ~H/4, ~W/4) mask logits of the unpadded image and
             (B, N, Q) probabilities ``softmax(out-vocab)[c] * (1 - p_void)``.
         """
-        pixels, _ = self.padded_batch(images)
+        pixels, _ = self.pad_batch(self.normalize(images))
         out = self.model(pixels, text_embeddings)
         probs = inference_class_probs(out.in_vocab_logits[-1], out.out_vocab_logits)
         masks = crop_padding(out.mask_logits[-1], tuple(images.shape[-2:]), tuple(pixels.shape[-2:]))
@@ -172,7 +168,7 @@ class CDT(MaskClassificationModule):
 
     def training_loss(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """Set losses (deep supervision) + mask-aware loss + RC loss (maftplus.md section 4)."""
-        pixels, labels = self.padded_batch(batch["image"], batch["label"])
+        pixels, labels = self.pad_batch(self.normalize(batch["image"]), batch["label"])
         targets = self.mask_targets(labels)
         out = self.model(pixels, self.training_text_embeddings())
         terms = self.criterion(self.num_training_classes)(out.in_vocab_logits, out.mask_logits, targets)
@@ -186,34 +182,9 @@ class CDT(MaskClassificationModule):
         return terms
 
     # ------------------------------------------------------------------ helpers
-    def padded_batch(self, images: Tensor | Sequence[Tensor], labels: Tensor | Sequence[Tensor] | None = None
-                     ) -> tuple[Tensor, Tensor | None]:
-        """Normalise images and pad them (zeros, bottom/right) to one size, a multiple of
-        ``size_divisibility`` (detectron2's ``ImageList``); labels are padded with the ignore index.
-
-        Args:
-            images: (B, 3, H, W) or a list of (3, H_i, W_i), uint8 or float in [0, 1].
-            labels: (B, H, W) or a list of (H_i, W_i) label maps, or None.
-
-        Returns:
-            (B, 3, H_p, W_p) normalised images and (B, H_p, W_p) int64 labels (or None).
-        """
-        encoder = self.model.backbone.encoder
-        items = list(images) if not isinstance(images, Tensor) or images.dim() == 4 else [images]
-        d = self.size_divisibility
-        height = math.ceil(max(i.shape[-2] for i in items) / d) * d
-        width = math.ceil(max(i.shape[-1] for i in items) / d) * d
-        pixels = torch.zeros(len(items), 3, height, width, device=self.device)
-        for b, image in enumerate(items):
-            h, w = image.shape[-2:]
-            pixels[b, :, :h, :w] = encoder.normalize(to_unit_float(image.to(self.device)).unsqueeze(0))[0]
-        if labels is None:
-            return pixels, None
-        padded = torch.full((len(items), height, width), self.ignore_index, dtype=torch.long, device=self.device)
-        for b, label in enumerate(labels):
-            h, w = label.shape[-2:]
-            padded[b, :h, :w] = label.to(self.device).long()
-        return pixels, padded
+    def normalize(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) uint8 or float in [0, 1] -> CLIP-normalised, on the model's device."""
+        return self.model.backbone.encoder.normalize(to_unit_float(images.to(self.device)))
 
 
 def crop_padding(mask_logits: Tensor, size: tuple[int, int], padded_size: tuple[int, int]) -> Tensor:

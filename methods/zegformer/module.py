@@ -64,8 +64,6 @@ class ZegFormer(MaskClassificationModule):
         clip_templates: templates of the CLIP branch's text embeddings (the official code uses a
             separate 32-template set); ``None``: the benchmark's embeddings, as the segment branch.
         mask_threshold: binarisation of proposals for the crops (0.5).
-        size_divisibility: images are padded (zeros after normalisation, bottom/right) to a
-            multiple of this (32), as detectron2's ``ImageList``.
         **kwargs: :class:`~ovseg.mask_classification.MaskClassificationModule` and
             :class:`~ovseg.module.OVSegModule` options (training_templates, optimizer, ...).
     """
@@ -104,7 +102,6 @@ class ZegFormer(MaskClassificationModule):
         clip_logit_scale: float = 100.0,
         clip_templates: str | list[str] | None = None,
         mask_threshold: float = 0.5,
-        size_divisibility: int = 32,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -131,7 +128,6 @@ class ZegFormer(MaskClassificationModule):
         self.ensemble_weight = ensemble_weight
         self.calibration = calibration
         self.clip_templates = clip_templates
-        self.size_divisibility = size_divisibility
         self._crop_settings = dict(crop_size=clip_crop_size, logit_scale=clip_logit_scale,
                                    mask_threshold=mask_threshold)
 
@@ -152,7 +148,7 @@ class ZegFormer(MaskClassificationModule):
 
     def forward(self, images: Tensor) -> ZegFormerOutput:
         """(B, 3, H, W) in [0, 1] -> proposal outputs of the normalised, padded batch."""
-        return self.model(self.padded(images))
+        return self.model(self.pad_batch(self.normalize(images))[0])
 
     def predict_scores(self, images: Tensor, text_embeddings: Tensor,
                        vocabulary: Vocabulary | None = None) -> MaskPredictions:
@@ -174,9 +170,9 @@ class ZegFormer(MaskClassificationModule):
             raise ValueError(f"{len(vocabulary.queries)} queries in the vocabulary for {len(text_embeddings)} "
                              "text embeddings")
         height, width = images.shape[-2:]
-        out = self(images)
-        masks = F.interpolate(out.mask_logits[-1], size=self.padded_size((height, width)), mode="bilinear",
-                              align_corners=False)
+        pixels, _ = self.pad_batch(self.normalize(images))
+        out = self.model(pixels)
+        masks = F.interpolate(out.mask_logits[-1], size=pixels.shape[-2:], mode="bilinear", align_corners=False)
         masks = masks[..., :height, :width]
         logits = self.classifier(out.segment_embeddings[-1], text_embeddings)  # (B, N, Q + 1)
         probs = class_probabilities(logits)
@@ -193,10 +189,9 @@ class ZegFormer(MaskClassificationModule):
 
     def training_loss(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """MaskFormer's set loss on the seen classes, after every decoder layer (section 2)."""
-        images = to_unit_float(batch["image"])
-        labels = self.pad_labels(batch["label"].long())
+        pixels, labels = self.pad_batch(self.normalize(to_unit_float(batch["image"])), batch["label"])
         targets = self.mask_targets(labels)
-        out = self(images)
+        out = self.model(pixels)
         text = self.training_text_embeddings()
         logits = self.classifier(out.segment_embeddings, text)  # (L, B, N, K + 1)
         masks = out.mask_logits
@@ -220,21 +215,6 @@ class ZegFormer(MaskClassificationModule):
         queries = Vocabulary(tuple((name,) for name in vocabulary.queries), self.clip_templates)
         return self.text_embeddings(queries).to(text_embeddings)
 
-    def padded(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) in [0, 1] -> normalised and zero-padded (bottom/right) to ``size_divisibility``."""
-        pixels = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
-        return F.pad(pixels, self._padding(pixels.shape[-2:]))
-
-    def pad_labels(self, labels: Tensor) -> Tensor:
-        """(B, H, W) labels padded like the images, with the ignore index."""
-        return F.pad(labels, self._padding(labels.shape[-2:]), value=self.ignore_index)
-
-    def padded_size(self, size: Sequence[int]) -> tuple[int, int]:
-        """(H, W) rounded up to multiples of ``size_divisibility``."""
-        d = self.size_divisibility
-        return (-(-int(size[0]) // d) * d, -(-int(size[1]) // d) * d)
-
-    def _padding(self, size: Sequence[int]) -> tuple[int, int, int, int]:
-        """``F.pad`` widths (left, right, top, bottom) that pad ``size`` to :meth:`padded_size`."""
-        height, width = self.padded_size(size)
-        return (0, width - int(size[1]), 0, height - int(size[0]))
+    def normalize(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) in [0, 1] -> normalised with the backbone's mean and std."""
+        return (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std

@@ -54,6 +54,7 @@ from torch.utils.data import DataLoader, Dataset
 from ovseg.benchmark import AbsentPolicy, Benchmark, check_unique_names
 from ovseg.datamodules.common import collate_samples, evaluation_sampler
 from ovseg.datamodules.decode import DecodeError, decode_image, decode_label
+from ovseg.errors import UserError
 from ovseg.inference import InferenceSettings
 from ovseg.vocabulary import Vocabulary, packaged_text, parse_class_names, resolve_templates
 
@@ -160,7 +161,7 @@ class BenchmarkSpec:
         spec = self
         if self.preset is not None:
             if self.preset not in PRESETS:
-                raise ValueError(
+                raise UserError(
                     f"unknown benchmark preset {self.preset!r}; known presets: {sorted(PRESETS)}"
                 )
             base = copy.deepcopy(PRESETS[self.preset])  # presets hold lists and dicts
@@ -171,23 +172,23 @@ class BenchmarkSpec:
                     if v is not None and getattr(spec, f.name) is None}
         spec = replace(spec, **defaults)
         if spec.name is None:
-            raise ValueError("a benchmark spec needs a name (or a preset, whose name it takes)")
+            raise UserError("a benchmark spec needs a name (or a preset, whose name it takes)")
         if spec.layout not in LAYOUTS:
-            raise ValueError(f"benchmark {spec.name!r}: layout must be one of {LAYOUTS}, got {spec.layout!r}")
+            raise UserError(f"benchmark {spec.name!r}: layout must be one of {LAYOUTS}, got {spec.layout!r}")
         if spec.class_names is None:
-            raise ValueError(
+            raise UserError(
                 f"benchmark {spec.name!r}: class_names is required ('packaged:NAME' or a file with "
                 "one class per line)"
             )
         if spec.max_images is not None and spec.max_images < 1:
-            raise ValueError(f"benchmark {spec.name!r}: max_images must be >= 1, got {spec.max_images}")
+            raise UserError(f"benchmark {spec.name!r}: max_images must be >= 1, got {spec.max_images}")
         if spec.num_classes is not None and spec.num_classes < 1:
-            raise ValueError(f"benchmark {spec.name!r}: num_classes must be >= 1, got {spec.num_classes}")
+            raise UserError(f"benchmark {spec.name!r}: num_classes must be >= 1, got {spec.num_classes}")
         if spec.ignore_index is not None and spec.ignore_index < 0:
-            raise ValueError(f"benchmark {spec.name!r}: ignore_index must be >= 0, got {spec.ignore_index}")
+            raise UserError(f"benchmark {spec.name!r}: ignore_index must be >= 0, got {spec.ignore_index}")
         for key, value in (spec.label_map or {}).items():
             if int(key) < 0 or int(value) < 0:
-                raise ValueError(f"benchmark {spec.name!r}: label_map entries must be >= 0, got {key}: {value}")
+                raise UserError(f"benchmark {spec.name!r}: label_map entries must be >= 0, got {key}: {value}")
         return spec
 
     def inference_settings(self) -> InferenceSettings:
@@ -255,9 +256,9 @@ class BenchmarkSpec:
             vocabulary = Vocabulary(tuple(classes), resolve_templates(spec.templates),  # type: ignore[arg-type]
                                     spec.background_threshold)
         except ValueError as error:
-            raise ValueError(f"benchmark {spec.name!r}, class names {source}: {error}") from None
+            raise UserError(f"benchmark {spec.name!r}, class names {source}: {error}") from None
         if spec.num_classes is not None and len(vocabulary) != spec.num_classes:
-            raise ValueError(
+            raise UserError(
                 f"benchmark {spec.name!r}: class-name file {source} has {len(vocabulary)} classes, "
                 f"expected {spec.num_classes}"
             )
@@ -664,9 +665,9 @@ class EvaluationDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+            raise UserError(f"num_workers must be >= 0, got {num_workers}")
         specs = [BenchmarkSpec(preset=s) if isinstance(s, str) else s for s in benchmarks]
         specs = [s.resolved() for s in specs]
         if max_images is not None:
@@ -675,10 +676,10 @@ class EvaluationDataModule(L.LightningDataModule):
             by_name = {s.name: s for s in specs}
             unknown = [n for n in select if n not in by_name]
             if unknown:
-                raise ValueError(f"select names unknown benchmarks {unknown}; known: {list(by_name)}")
+                raise UserError(f"select names unknown benchmarks {unknown}; known: {list(by_name)}")
             specs = [by_name[n] for n in select]
         if not specs:
-            raise ValueError("EvaluationDataModule needs at least one benchmark")
+            raise UserError("EvaluationDataModule needs at least one benchmark")
         self.specs: list[BenchmarkSpec] = specs
         self.root = root
         self.batch_size = batch_size

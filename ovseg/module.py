@@ -218,6 +218,7 @@ class OVSegModule(L.LightningModule, ABC):
         self.text_cache.invalidate()
         self.check_checkpoint_method(checkpoint, type(self), self._checkpoint_source())
         self._loading_method = self.checkpoint_method(checkpoint)
+        self._checkpoint_position = (checkpoint.get("epoch"), checkpoint.get("global_step"))
 
     @classmethod
     def checkpoint_method(cls, checkpoint: Mapping[str, Any]) -> str | None:
@@ -456,7 +457,12 @@ class OVSegModule(L.LightningModule, ABC):
         from rich.table import Table
 
         columns = [key for key in SUMMARY_METRICS if any(key in r for r in self.last_results.values())]
-        title = f"{stage} metrics (%), epoch {self.current_epoch}, step {self.global_step}"
+        epoch, step = self.current_epoch, self.global_step
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        position = getattr(self, "_checkpoint_position", None)
+        if not fitting and position is not None and None not in position:  # validate/test --ckpt_path
+            epoch, step = position  # the trainer's counters start at 0 outside fit
+        title = f"{stage} metrics (%), epoch {epoch}, step {step}"
         table = Table(title=title)
         table.add_column("benchmark")
         for key in columns:

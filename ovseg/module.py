@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from ovseg.benchmark import Benchmark, check_unique_names
+from ovseg.errors import UserError
 from ovseg.inference import InferenceSettings, infer_scores
 from ovseg.metrics import SegmentationMetrics
 from ovseg.optim import (
@@ -233,7 +234,7 @@ class OVSegModule(L.LightningModule, ABC):
     @staticmethod
     def check_checkpoint_method(checkpoint: Mapping[str, Any], method: type, source: str | None = None,
                                 configured: str | None = None) -> None:
-        """Raise ``ValueError`` naming both methods if ``checkpoint`` was saved by a method that is
+        """Raise :class:`~ovseg.errors.UserError` naming both methods if ``checkpoint`` was saved by a method that is
         neither ``method`` nor a subclass or base class of it (class paths are compared after
         import, so ``ovseg.methods.simzss.SimZSS`` and its defining module's path are the same).
         ``configured`` is how the configuration names ``method`` (default: its class path)."""
@@ -249,7 +250,7 @@ class OVSegModule(L.LightningModule, ABC):
             stored_class = None
         if isinstance(stored_class, type) and (issubclass(method, stored_class) or issubclass(stored_class, method)):
             return
-        raise ValueError(
+        raise UserError(
             f"{source or 'the checkpoint'} was saved by the method {stored}, but the model configured "
             f"is {configured}: evaluate or resume it with its own method's config "
             f"(model.class_path: {stored}), or give a checkpoint of {method.__name__}"
@@ -270,7 +271,7 @@ class OVSegModule(L.LightningModule, ABC):
             message = self._state_dict_mismatch(state_dict, strict, method)
             if message is None:
                 raise
-            raise RuntimeError(message) from error
+            raise UserError(message) from error
 
     def _state_dict_mismatch(self, state_dict: Mapping[str, Any], strict: bool, method: str | None,
                              shown: int = 4) -> str | None:

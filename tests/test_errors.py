@@ -219,3 +219,31 @@ def test_ci_run_and_make_test_stop_when_the_nltk_data_is_missing(tmp_path):
                           text=True, timeout=60)
     assert made.returncode != 0 and f"NLTK_DATA={tmp_path}/none does not exist" in made.stderr
     assert not (repo / ".venv").exists()  # stopped before installing anything
+
+
+# ------------------------------------------------------------------ 8: the progress bar after a resume
+
+
+def test_progress_bar_counts_the_epoch_not_the_remaining_steps():
+    """Resumed at step 30 of 44 in epoch 0 (32 batches per epoch, limited by max_steps): Lightning's
+    bar shows ``30/14``; ovseg's counts the epoch's batches, cut at the step limit, and drops ``/-2``."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from ovseg.callbacks import OVSegProgressBar
+
+    def trainer(ready: int, step: int):
+        progress = SimpleNamespace(current=SimpleNamespace(ready=ready))
+        return SimpleNamespace(num_training_batches=32, max_epochs=-1, max_steps=44, global_step=step,
+                               fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
+
+    lightning_bar, bar = RichProgressBar(), OVSegProgressBar()
+    for progress_bar in (lightning_bar, bar):
+        progress_bar._trainer = trainer(ready=30, step=30)
+    assert lightning_bar.total_train_batches == 14  # the defect: 30 batches done of "14"
+    assert bar.total_train_batches == 32
+    bar._trainer = trainer(ready=0, step=32)  # epoch 1: 12 steps left
+    assert bar.total_train_batches == 12
+    assert bar._get_train_description(1).strip() == "Epoch 1"
+    assert lightning_bar._get_train_description(0).strip() == "Epoch 0/-2"

@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, str] = {
     "test": "evaluate on the test split",
     "predict": "write label maps",
     "data": "data preparation: make-synthetic, check, make-shards, extract-concepts, cache-features",
+    "convert": "turn an official checkpoint (SimZSS, MAFT+, ZegFormer) into an ovseg checkpoint",
 }
 
 HELP = """usage: ovseg [-h] [--debug] COMMAND ...

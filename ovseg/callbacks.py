@@ -131,11 +131,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, path)
 
 
-def last_checkpoint_candidates(trainer: L.Trainer) -> tuple[list[str], list[str]]:
-    """What ``--ckpt_path last`` would resume from: (checkpoint files found, folders looked in).
+def last_checkpoint_candidates(trainer: L.Trainer) -> tuple[list[str], list[str], list[str]]:
+    """What ``--ckpt_path last`` can resume from: (``last*.ckpt`` files, SLURM ``hpc_ckpt_*.ckpt`` files,
+    folders looked in).
 
-    The same places Lightning looks (each ``ModelCheckpoint``'s ``last*.ckpt``, SLURM's
-    ``hpc_ckpt_*.ckpt`` in ``default_root_dir``), so that finding none can be an error.
+    The ``last*.ckpt`` of each ``ModelCheckpoint`` are the files Lightning considers; it ignores the
+    ``hpc_ckpt_*.ckpt`` in ``default_root_dir`` for ``last`` (it takes them only without a
+    ``ckpt_path`` under SLURM), so that finding neither can be an error and finding only the latter
+    can be resumed explicitly.
     """
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -147,7 +150,7 @@ def last_checkpoint_candidates(trainer: L.Trainer) -> tuple[list[str], list[str]
             looked_in.append(str(callback.dirpath) if callback.dirpath else f"{trainer.default_root_dir} (logger)")
     hpc = glob.glob(os.path.join(glob.escape(str(trainer.default_root_dir)), "hpc_ckpt_*.ckpt"))
     looked_in.append(str(trainer.default_root_dir))
-    return sorted(found | set(hpc)), list(dict.fromkeys(looked_in))
+    return sorted(found), sorted(hpc), list(dict.fromkeys(looked_in))
 
 
 class StopReport(L.Callback):
@@ -192,7 +195,7 @@ class StopReport(L.Callback):
         if folders and step > 0 and (name == "SIGTERM" or trainer.world_size == 1):  # Ctrl-C: one rank only
             saved = os.path.join(folders[0], ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION)
             try:
-                trainer.save_checkpoint(saved)
+                trainer.save_checkpoint(saved, weights_only=False)
             except Exception as error:  # report what happened rather than hide the stop behind it
                 saved = f"none (saving {saved} failed: {error})"
         of_total = f" of {total}" if total and total > 0 else ""

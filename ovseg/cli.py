@@ -97,23 +97,35 @@ class OVSegCLI(LightningCLI):
         return trainer
 
     def before_fit(self) -> None:
+        settings = self.config_init[self.subcommand]
+        if settings.get("ckpt_path") is None:
+            self._note_replaced_checkpoints()
+        self._require_last_checkpoint()
+
+    def before_validate(self) -> None:
+        self._require_last_checkpoint()
+
+    before_test = before_predict = before_validate
+
+    def _require_last_checkpoint(self) -> None:
         """``--ckpt_path last`` with nothing to resume from: an error naming where it looked."""
         settings = self.config_init[self.subcommand]
         if settings.get("ckpt_path") != "last":
-            if settings.get("ckpt_path") is None:
-                self._note_replaced_checkpoints()
             return
         from ovseg.callbacks import last_checkpoint_candidates
 
-        found, looked_in = last_checkpoint_candidates(self.trainer)
-        if found:
+        last, hpc, looked_in = last_checkpoint_candidates(self.trainer)
+        if last:
+            return
+        if hpc:  # Lightning's `last` ignores SLURM's checkpoints: resume the newest explicitly
+            self.config_init[self.subcommand]["ckpt_path"] = "hpc"
             return
         if settings.get("allow_fresh_start"):
             print(f"ovseg: no checkpoint to resume in {', '.join(looked_in)}: starting from scratch", file=sys.stderr)
             self.config_init[self.subcommand]["ckpt_path"] = None
             return
         raise UserError(
-            f"--ckpt_path last: no checkpoint to resume from (looked for last*.ckpt and hpc_ckpt_*.ckpt in "
+            f"--ckpt_path last: no checkpoint found (looked for last*.ckpt and hpc_ckpt_*.ckpt in "
             f"{', '.join(looked_in)}); check --trainer.default_root_dir and the config, give a checkpoint file, "
             f"or add --allow_fresh_start true to start from scratch")
 

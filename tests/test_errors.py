@@ -110,6 +110,9 @@ def test_ckpt_path_last_needs_a_checkpoint_and_each_run_owns_its_folder(tmp_path
     code, _, err = exits(capsys, *one_step, "--trainer.default_root_dir", "wrong", "--ckpt_path", "last")
     assert_one_line_error(code, err, "--ckpt_path last", str(Path("wrong") / "checkpoints"), "--allow_fresh_start")
     assert not (tmp_path / "wrong/checkpoints").exists()
+    code, _, err = exits(capsys, "validate", *one_step[1:3], *TINY, "--trainer.default_root_dir", "wrong",
+                         "--ckpt_path", "last")
+    assert_one_line_error(code, err, "--ckpt_path last: no checkpoint found", str(Path("wrong") / "checkpoints"))
 
     main([*one_step, "--trainer.default_root_dir", "a", "--ckpt_path", "last", "--allow_fresh_start", "true"])
     assert "starting from scratch" in capsys.readouterr().err

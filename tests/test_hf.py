@@ -206,6 +206,26 @@ def test_hf_siglip_towers_match_siglipmodel_features(tiny_siglip):
     torch.testing.assert_close(encoded.tokens[:, -1], encoded.pooled, atol=1e-5, rtol=0)  # last token, head
 
 
+@torch.no_grad()
+def test_hf_metaclip2_towers_match_its_features(tmp_path):
+    """MetaCLIP 2 (model_type metaclip_2) goes through the CLIP path with its own classes."""
+    tower = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+    config = transformers.MetaClip2Config(
+        text_config={**tower, "vocab_size": 49408, "max_position_embeddings": 16, "bos_token_id": 49406,
+                     "eos_token_id": 49407, "pad_token_id": 49407},
+        vision_config={**tower, "image_size": 32, "patch_size": 8}, projection_dim=24)
+    model = transformers.MetaClip2Model(config).eval()
+    model.save_pretrained(tmp_path)
+    clip_bpe_hf_tokenizer().save_pretrained(tmp_path)
+    image, text = HFImage(str(tmp_path)).eval(), HFText(str(tmp_path)).eval()
+    images = torch.rand(2, 3, 32, 32)
+    expected = model.get_image_features(pixel_values=image.normalize(images))
+    torch.testing.assert_close(image(images).pooled, getattr(expected, "pooler_output", expected), atol=1e-5, rtol=0)
+    encoded = text.encode_texts(TEXTS[:2])
+    expected = model.get_text_features(input_ids=encoded.token_ids)
+    torch.testing.assert_close(encoded.pooled, getattr(expected, "pooler_output", expected), atol=1e-5, rtol=0)
+
+
 def test_unsupported_checkpoints_give_clear_errors(tiny_siglip, tiny_dinov2, tmp_path):
     with pytest.raises(ValueError, match="only CLIP image\\+text checkpoints.*attention-pooling"):
         build_open_clip_model(f"transformers:{tiny_siglip}")
@@ -226,24 +246,26 @@ def test_unsupported_checkpoints_give_clear_errors(tiny_siglip, tiny_dinov2, tmp
 
 
 # ------------------------------------------------------------------ every method through the YAML route
-def hf_overlay(method: str, tmp_path: Path, clip: Path, siglip: Path, dinov2: Path) -> Path:
-    """A YAML overlay giving ``method`` transformers towers by folder."""
+def hf_overlay(method: str, folder: Path, tmp_path: Path) -> Path:
+    """A YAML overlay giving ``method`` the transformers towers of ``folder``."""
     if method == "simzss":
         model = {"image_encoder": {"class_path": "ovseg.encoders.HFImage",
-                                   "init_args": {"model_name_or_path": str(dinov2)}}}
-    elif method == "zegformer":  # SigLIP text and CLIP crops would not share a space: one checkpoint each
-        model = {"clip_text": {"class_path": "ovseg.encoders.HFText", "init_args": {"model_name_or_path": str(siglip)}},
+                                   "init_args": {"model_name_or_path": str(folder)}},
+                 "text_encoder": {"init_args": {"output_dim": 64}}}  # the tiny DINOv2 is 64 wide
+    elif method == "zegformer":  # text and crop towers of one checkpoint: they share the joint space
+        model = {"clip_text": {"class_path": "ovseg.encoders.HFText", "init_args": {"model_name_or_path": str(folder)}},
                  "clip_image": {"class_path": "ovseg.encoders.HFImage",
-                                "init_args": {"model_name_or_path": str(siglip)}}}
+                                "init_args": {"model_name_or_path": str(folder)}}}
     else:
-        model = {"model_name": f"transformers:{clip}", "clip_config": None}
+        model = {"model_name": f"transformers:{folder}", "clip_config": None}
     path = tmp_path / f"{method}_hf.yaml"
     path.write_text(yaml.safe_dump({"model": {"init_args": model}}))
     return path
 
 
-@pytest.mark.parametrize("method", ["simzss", "zegformer", "cdt"])
-def test_methods_train_validate_and_round_trip_with_hf_towers(method, tiny_clip, tiny_siglip, tiny_dinov2,
+@pytest.mark.parametrize(("method", "towers"), [("simzss", "dinov2"), ("zegformer", "siglip"),
+                                                ("zegformer", "clip"), ("cdt", "clip")])
+def test_methods_train_validate_and_round_trip_with_hf_towers(method, towers, tiny_clip, tiny_siglip, tiny_dinov2,
                                                               tmp_path, monkeypatch):
     """One training step and one validation on the synthetic world with transformers towers given by
     folder in YAML; ``save_pretrained`` -> ``from_pretrained`` gives identical predictions."""
@@ -251,10 +273,9 @@ def test_methods_train_validate_and_round_trip_with_hf_towers(method, tiny_clip,
     from ovseg.module import OVSegModule
 
     monkeypatch.chdir(tmp_path)
-    width = 64 if method == "simzss" else 32  # the tiny DINOv2 is 64 wide
-    extra = (["--model.init_args.text_encoder.init_args.output_dim", str(width)] if method == "simzss" else [])
+    folder = {"clip": tiny_clip[0], "siglip": tiny_siglip, "dinov2": tiny_dinov2[0]}[towers]
     cli = run(["fit", "-c", str(REPO / f"configs/{method}/synthetic.yaml"), "-c", str(REPO / f"tests/fast/{method}.yaml"),
-               "-c", str(hf_overlay(method, tmp_path, tiny_clip[0], tiny_siglip, tiny_dinov2[0])), *extra,
+               "-c", str(hf_overlay(method, folder, tmp_path)),
                "--trainer.max_steps", "1", "--trainer.val_check_interval", "1", "--trainer.logger", "false",
                "--trainer.enable_progress_bar", "false",
                "--data.init_args.num_train", "2", "--data.init_args.batch_size", "2",
@@ -263,8 +284,8 @@ def test_methods_train_validate_and_round_trip_with_hf_towers(method, tiny_clip,
     assert cli.trainer.global_step == 1
     assert "val/mIoU" in cli.trainer.callback_metrics
     model = cli.model.eval()
-    encoders = [m for m in model.modules() if type(m).__name__ in ("HFImage", "HFText")]
-    assert encoders or method == "cdt"
+    hf_towers = {type(m).__name__ for m in model.modules() if type(m).__name__ in ("HFImage", "HFText")}
+    assert hf_towers == {"simzss": {"HFImage"}, "zegformer": {"HFImage", "HFText"}, "cdt": set()}[method]
 
     model.save_pretrained(tmp_path / "export")
     loaded = OVSegModule.from_pretrained(str(tmp_path / "export")).eval()

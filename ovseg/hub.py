@@ -181,7 +181,6 @@ def from_pretrained(cls: type[OVSegModule], name_or_path: str, revision: str | N
     ``cls`` is :class:`~ovseg.module.OVSegModule` (any method) or a method class (the saved method
     must be it, or a subclass or base class of it; otherwise a ``ValueError`` names both).
     """
-    from jsonargparse.typing import import_object
     from lightning.pytorch.cli import instantiate_module
     from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
 
@@ -189,10 +188,11 @@ def from_pretrained(cls: type[OVSegModule], name_or_path: str, revision: str | N
         name_or_path, revision)
     config, state = read_folder(folder)
     checkpoint = lightning_checkpoint(config, state)
-    cls.check_checkpoint_method(checkpoint, cls, f"the model {name_or_path}")
     hparams = dict(config["hyper_parameters"])
-    method = import_object(hparams.get("_class_path", config["method"]))
-    if not (isinstance(method, type) and issubclass(method, cls)):
+    method = _method_class(hparams.get("_class_path", config["method"]), name_or_path)
+    _method_class(config["method"], name_or_path)  # imported with the method above, for a genuine model
+    cls.check_checkpoint_method(checkpoint, cls, f"the model {name_or_path}")
+    if not issubclass(method, cls):
         raise TypeError(f"the model {name_or_path} names {config['method']}, not an ovseg method of type "
                         f"{cls.__name__}")
     hparams.pop("_instantiator", None)
@@ -201,6 +201,25 @@ def from_pretrained(cls: type[OVSegModule], name_or_path: str, revision: str | N
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(state, strict=strict)
     return module.to(map_location)
+
+
+def _method_class(class_path: str, source: str) -> type:
+    """The class a downloaded config names: an ovseg method (``ovseg.methods.METHODS``) or a class whose
+    module is already imported; nothing else is imported on a config's word."""
+    import sys
+
+    from jsonargparse.typing import import_object
+
+    from ovseg.methods import METHODS
+
+    module = class_path.rpartition(".")[0]
+    if class_path not in METHODS.values() and module not in sys.modules:
+        raise ValueError(f"the model {source} names the class {class_path}, which is not an ovseg method "
+                         f"({', '.join(METHODS.values())}); import its module first if you trust it")
+    method = import_object(class_path)
+    if not isinstance(method, type):
+        raise TypeError(f"the model {source} names {class_path}, which is not a class")
+    return method
 
 
 def push_to_hub(module: OVSegModule, repo_id: str, private: bool | None = None, token: str | None = None,
@@ -242,6 +261,7 @@ def resolve_checkpoint(path: str, cache_dir: str | os.PathLike | None = None) ->
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         config, state = read_folder(folder)
+        _method_class(config["hyper_parameters"].get("_class_path", config["method"]), path)
         partial = target.with_suffix(".tmp")
         torch.save(lightning_checkpoint(config, state), partial)
         partial.replace(target)

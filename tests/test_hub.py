@@ -75,6 +75,22 @@ def test_from_pretrained_rebuilds_the_method_and_refuses_another(trained):
         ZegFormer.from_pretrained(str(folder.parent))
 
 
+def test_from_pretrained_imports_no_class_a_config_names_outside_ovseg(trained, tmp_path):
+    """A downloaded config.json cannot make from_pretrained import arbitrary modules."""
+    import sys
+
+    from ovseg.module import OVSegModule
+
+    _, _, folder, _ = trained
+    shutil.copytree(folder, tmp_path / "evil")
+    config = json.loads((tmp_path / "evil" / "config.json").read_text())
+    config["method"] = config["hyper_parameters"]["_class_path"] = "ovseg_untrusted_module.Method"
+    (tmp_path / "evil" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="names the class ovseg_untrusted_module.Method, which is not an ovseg"):
+        OVSegModule.from_pretrained(str(tmp_path / "evil"))
+    assert "ovseg_untrusted_module" not in sys.modules
+
+
 def test_a_model_without_recorded_configuration_cannot_be_saved(tmp_path):
     from ovseg.encoders import CLIPTextTransformer, TimmViT
     from ovseg.methods.simzss import SimZSS

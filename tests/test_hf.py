@@ -207,6 +207,19 @@ def test_hf_siglip_towers_match_siglipmodel_features(tiny_siglip):
 
 
 @torch.no_grad()
+def test_towers_load_by_hub_name_from_the_cache_offline(tiny_clip, hf_cache):
+    folder, clip = tiny_clip
+    hf_cache("org/tiny-clip", folder)
+    images = torch.rand(1, 3, 32, 32)
+    torch.testing.assert_close(HFImage("org/tiny-clip")(images).pooled, HFImage(str(folder))(images).pooled)
+    assert HFText("org/tiny-clip").tokenize(["sky"]).shape == (1, 77)
+    converted = build_open_clip_model("transformers:org/tiny-clip")
+    assert all(torch.equal(value, converted.state_dict()[key]) for key, value in clip.state_dict().items())
+    with pytest.raises(OSError, match="could not read the transformers config of 'org/other'"):
+        HFImage("org/other")
+
+
+@torch.no_grad()
 def test_hf_metaclip2_towers_match_its_features(tmp_path):
     """MetaCLIP 2 (model_type metaclip_2) goes through the CLIP path with its own classes."""
     tower = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}

@@ -129,29 +129,17 @@ def test_push_to_hub_uploads_the_saved_folder(trained, monkeypatch):
     assert uploaded["model.safetensors"] == (folder / "model.safetensors").stat().st_size
 
 
-def populate_hf_cache(cache: Path, repo_id: str, folder: Path, commit: str = "a" * 40) -> None:
-    """What ``snapshot_download`` leaves in the cache (refs/main -> snapshots/COMMIT/files)."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    shutil.copytree(folder, repo / "snapshots" / commit)
-
-
-def test_cli_validates_hub_models_like_the_fitted_model(trained, tmp_path, monkeypatch):
+def test_cli_validates_hub_models_like_the_fitted_model(trained, hf_cache, tmp_path, monkeypatch):
     """``--ckpt_path hf://ORG/NAME`` (from a pre-populated HF cache, offline) and ``hf:///FOLDER``
     reproduce the fit's seen / unseen / hIoU; ``fit`` refuses them."""
-    from huggingface_hub import constants
-
     _, metrics, folder, _ = trained
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf"))
-    populate_hf_cache(tmp_path / "hf" / "hub", "org/zegformer-synthetic", folder)
+    hf_cache("org/zegformer-synthetic", folder)
     for ckpt in ("hf://org/zegformer-synthetic", f"hf://{folder}"):
         validated = run(["validate", *COMMON, "--ckpt_path", ckpt])
         for key in ("val/synthetic/mIoU_seen", "val/synthetic/mIoU_unseen", "val/synthetic/hIoU"):
             assert float(validated.trainer.callback_metrics[key]) == pytest.approx(metrics[key], abs=1e-6), key
-    converted = list((tmp_path / "hf" / "ovseg-checkpoints").glob("*.ckpt"))
+    converted = list((hf_cache.home / "ovseg-checkpoints").glob("*.ckpt"))
     assert len(converted) == 2  # one weights-only Lightning checkpoint per model, next to the HF cache
     with pytest.raises(ValueError, match="hold weights, not a training state"):
         run(["fit", *COMMON, "--ckpt_path", "hf://org/zegformer-synthetic"])

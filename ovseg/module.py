@@ -257,7 +257,7 @@ class OVSegModule(L.LightningModule, ABC):
     # Hugging Face Hub (ovseg.hub): safetensors weights + config.json + model card
     @classmethod
     def from_pretrained(cls, name_or_path: str, **kwargs: Any) -> OVSegModule:
-        """The model saved by :meth:`save_pretrained` in a folder or a Hub repo (see :func:`ovseg.hub.from_pretrained`)."""
+        """The model :meth:`save_pretrained` wrote to a folder or Hub repo (see :func:`ovseg.hub.from_pretrained`)."""
         from ovseg import hub
 
         return hub.from_pretrained(cls, name_or_path, **kwargs)

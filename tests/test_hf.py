@@ -287,8 +287,8 @@ def test_methods_train_validate_and_round_trip_with_hf_towers(method, towers, ti
 
     monkeypatch.chdir(tmp_path)
     folder = {"clip": tiny_clip[0], "siglip": tiny_siglip, "dinov2": tiny_dinov2[0]}[towers]
-    cli = run(["fit", "-c", str(REPO / f"configs/{method}/synthetic.yaml"), "-c", str(REPO / f"tests/fast/{method}.yaml"),
-               "-c", str(hf_overlay(method, folder, tmp_path)),
+    cli = run(["fit", "-c", str(REPO / f"configs/{method}/synthetic.yaml"),
+               "-c", str(REPO / f"tests/fast/{method}.yaml"), "-c", str(hf_overlay(method, folder, tmp_path)),
                "--trainer.max_steps", "1", "--trainer.val_check_interval", "1", "--trainer.logger", "false",
                "--trainer.enable_progress_bar", "false",
                "--data.init_args.num_train", "2", "--data.init_args.batch_size", "2",

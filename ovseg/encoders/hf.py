@@ -152,7 +152,8 @@ class HFImage(ImageEncoder):
         self.embed_dim: int = self.dense_dim
         if family == "siglip" and getattr(self.vision, "head", None) is None:
             raise ValueError(f"{model_name_or_path!r}: a SigLIP tower without its pooling head is not supported")
-        self.num_prefix_tokens = {"clip": 1, "siglip": 0}.get(family, 1 + int(getattr(config, "num_register_tokens", 0)))
+        registers = int(getattr(config, "num_register_tokens", 0) or 0)
+        self.num_prefix_tokens = {"clip": 1, "siglip": 0}.get(family, 1 + registers)  # [CLS] and registers
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
         """Output grid (h, w) for an input of ``height`` x ``width`` pixels."""

@@ -146,8 +146,9 @@ def open_clip_from_transformers(name_or_path: str, revision: str | None = None) 
     if model.config.model_type != "clip" or not hasattr(model, "text_model") or not hasattr(model, "vision_model"):
         raise ValueError(
             f"{name_or_path!r} is not a full transformers CLIPModel ({type(model).__name__}): only CLIP "
-            "image+text checkpoints (model_type 'clip', CLIP BPE tokenizer) convert to open_clip. SigLIP's image embedding comes from an attention-pooling "
-            "head, with no per-location projection, which CDT's dense classifier needs"
+            "image+text checkpoints (model_type 'clip', CLIP BPE tokenizer) convert to open_clip. SigLIP's "
+            "image embedding comes from an attention-pooling head, with no per-location projection, which "
+            "CDT's dense classifier needs"
         )
     config = open_clip_config_from_hf(model.config, repr(name_or_path))
     clip = open_clip.model.CLIP(**config)

@@ -176,30 +176,39 @@ def lightning_checkpoint(config: Mapping[str, Any], state: dict[str, torch.Tenso
 
 def from_pretrained(cls: type[OVSegModule], name_or_path: str, revision: str | None = None,
                     map_location: str | torch.device = "cpu", strict: bool = True) -> OVSegModule:
-    """Rebuild a saved model from a local folder or a Hub repository ``ORG/NAME``.
+    """Rebuild a saved model from a local folder, a Hub repository ``ORG/NAME`` (``hf://`` optional)
+    or a Lightning checkpoint file written by ``ovseg fit`` or ``ovseg convert``.
 
     ``cls`` is :class:`~ovseg.module.OVSegModule` (any method) or a method class (the saved method
-    must be it, or a subclass or base class of it; otherwise a ``ValueError`` names both).
+    must be it, or a subclass or base class of it; otherwise a ``ValueError`` names both). The model
+    records its configuration, so it can be saved again (``.ckpt`` -> ``push_to_hub``).
     """
     from lightning.pytorch.cli import instantiate_module
     from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
 
-    folder = snapshot(*parse_hub_path(name_or_path)) if name_or_path.startswith(HUB_PREFIX) else snapshot(
-        name_or_path, revision)
-    config, state = read_folder(folder)
-    checkpoint = lightning_checkpoint(config, state)
-    hparams = dict(config["hyper_parameters"])
-    method = _method_class(hparams.get("_class_path", config["method"]), name_or_path)
-    _method_class(config["method"], name_or_path)  # imported with the method above, for a genuine model
+    if os.path.isfile(name_or_path):
+        checkpoint = torch.load(name_or_path, map_location="cpu", weights_only=True)
+        if not isinstance(checkpoint, dict) or not checkpoint.get("hyper_parameters"):
+            raise ValueError(f"{name_or_path} records no hyper-parameters: only checkpoints of models built by "
+                             "LightningCLI (ovseg fit, ovseg convert) can be rebuilt without their YAML")
+    else:
+        folder = snapshot(*parse_hub_path(name_or_path)) if name_or_path.startswith(HUB_PREFIX) else snapshot(
+            name_or_path, revision)
+        checkpoint = lightning_checkpoint(*read_folder(folder))
+    hparams = dict(checkpoint["hyper_parameters"])
+    stored = cls.checkpoint_method(checkpoint)
+    if stored is None:
+        raise ValueError(f"{name_or_path} names no method (no ovseg_method, no _class_path hyper-parameter)")
+    method = _method_class(hparams.get("_class_path", stored), name_or_path)
+    _method_class(stored, name_or_path)  # imported with the method above, for a genuine model
     cls.check_checkpoint_method(checkpoint, cls, f"the model {name_or_path}")
     if not issubclass(method, cls):
-        raise TypeError(f"the model {name_or_path} names {config['method']}, not an ovseg method of type "
-                        f"{cls.__name__}")
+        raise TypeError(f"the model {name_or_path} names {stored}, not an ovseg method of type {cls.__name__}")
     hparams.pop("_instantiator", None)
     with _given_hyperparameters_context(hparams=hparams, instantiator="lightning.pytorch.cli.instantiate_module"):
         module = instantiate_module(method, hparams)
     module.on_load_checkpoint(checkpoint)
-    module.load_state_dict(state, strict=strict)
+    module.load_state_dict(checkpoint["state_dict"], strict=strict)
     return module.to(map_location)
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from ovseg.cli import run
+from ovseg.vocabulary import Vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["-c", str(REPO / "configs/zegformer/synthetic.yaml"), "-c", str(REPO / "tests/fast/zegformer.yaml"),
@@ -89,6 +90,23 @@ def test_from_pretrained_imports_no_class_a_config_names_outside_ovseg(trained, 
     with pytest.raises(ValueError, match="names the class ovseg_untrusted_module.Method, which is not an ovseg"):
         OVSegModule.from_pretrained(str(tmp_path / "evil"))
     assert "ovseg_untrusted_module" not in sys.modules
+
+
+def test_a_lightning_checkpoint_goes_to_the_hub_format(trained, tmp_path):
+    """``from_pretrained("last.ckpt")`` rebuilds the fitted model with its configuration, so it can be
+    saved (or pushed) as is: same config.json and the same predictions."""
+    from ovseg.module import OVSegModule
+
+    model, _, folder, root = trained
+    loaded = OVSegModule.from_pretrained(str(root / "runs/zegformer_synthetic/checkpoints/last.ckpt"))
+    resaved = loaded.save_pretrained(tmp_path / "from_ckpt")
+    assert json.loads((resaved / "config.json").read_text()) == json.loads((folder / "config.json").read_text())
+    images, vocabulary = torch.rand(1, 3, 48, 56), Vocabulary.from_names(["sky", "sand", "kite"])
+    torch.testing.assert_close(loaded.eval().class_probabilities(images, vocabulary),
+                               model.class_probabilities(images, vocabulary), atol=0, rtol=0)
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "bare.ckpt")
+    with pytest.raises(ValueError, match="records no hyper-parameters"):
+        OVSegModule.from_pretrained(str(tmp_path / "bare.ckpt"))
 
 
 def test_a_model_without_recorded_configuration_cannot_be_saved(tmp_path):

@@ -478,6 +478,14 @@ def find_samples(spec: BenchmarkSpec, root: str | Path | None = None, strict: bo
             missing.append(f"missing {kind} for {stem!r}: " + ", ".join(str(p) for p in absent))
         else:
             samples.append(sample)
+    if not strict and spec.split_file is None:  # files no sample uses: harmless to validate, a sign of a bad copy
+        if spec.layout == "mmseg":  # samples listed from the images: labels without an image
+            other_dir, other_suffix, kind, partner = label_dir, spec.label_suffix, "label", "image"
+        else:
+            other_dir, other_suffix, kind, partner = image_dir, spec.image_suffix, "image", "label"
+        listed = set(stems)
+        problems.extend(f"orphan {kind} {other_dir / (stem + other_suffix)}: no matching {partner}"  # type: ignore[operator]
+                        for stem in _list_files(other_dir, other_suffix) if stem not in listed)  # type: ignore[arg-type]
     if missing:
         if strict:
             shown = "; ".join(missing[:_MAX_LISTED])

@@ -104,8 +104,8 @@ def check_benchmark(spec: BenchmarkSpec, root: str | Path | None = None, decode_
     """
     spec = spec.resolved()
     report = BenchmarkReport(name=str(spec.name), data_dir=str(spec.data_dir(root)))
-    try:
-        report.classes = len(spec.vocabulary(root))
+    try:  # what validate's setup builds: vocabulary (class count), unseen class names, inference settings
+        report.classes = len(spec.benchmark(root).vocabulary)
     except (OSError, ValueError) as error:
         report.problems.append(str(error))
     samples, problems = find_samples(spec, root, strict=False)

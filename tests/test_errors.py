@@ -250,3 +250,27 @@ def test_progress_bar_counts_the_epoch_not_the_remaining_steps():
     assert bar.total_train_batches == 12
     assert bar._get_train_description(1).strip() == "Epoch 1"
     assert lightning_bar._get_train_description(0).strip() == "Epoch 0/-2"
+
+
+# ------------------------------------------------------------------ 6: data check = validate's checks
+
+
+def test_data_check_rejects_what_validate_rejects_and_reports_orphans(tmp_path, capsys):
+    from ovseg.datamodules.synthetic import SyntheticWorld, write_mmseg
+
+    root = tmp_path / "data/synthetic_mmseg"
+    write_mmseg(SyntheticWorld(image_size=(32, 40), seed=1), root, num_images=2, progress=False)
+    labels = sorted((root / "annotations/validation").glob("*.png"))
+    orphan = labels[0].with_name("copied_without_image.png")
+    orphan.write_bytes(labels[0].read_bytes())
+    config = tmp_path / "eval.yaml"
+    config.write_text("class_path: ovseg.datamodules.benchmarks.EvaluationDataModule\n"
+                      f"init_args:\n  root: {tmp_path / 'data'}\n  benchmarks:\n"
+                      "    - {name: synthetic, data_root: synthetic_mmseg, class_names: class_names.txt, "
+                      "unseen_classes: [sky, giraffe]}\n")
+    code, out, _ = exits(capsys, "data", "check", "--data", str(config), "--no-progress")
+    assert code == 1
+    assert "unseen_classes names ['giraffe'], which are not in its class names" in out
+    assert f"orphan label {orphan}: no matching image" in out and "no problems found" not in out
+    code, _, err = exits(capsys, "validate", "-c", SMOKE, "--trainer.logger", "false", "--data", str(config))
+    assert_one_line_error(code, err, "benchmark 'synthetic'", "unseen_classes names ['giraffe']")

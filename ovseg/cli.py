@@ -73,6 +73,7 @@ class OVSegCLI(LightningCLI):
         trainer = settings.get("trainer") if settings is not None else None
         if trainer is None:
             return
+        check_loader_sizes(settings.get("data"), "data")
         root = trainer.get("default_root_dir") or "."
         callbacks = trainer.get("callbacks") or []
         for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
@@ -191,6 +192,21 @@ class OVSegCLI(LightningCLI):
         overrides = model_options(getattr(self, "_command_line", []))
         if ckpt_path and overrides and Path(ckpt_path).is_file():
             self.config = self.parser.parse_args([subcommand, *overrides], namespace=self.config.clone())
+
+
+def check_loader_sizes(config: Any, key: str) -> None:
+    """Raise :class:`UserError` naming the key of a ``*batch_size`` below 1 or a ``num_workers`` below 0
+    anywhere in a DataModule's configuration (nested ``eval_data`` included), before torch's sampler
+    meets it."""
+    if not hasattr(config, "items"):
+        return
+    for name, value in config.items():
+        path, leaf = f"{key}.{name}", name.rsplit(".", 1)[-1]  # jsonargparse's items() gives dotted keys
+        if leaf.endswith("batch_size") and isinstance(value, int) and value < 1:
+            raise UserError(f"--{path} must be at least 1, got {value}")
+        if leaf == "num_workers" and isinstance(value, int) and value < 0:
+            raise UserError(f"--{path} must be 0 (load in the main process) or more, got {value}")
+        check_loader_sizes(value, path)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -203,6 +203,9 @@ def test_short_class_names_and_exact_option_names(tmp_path, capsys):
     assert "class_path: ovseg.methods.simzss.SimZSS" in out and "lambda_local: 0.5" in out
     code, _, err = exits(capsys, "fit", "-c", SMOKE, "--trainer.max_step", "20", "--print_config")
     assert code == 2 and "--trainer.max_step" in err
+    # 8: a negative batch size stops at the command line, named, not in torch's sampler
+    code, _, err = exits(capsys, "fit", "-c", SMOKE, "--data.init_args.batch_size", "-4")
+    assert_one_line_error(code, err, "--data.init_args.batch_size must be at least 1, got -4")
 
 
 # ------------------------------------------------------------------ 10: CI and make stop at once

@@ -277,3 +277,43 @@ def test_data_check_rejects_what_validate_rejects_and_reports_orphans(tmp_path, 
     assert f"orphan label {orphan}: no matching image" in out and "no problems found" not in out
     code, _, err = exits(capsys, "validate", "-c", SMOKE, "--trainer.logger", "false", "--data", str(config))
     assert_one_line_error(code, err, "benchmark 'synthetic'", "unseen_classes names ['giraffe']")
+
+
+# ------------------------------------------------------------------ 1, 8: unfinished and corrupt feature stores
+
+
+def test_unfinished_feature_store_is_refused_before_the_first_step_unless_allowed(tmp_path, capsys, caplog):
+    import yaml
+
+    from ovseg.datamodules.feature_cache import CacheViews, build_feature_cache
+    from ovseg.datamodules.synthetic import SyntheticDataModule
+    from ovseg.encoders import TimmViT
+
+    fast = yaml.safe_load((REPO / "tests/fast/simzss.yaml").read_text())["model"]["init_args"]["image_encoder"]
+    dataset = SyntheticDataModule(num_train=8, image_size=56).train_dataset()
+    def build(**options):
+        torch.manual_seed(0)  # the same random backbone each time (the store checks its fingerprint)
+        return build_feature_cache(TimmViT(**fast["init_args"]), dataset, tmp_path / "store",
+                                   CacheViews("center", 56), batch_size=4, device="cpu", progress=False, **options)
+
+    store = build(max_batches=1)  # as if killed after its first batch
+    fit = ["fit", "-c", str(REPO / "configs/simzss/coco_vitb14_cached.yaml"), "-c",
+           str(REPO / "tests/fast/simzss.yaml"), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+           "--trainer.precision", "32-true", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
+           "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
+           "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]",
+           "--data.init_args.store", str(store), "--data.init_args.batch_size", "2",
+           "--data.init_args.num_workers", "0", "--data.init_args.eval_data", "null"]
+    code, _, err = exits(capsys, *fit)
+    assert_one_line_error(code, err, f"feature store {store} is unfinished: 4 of 8 images cached",
+                          "--views center and --size 56", "--data.init_args.allow_partial true")
+    main([*fit, "--data.init_args.allow_partial", "true"])  # trains on the 4 finished images
+    assert "training on the finished part of the unfinished feature store" in caplog.text
+    capsys.readouterr()
+    build()  # the same command again finishes the store, saying so
+    assert f"resuming the feature store {store}: 4 of 8 images already cached" in caplog.text
+    main(fit)
+
+    (store / "index.json").write_text('{"num_done": 4, "num_ima')
+    code, _, err = exits(capsys, *fit)
+    assert_one_line_error(code, err, f"feature store index {store / 'index.json'} is corrupt")

@@ -27,6 +27,13 @@ class UserError(ValueError):
     """
 
 
+class MissingResourceError(UserError, LookupError):
+    """A resource that is not installed (NLTK data, weights); the message says how to get it.
+
+    Also a ``LookupError``, the type NLTK and Hugging Face raise for a missing resource.
+    """
+
+
 #: standard exceptions that, reaching the command, are always about the user's files
 _FILE_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 

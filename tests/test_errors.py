@@ -166,6 +166,12 @@ def test_user_errors_are_one_line_without_traceback_unless_debug(tmp_path, capsy
     assert len(plain.stderr.splitlines()) <= 3, plain.stderr
     debug = ovseg(tmp_path, *args, env={"OVSEG_DEBUG": "1"})
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "the vocabulary is empty" in debug.stderr
+    (tmp_path / "no_nltk_data").mkdir()
+    no_tagger = ovseg(tmp_path, "fit", "-c", SMOKE, *TINY, "--trainer.max_steps", "1", "--trainer.logger", "false",
+                      "--trainer.limit_val_batches", "0", "--trainer.enable_checkpointing", "false",
+                      "--trainer.callbacks", "[]", env={"NLTK_DATA": str(tmp_path / "no_nltk_data")})
+    assert_one_line_error(no_tagger.returncode, no_tagger.stderr, "averaged_perceptron_tagger_eng", "NLTK_DATA")
+    assert "Traceback" not in no_tagger.stderr
 
     for names, count, words in (("sky\ngrass\nsky\n", None, "duplicated class name 'sky' in classes 0 and 2"),
                                 ("sky\ngrass\n", 3, "has 2 classes, expected 3")):

@@ -47,6 +47,8 @@ from typing import Any, Iterable, Sequence
 import regex
 import torch
 
+from ovseg.errors import MissingResourceError
+
 __all__ = [
     "Concept",
     "ConceptBank",
@@ -179,7 +181,7 @@ def _load_tagger() -> Any:
     try:
         return PerceptronTagger(lang="eng")
     except LookupError as err:
-        raise LookupError(_TAGGER_HELP) from err
+        raise MissingResourceError(_TAGGER_HELP) from err
 
 
 @lru_cache(maxsize=1)

@@ -123,7 +123,7 @@ def check_benchmark(spec: BenchmarkSpec, root: str | Path | None = None, decode_
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(job, samples)
         bar = tqdm(results, total=len(samples), desc=f"check {report.name}", unit="img",
-                   disable=not progress, dynamic_ncols=True, leave=False)
+                   disable=None if progress else True, dynamic_ncols=True, leave=False)
         for image_ok, label_ok, classes, sample_problems in bar:
             report.images_ok += image_ok
             report.labels_ok += label_ok

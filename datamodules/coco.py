@@ -59,6 +59,7 @@ from ovseg.datamodules.transforms import (
     ResizeShortSide,
     Transform,
 )
+from ovseg.errors import UserError
 from ovseg.inference import InferenceSettings
 from ovseg.vocabulary import Vocabulary
 
@@ -346,6 +347,15 @@ class CocoCaptionsIndex:
     orphan_captions: int = 0
 
 
+def annotation_caption(annotation: Mapping[str, Any], path: Path) -> str:
+    """The caption of a COCO Captions annotation (``""`` for a null one); a missing ``caption`` key is a
+    malformed entry, not an empty caption: :class:`UserError` naming the file and annotation."""
+    if "caption" not in annotation:
+        raise UserError(f"{path}: annotation {annotation.get('id')!r} (image {annotation.get('image_id')!r}) has "
+                        "no 'caption' key; a COCO Captions annotation needs 'id', 'image_id' and 'caption'")
+    return str(annotation["caption"] or "")
+
+
 def read_coco_captions(annotations: str | os.PathLike) -> CocoCaptionsIndex:
     """Parse a COCO Captions JSON; empty captions are skipped with a warning (counted).
 
@@ -371,7 +381,7 @@ def read_coco_captions(annotations: str | os.PathLike) -> CocoCaptionsIndex:
             file_name_of[int(image["id"])] = str(image["file_name"])
             by_image.setdefault(int(image["id"]), [])
         for ann in doc["annotations"]:
-            caption = str(ann.get("caption") or "").strip()
+            caption = annotation_caption(ann, path).strip()
             image_id = int(ann["image_id"])
             if image_id not in by_image:
                 orphans += 1
@@ -382,6 +392,8 @@ def read_coco_captions(annotations: str | os.PathLike) -> CocoCaptionsIndex:
                     empty_examples.append(int(ann["id"]))
                 continue
             by_image[image_id].append((int(ann["id"]), caption))
+    except UserError:
+        raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"{path}: malformed COCO Captions entry ({type(exc).__name__}: {exc}); images "
                          "need 'id' and 'file_name', annotations 'id', 'image_id' and 'caption'") from exc
@@ -954,7 +966,9 @@ def extract_coco_concepts(
         raise FileNotFoundError(f"COCO Captions annotation file {path} does not exist")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-        items = [(int(a["id"]), str(a.get("caption") or "")) for a in doc["annotations"]]
+        items = [(int(a["id"]), annotation_caption(a, path)) for a in doc["annotations"]]
+    except UserError:
+        raise
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ValueError(f"{path}: not a COCO Captions file ({exc})") from exc
     extractor = ConceptExtractor(bank, context_length, max_concepts, max_tokens_per_concept)

@@ -270,6 +270,8 @@ class WebDatasetStream(IterableDataset):
                 caption = raw["txt"].decode("utf-8").strip()
             except UnicodeDecodeError as exc:
                 raise BadSample(f"{where}.txt: not UTF-8 ({exc})") from exc
+        elif "caption" not in meta:
+            raise BadSample(f"{where}: no caption (neither a .txt entry nor a 'caption' key in its .json)")
         else:
             caption = str(meta.get("caption") or "").strip()
         if not caption:
@@ -542,7 +544,7 @@ def _make_extractor(bank: str | None, context_length: int, max_concepts: int, ma
 def _bar(total: int, desc: str, unit: str, progress: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, disable=not progress, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit=unit, disable=None if progress else True, dynamic_ncols=True)
 
 
 @dataclass

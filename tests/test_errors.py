@@ -53,7 +53,9 @@ def exits(capsys, *args: str) -> tuple[int, str, str]:
         main(list(args))
     out, err = capsys.readouterr()
     code = stop.value.code
-    return (code if isinstance(code, int) else (0 if code is None else 1)), out, err
+    if isinstance(code, str):  # sys.exit(MESSAGE): Python prints MESSAGE to stderr and exits with 1
+        return 1, out, err + code + "\n"
+    return (0 if code is None else code), out, err
 
 
 def assert_one_line_error(code: int, err: str, *names: str) -> None:
@@ -194,6 +196,12 @@ def test_help_is_fast_and_lists_commands_methods_and_datamodules(tmp_path, capsy
         assert f"\n  {command} " in top.stdout, command
     assert "--model SimZSS" in top.stdout
 
+    # 11: progress bars stay off when the output is not a terminal (no lines run together by "\r")
+    made = ovseg(tmp_path, "data", "make-synthetic", "--format", "mmseg", "--out", "m", "--num-images", "3",
+                 "--image-size", "32")
+    assert made.returncode == 0 and "\r" not in made.stderr + made.stdout, made.stderr[-500:]
+    assert len(list((tmp_path / "m").rglob("*.png"))) == 3
+
     code, out, _ = exits(capsys, "fit", "--help")
     assert code == 0
     for name in ("SimZSS", "CDT", "ZegFormer", "SyntheticDataModule", "EvaluationDataModule", "CocoCaptionsDataModule"):
@@ -323,3 +331,27 @@ def test_unfinished_feature_store_is_refused_before_the_first_step_unless_allowe
     (store / "index.json").write_text('{"num_done": 4, "num_ima')
     code, _, err = exits(capsys, *fit)
     assert_one_line_error(code, err, f"feature store index {store / 'index.json'} is corrupt")
+
+
+# ------------------------------------------------------------------ 8: captions: a missing key, cut captions
+
+
+def test_caption_files_missing_keys_and_cut_captions_are_named_and_counted(tmp_path, capsys, caplog):
+    import json
+
+    from ovseg.datamodules.synthetic import make_synthetic
+
+    root = make_synthetic("coco", tmp_path / "coco", num_images=2, image_size=32, progress=False)
+    annotations = root / "annotations/captions_train2017.json"
+    doc = json.loads(annotations.read_text())
+    doc["annotations"][0]["caption"] = " ".join(["a red ball on the green grass next to the sea"] * 12)  # > 77 tokens
+    annotations.write_text(json.dumps(doc))
+    main(["data", "extract-concepts", "--coco", str(annotations), "--no-progress"])
+    total = len(doc["annotations"])
+    assert f"1 of {total} captions are longer than the text context (77 tokens) and were cut" in caplog.text
+
+    del doc["annotations"][1]["caption"]
+    annotations.write_text(json.dumps(doc))
+    code, _, err = exits(capsys, "data", "extract-concepts", "--coco", str(annotations), "--no-progress")
+    assert code != 0
+    assert f"{annotations}: annotation {doc['annotations'][1]['id']!r}" in err and "has no 'caption' key" in err

@@ -88,7 +88,8 @@ def write_vocabulary(world: SyntheticWorld, root: str | os.PathLike) -> None:
 
 
 def _bar(n: int, desc: str, progress: bool) -> tqdm:
-    return tqdm(range(n), desc=desc, unit="img", disable=not progress, leave=False, dynamic_ncols=True)
+    return tqdm(range(n), desc=desc, unit="img", disable=None if progress else True, leave=False,
+                dynamic_ncols=True)
 
 
 # ------------------------------------------------------------------------------------------ writers

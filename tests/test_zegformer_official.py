@@ -10,6 +10,7 @@ Its state dict is in the official key layout: ovseg loads it through the checkpo
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ovseg.benchmark import TrainingClasses
-from ovseg.convert import KeyReport
+from ovseg.convert import ConversionError, KeyReport
 from ovseg.encoders import OpenCLIPImage, OpenCLIPText
 from ovseg.methods.zegformer import ZegFormer, masked_crops
 from ovseg.methods.zegformer.convert import convert_state_dict
@@ -92,6 +93,22 @@ def test_converter_maps_every_official_key(golden: dict[str, Any], converted: tu
     assert report.mapped["sem_seg_head.predictor.bg_feature"] == "classifier.no_object_embedding"
     assert report.mapped["backbone.res3.0.shortcut.norm.running_var"] == "model.backbone.body.layer2.0.downsample.1.running_var"
     assert report.mapped["sem_seg_head.pixel_decoder.adapter_1.norm.weight"] == "model.pixel_decoder.laterals.2.norm.weight"
+
+
+def test_converter_refuses_unknown_missing_and_contradicting_keys(golden: dict[str, Any],
+                                                                  converted: tuple[ZegFormer, KeyReport]) -> None:
+    model, _ = converted
+    official = official_state_dict(golden)
+    extra = {**official, "sem_seg_head.predictor.transformer.encoder.layers.0.linear1.weight": torch.zeros(2, 2)}
+    _, report = convert_state_dict(extra, model)
+    with pytest.raises(ConversionError, match="encoder.layers.0.linear1"):
+        report.check_complete(list(extra), "extra.pth")
+    lacking = {key: value for key, value in official.items() if key != "sem_seg_head.pixel_decoder.layer_4.weight"}
+    with pytest.raises(ConversionError, match="pixel_decoder.top.conv.weight"):
+        convert_state_dict(lacking, model)
+    scaled = {**official, "sem_seg_head.predictor.logit_scale": torch.tensor([math.log(50.0)])}
+    with pytest.raises(ConversionError, match="temperature"):
+        convert_state_dict(scaled, model)
 
 
 def test_proposals_match_the_release(golden: dict[str, Any], converted: tuple[ZegFormer, KeyReport]) -> None:

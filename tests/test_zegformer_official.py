@@ -26,7 +26,7 @@ from ovseg.methods.zegformer.convert import convert_state_dict
 from ovseg.vocabulary import Vocabulary
 
 FIXTURES = Path(__file__).parent / "fixtures" / "zegformer"
-TOLERANCE = dict(atol=1e-5, rtol=0.0)
+TOLERANCE = {"atol": 1e-5, "rtol": 0.0}
 
 
 @pytest.fixture(scope="module")
@@ -50,19 +50,34 @@ def build_ovseg(golden: dict[str, Any], **overrides: Any) -> ZegFormer:
     sizes = config["sizes"]
     width = sizes["width_per_group"]
     torch.manual_seed(0)
-    options: dict[str, Any] = dict(
-        clip_text=OpenCLIPText(config=config["clip"]), clip_image=OpenCLIPImage(config=config["clip"]),
-        backbone="resnet50", backbone_kwargs={"channels": [width, 2 * width, 4 * width, 8 * width]}, freeze_bn=True,
-        pixel_mean=[v / 255 for v in config["pixel_mean"]], pixel_std=[v / 255 for v in config["pixel_std"]],
-        num_queries=sizes["num_queries"], conv_dim=sizes["conv_dim"], mask_dim=sizes["mask_dim"],
-        hidden_dim=sizes["hidden_dim"], dec_layers=sizes["dec_layers"], heads=sizes["heads"], ffn_dim=sizes["ffn_dim"],
-        dropout=sizes["dropout"], calibration=0.1, clip_crop_size=224, clip_logit_scale=100.0,
-        clip_templates=config["clip_templates"], clip_crop_boxes="release", training_templates=[config["segment_template"]],
-    )
+    options: dict[str, Any] = {
+        "clip_text": OpenCLIPText(config=config["clip"]),
+        "clip_image": OpenCLIPImage(config=config["clip"]),
+        "backbone": "resnet50",
+        "backbone_kwargs": {"channels": [width, 2 * width, 4 * width, 8 * width]},
+        "freeze_bn": True,
+        "pixel_mean": [v / 255 for v in config["pixel_mean"]],
+        "pixel_std": [v / 255 for v in config["pixel_std"]],
+        "num_queries": sizes["num_queries"],
+        "conv_dim": sizes["conv_dim"],
+        "mask_dim": sizes["mask_dim"],
+        "hidden_dim": sizes["hidden_dim"],
+        "dec_layers": sizes["dec_layers"],
+        "heads": sizes["heads"],
+        "ffn_dim": sizes["ffn_dim"],
+        "dropout": sizes["dropout"],
+        "calibration": 0.1,
+        "clip_crop_size": 224,
+        "clip_logit_scale": 100.0,
+        "clip_templates": config["clip_templates"],
+        "clip_crop_boxes": "release",
+        "training_templates": [config["segment_template"]],
+    }
     options.update(overrides)
     model = ZegFormer(**options)
-    model.set_training_classes(TrainingClasses(Vocabulary(tuple((n,) for n in config["all_classes"])),
-                                               tuple(config["unseen"])))
+    model.set_training_classes(
+        TrainingClasses(Vocabulary(tuple((n,) for n in config["all_classes"])), tuple(config["unseen"]))
+    )
     return model
 
 
@@ -88,15 +103,25 @@ def test_converter_maps_every_official_key(golden: dict[str, Any], converted: tu
     official = official_state_dict(golden)
     report.check_complete(list(official), "golden.pt")
     assert report.filled == {}  # the fixture carries the CLIP towers too: nothing comes from the config
-    assert set(report.dropped) == {"sem_seg_head.predictor.logit_scale", "sem_seg_head.predictor.clip_model.logit_scale",
-                                   "criterion.empty_weight"}
+    assert set(report.dropped) == {
+        "sem_seg_head.predictor.logit_scale",
+        "sem_seg_head.predictor.clip_model.logit_scale",
+        "criterion.empty_weight",
+    }
     assert report.mapped["sem_seg_head.predictor.bg_feature"] == "classifier.no_object_embedding"
-    assert report.mapped["backbone.res3.0.shortcut.norm.running_var"] == "model.backbone.body.layer2.0.downsample.1.running_var"
-    assert report.mapped["sem_seg_head.pixel_decoder.adapter_1.norm.weight"] == "model.pixel_decoder.laterals.2.norm.weight"
+    assert (
+        report.mapped["backbone.res3.0.shortcut.norm.running_var"]
+        == "model.backbone.body.layer2.0.downsample.1.running_var"
+    )
+    assert (
+        report.mapped["sem_seg_head.pixel_decoder.adapter_1.norm.weight"]
+        == "model.pixel_decoder.laterals.2.norm.weight"
+    )
 
 
-def test_converter_refuses_unknown_missing_and_contradicting_keys(golden: dict[str, Any],
-                                                                  converted: tuple[ZegFormer, KeyReport]) -> None:
+def test_converter_refuses_unknown_missing_and_contradicting_keys(
+    golden: dict[str, Any], converted: tuple[ZegFormer, KeyReport]
+) -> None:
     model, _ = converted
     official = official_state_dict(golden)
     extra = {**official, "sem_seg_head.predictor.transformer.encoder.layers.0.linear1.weight": torch.zeros(2, 2)}
@@ -125,18 +150,25 @@ def clip_crops(model: ZegFormer, golden: dict[str, Any], rule: str) -> torch.Ten
     """ovseg's CLIP crops of the inference image's final-layer proposals under ``rule``."""
     expected = golden["inference"]
     image = expected["image"][None].float() / 255
-    padded_masks = F.interpolate(expected["mask_logits"][-1], size=padded_pixels(model, expected["image"][None]).shape[-2:],
-                                 mode="bilinear", align_corners=False)
+    padded_masks = F.interpolate(
+        expected["mask_logits"][-1],
+        size=padded_pixels(model, expected["image"][None]).shape[-2:],
+        mode="bilinear",
+        align_corners=False,
+    )
     pixels = model.clip_image.normalize(image)
     if rule == "release":
-        pixels = F.pad(pixels, (0, padded_masks.shape[-1] - image.shape[-1], 0, padded_masks.shape[-2] - image.shape[-2]))
+        pixels = F.pad(
+            pixels, (0, padded_masks.shape[-1] - image.shape[-1], 0, padded_masks.shape[-2] - image.shape[-2])
+        )
     else:
         padded_masks = padded_masks[..., : image.shape[-2], : image.shape[-1]]
     return masked_crops(pixels, padded_masks.sigmoid() > 0.5, 224, rule)  # type: ignore[arg-type]
 
 
-def test_clip_crops_and_features_match_the_release(golden: dict[str, Any],
-                                                   converted: tuple[ZegFormer, KeyReport]) -> None:
+def test_clip_crops_and_features_match_the_release(
+    golden: dict[str, Any], converted: tuple[ZegFormer, KeyReport]
+) -> None:
     model, _ = converted
     expected = golden["inference"]
     crops = clip_crops(model, golden, "release")
@@ -157,8 +189,9 @@ def test_fused_semantic_map_matches_the_release(golden: dict[str, Any], converte
     torch.testing.assert_close(probs[0], expected["sem_seg"], **TOLERANCE)
 
 
-def test_release_upsamples_mask_logits_before_the_sigmoid(golden: dict[str, Any],
-                                                          converted: tuple[ZegFormer, KeyReport]) -> None:
+def test_release_upsamples_mask_logits_before_the_sigmoid(
+    golden: dict[str, Any], converted: tuple[ZegFormer, KeyReport]
+) -> None:
     """The release sums ``p_q(c) sigmoid(m_q)`` on logits upsampled to the padded input; summing at
     stride 4 and upsampling the scores afterwards is measurably different."""
     model, _ = converted
@@ -166,12 +199,14 @@ def test_release_upsamples_mask_logits_before_the_sigmoid(golden: dict[str, Any]
     image = expected["image"][None]
     output_size = tuple(expected["output_size"].tolist())
     with torch.no_grad():
-        prediction = model.predict_scores(image.float() / 255, model.text_embeddings(vocabulary(golden)),
-                                          vocabulary(golden))
+        prediction = model.predict_scores(
+            image.float() / 255, model.text_embeddings(vocabulary(golden)), vocabulary(golden)
+        )
         coarse = expected["mask_logits"][-1]  # stride 4 of the padded input
         scores = torch.einsum("bmq,bmhw->bqhw", prediction.class_probs, coarse.sigmoid())
-        scores = F.interpolate(scores, size=padded_pixels(model, image).shape[-2:], mode="bilinear",
-                               align_corners=False)[..., : image.shape[-2], : image.shape[-1]]
+        scores = F.interpolate(
+            scores, size=padded_pixels(model, image).shape[-2:], mode="bilinear", align_corners=False
+        )[..., : image.shape[-2], : image.shape[-1]]
         scores = F.interpolate(scores, size=output_size, mode="bilinear", align_corners=False)
         scores = scores + prediction.query_offsets.view(1, -1, 1, 1)
     assert (scores[0] - expected["sem_seg"]).abs().amax() > 1e-3
@@ -181,8 +216,9 @@ def training_batch(golden: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {"image": golden["training"]["images"], "label": golden["training"]["labels"]}
 
 
-def test_hungarian_assignment_matches_the_release(golden: dict[str, Any],
-                                                  converted: tuple[ZegFormer, KeyReport]) -> None:
+def test_hungarian_assignment_matches_the_release(
+    golden: dict[str, Any], converted: tuple[ZegFormer, KeyReport]
+) -> None:
     model, _ = converted
     batch = training_batch(golden)
     pixels, labels = model.pad_batch(model.normalize(batch["image"].float() / 255), batch["label"])
@@ -219,10 +255,14 @@ def test_real_size_official_state_dict_converts_and_loads_strictly() -> None:
     generator = torch.Generator().manual_seed(0)
     official = {key: torch.randn(shape, generator=generator) for key, shape in shapes.items()}
     official["sem_seg_head.predictor.logit_scale"] = torch.tensor([4.605170185988091])  # log(1 / 0.01)
-    official["criterion.empty_weight"] = torch.cat([torch.ones(len(official["criterion.empty_weight"]) - 1),
-                                                    torch.tensor([0.1])])
-    model = ZegFormer(clip_text=OpenCLIPText(model_name="ViT-B-16"), clip_image=OpenCLIPImage(model_name="ViT-B-16"),
-                      backbone="resnet101.tv_in1k")
+    official["criterion.empty_weight"] = torch.cat(
+        [torch.ones(len(official["criterion.empty_weight"]) - 1), torch.tensor([0.1])]
+    )
+    model = ZegFormer(
+        clip_text=OpenCLIPText(model_name="ViT-B-16"),
+        clip_image=OpenCLIPImage(model_name="ViT-B-16"),
+        backbone="resnet101.tv_in1k",
+    )
     state, report = convert_state_dict(official, model)
     report.check_complete(list(official), "real-size state dict")
     model.load_state_dict(state, strict=True)

@@ -80,8 +80,11 @@ def _pixel_decoder_key(key: str, levels: int) -> str | None:
 
 def _predictor_key(key: str) -> str | None:
     """``TransformerZeroshotPredictor`` key (no CLIP) -> ovseg key, or None."""
-    match = re.fullmatch(r"transformer\.decoder\.layers\.(\d+)\.(self_attn|multihead_attn|linear1|linear2|"
-                         r"norm1|norm2|norm3)\.(.+)", key)
+    match = re.fullmatch(
+        r"transformer\.decoder\.layers\.(\d+)\.(self_attn|multihead_attn|linear1|linear2|"
+        r"norm1|norm2|norm3)\.(.+)",
+        key,
+    )
     if match:
         layer, module, param = match.groups()
         return f"model.layers.{layer}.{'cross_attn' if module == 'multihead_attn' else module}.{param}"
@@ -110,8 +113,10 @@ def _clip_key(key: str, model: Any) -> str | None:
 
 def _check_scalar(value: Tensor, expected: float, what: str, option: str) -> None:
     if value.numel() < 1 or not math.isclose(float(value.flatten()[-1]), expected, rel_tol=1e-4):
-        raise ConversionError(f"{what} is {value.flatten()[-1].item():.6g} in the checkpoint but {expected:.6g} "
-                              f"in the config: set {option} to match the checkpoint")
+        raise ConversionError(
+            f"{what} is {value.flatten()[-1].item():.6g} in the checkpoint but {expected:.6g} "
+            f"in the config: set {option} to match the checkpoint"
+        )
 
 
 def convert_state_dict(official: dict[str, Tensor], model: Any) -> tuple[dict[str, Tensor], KeyReport]:
@@ -153,33 +158,47 @@ def convert_state_dict(official: dict[str, Tensor], model: Any) -> tuple[dict[st
                 report.drop(key, "CLIP image tower, unused: the config has no clip_image")
                 continue
         elif key == PREDICTOR + "logit_scale":
-            _check_scalar(value.exp(), 1.0 / model.classifier.temperature, "exp(logit_scale) of the segment logits",
-                          "model.init_args.temperature")
+            _check_scalar(
+                value.exp(),
+                1.0 / model.classifier.temperature,
+                "exp(logit_scale) of the segment logits",
+                "model.init_args.temperature",
+            )
             report.drop(key, "fixed segment logit scale log(1/temperature): from the config's temperature")
             continue
         elif key.startswith(PREDICTOR):
             target = _predictor_key(key.removeprefix(PREDICTOR))
         elif key == "criterion.empty_weight":
-            _check_scalar(value, model.set_loss["no_object_weight"], "the no-object class weight",
-                          "model.init_args.no_object_weight")
+            _check_scalar(
+                value,
+                model.set_loss["no_object_weight"],
+                "the no-object class weight",
+                "model.init_args.no_object_weight",
+            )
             report.drop(key, "loss buffer (cross-entropy class weights): from the config's no_object_weight")
             continue
         if target is None:
             continue  # unknown: left unaccounted, ovseg.convert reports it
         if target not in own:
-            raise ConversionError(f"{key} maps to {target}, which the model of the config does not have: "
-                                  "is the config the checkpoint's architecture (backbone, layers, CLIP)?")
+            raise ConversionError(
+                f"{key} maps to {target}, which the model of the config does not have: "
+                "is the config the checkpoint's architecture (backbone, layers, CLIP)?"
+            )
         if tuple(value.shape) != tuple(own[target].shape):
-            raise ConversionError(f"{key}: shape {tuple(value.shape)} in the checkpoint, {tuple(own[target].shape)} "
-                                  f"for {target} in the config: set the config's sizes to the checkpoint's")
+            raise ConversionError(
+                f"{key}: shape {tuple(value.shape)} in the checkpoint, {tuple(own[target].shape)} "
+                f"for {target} in the config: set the config's sizes to the checkpoint's"
+            )
         state[target] = value.to(own[target].dtype)
         report.map(key, target)
     mapped = set(report.mapped.values())
     lacking = [key for key in own if key not in mapped and not key.startswith(("clip_text.", "clip_image."))]
     if lacking:
         shown = ", ".join(lacking[:5]) + (" ..." if len(lacking) > 5 else "")
-        raise ConversionError(f"the checkpoint lacks {len(lacking)} weight(s) of the proposal network ({shown}): "
-                              "is it a ZegFormer checkpoint of the config's architecture?")
+        raise ConversionError(
+            f"the checkpoint lacks {len(lacking)} weight(s) of the proposal network ({shown}): "
+            "is it a ZegFormer checkpoint of the config's architecture?"
+        )
     for key in own:
         if key not in mapped:
             tower = key.split(".", 1)[0]

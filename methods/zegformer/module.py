@@ -189,8 +189,8 @@ class ZegFormer(MaskClassificationModule):
                 else torch.zeros(len(text_embeddings), dtype=torch.bool, device=self.device))
         if self.clip_classification:
             assert self.clip_image is not None
-            clip_logits = self.crop_classifier()(images, padded_masks,
-                                                 self.clip_text_embeddings(text_embeddings, vocabulary), logits[..., -1])
+            clip_text = self.clip_text_embeddings(text_embeddings, vocabulary)
+            clip_logits = self.crop_classifier()(images, padded_masks, clip_text, logits[..., -1])
             clip_probs = class_probabilities(clip_logits)
             probs = fuse_scores(probs, clip_probs, seen, self.ensemble_weight) if self.ensemble else clip_probs
         offsets = -self.calibration * seen.float() if self.calibration else None

@@ -54,10 +54,34 @@ UNSEEN = ["giraffe", "grass"]
 SEEN = [name for name in ALL_CLASSES if name not in UNSEEN]
 SEGMENT_TEMPLATE = "A photo of a {} in the scene"  # PROMPT_ENSEMBLE_TYPE "single"
 CLIP_WIDTH, CLIP_PATCH, CLIP_IMAGE = 64, 16, 224  # the release crops at 224
-TINY = dict(num_queries=8, conv_dim=32, mask_dim=32, hidden_dim=32, dec_layers=3, heads=2, ffn_dim=64, dropout=0.0,
-            stem=64, res2_out=8, width_per_group=2, depth=50)
-REAL = dict(num_queries=100, conv_dim=256, mask_dim=256, hidden_dim=256, dec_layers=6, heads=8, ffn_dim=2048,
-            dropout=0.1, stem=64, res2_out=256, width_per_group=64, depth=101)
+TINY = {
+    "num_queries": 8,
+    "conv_dim": 32,
+    "mask_dim": 32,
+    "hidden_dim": 32,
+    "dec_layers": 3,
+    "heads": 2,
+    "ffn_dim": 64,
+    "dropout": 0.0,
+    "stem": 64,
+    "res2_out": 8,
+    "width_per_group": 2,
+    "depth": 50,
+}
+REAL = {
+    "num_queries": 100,
+    "conv_dim": 256,
+    "mask_dim": 256,
+    "hidden_dim": 256,
+    "dec_layers": 6,
+    "heads": 8,
+    "ffn_dim": 2048,
+    "dropout": 0.1,
+    "stem": 64,
+    "res2_out": 256,
+    "width_per_group": 64,
+    "depth": 101,
+}
 PIXEL_MEAN, PIXEL_STD = [123.675, 116.280, 103.530], [58.395, 57.120, 57.375]
 CLIP_MEAN, CLIP_STD = [122.7709383, 116.7460125, 104.09373615], [68.5005327, 66.6321579, 70.3231630]
 EVAL_IMAGE, EVAL_OUTPUT = (90, 130), (60, 86)  # padded to 96 x 160; the map is resized to the output size
@@ -65,11 +89,20 @@ TRAIN_IMAGE = (40, 56)  # padded to 64 x 64
 
 
 def resnet_cfg(size: dict[str, Any]) -> SimpleNamespace:
-    resnets = SimpleNamespace(NORM="FrozenBN", STEM_OUT_CHANNELS=size["stem"], DEPTH=size["depth"], NUM_GROUPS=1,
-                              WIDTH_PER_GROUP=size["width_per_group"], RES2_OUT_CHANNELS=size["res2_out"],
-                              STRIDE_IN_1X1=False, RES5_DILATION=1, DEFORM_ON_PER_STAGE=[False] * 4,
-                              DEFORM_MODULATED=False, DEFORM_NUM_GROUPS=1,
-                              OUT_FEATURES=["res2", "res3", "res4", "res5"])
+    resnets = SimpleNamespace(
+        NORM="FrozenBN",
+        STEM_OUT_CHANNELS=size["stem"],
+        DEPTH=size["depth"],
+        NUM_GROUPS=1,
+        WIDTH_PER_GROUP=size["width_per_group"],
+        RES2_OUT_CHANNELS=size["res2_out"],
+        STRIDE_IN_1X1=False,
+        RES5_DILATION=1,
+        DEFORM_ON_PER_STAGE=[False] * 4,
+        DEFORM_MODULATED=False,
+        DEFORM_NUM_GROUPS=1,
+        OUT_FEATURES=["res2", "res3", "res4", "res5"],
+    )
     return SimpleNamespace(MODEL=SimpleNamespace(RESNETS=resnets, BACKBONE=SimpleNamespace(FREEZE_AT=0)))
 
 
@@ -84,14 +117,26 @@ def tiny_clip(official_clip_model: Any, used_tokens: torch.Tensor) -> torch.nn.M
     """OpenAI CLIP (the release's ``model.CLIP``) at a tiny size, random, with CLIP's logit scale 100;
     token-embedding rows of tokens no prompt uses are 0 (so the fixture stores only the others)."""
     torch.manual_seed(1)
-    model = official_clip_model.CLIP(embed_dim=512, image_resolution=CLIP_IMAGE, vision_layers=1,
-                                     vision_width=CLIP_WIDTH, vision_patch_size=CLIP_PATCH, context_length=77,
-                                     vocab_size=49408, transformer_width=CLIP_WIDTH, transformer_heads=1,
-                                     transformer_layers=1).float().eval()
+    model = (
+        official_clip_model.CLIP(
+            embed_dim=512,
+            image_resolution=CLIP_IMAGE,
+            vision_layers=1,
+            vision_width=CLIP_WIDTH,
+            vision_patch_size=CLIP_PATCH,
+            context_length=77,
+            vocab_size=49408,
+            transformer_width=CLIP_WIDTH,
+            transformer_heads=1,
+            transformer_layers=1,
+        )
+        .float()
+        .eval()
+    )
     with torch.no_grad():  # the vendored CLIP has no initialize_parameters (it is built from weights)
         torch.nn.init.normal_(model.token_embedding.weight, std=0.02)
         torch.nn.init.normal_(model.positional_embedding, std=0.01)
-        torch.nn.init.normal_(model.text_projection, std=CLIP_WIDTH ** -0.5)
+        torch.nn.init.normal_(model.text_projection, std=CLIP_WIDTH**-0.5)
         randomize(model, scale=1.0)
         make_fp16_exact(model)
         keep = torch.zeros(49408, dtype=torch.bool)
@@ -133,8 +178,9 @@ def all_prompts(imagenet_templates: Any) -> list[str]:
     return [template.format(name) for name in ALL_CLASSES for template in templates]
 
 
-def build_official(size: dict[str, Any], clip_classification: bool, class_files: tuple[str, str],
-                   clip_model: torch.nn.Module) -> Any:
+def build_official(
+    size: dict[str, Any], clip_classification: bool, class_files: tuple[str, str], clip_model: torch.nn.Module
+) -> Any:
     """The release's ``MaskFormer`` (ZegFormer head) at ``size``."""
     from detectron2.data import MetadataCatalog
     from detectron2.layers import ShapeSpec
@@ -152,29 +198,75 @@ def build_official(size: dict[str, Any], clip_classification: bool, class_files:
     shapes = backbone.output_shape()
     decoder = BasePixelDecoder(shapes, conv_dim=size["conv_dim"], mask_dim=size["mask_dim"], norm="GN")
     predictor = TransformerZeroshotPredictor(
-        shapes["res5"].channels, mask_classification=True, num_classes=len(SEEN), hidden_dim=size["hidden_dim"],
-        num_queries=size["num_queries"], nheads=size["heads"], dropout=size["dropout"],
-        dim_feedforward=size["ffn_dim"], enc_layers=0, dec_layers=size["dec_layers"], pre_norm=False,
-        deep_supervision=True, mask_dim=size["mask_dim"], enforce_input_project=False,
-        train_class_json=class_files[0], test_class_json=class_files[1], train_class_indexes_json=None,
-        test_class_indexes_json=None, clip_classification=clip_classification, clip_pretrained="tiny",
-        prompt_ensemble_type="single", wordvec=False, temperature=0.01)
-    head = ZegFormerHead(shapes, num_classes=len(SEEN), pixel_decoder=decoder, loss_weight=1.0, ignore_value=255,
-                         transformer_predictor=predictor, transformer_in_feature="res5")
+        shapes["res5"].channels,
+        mask_classification=True,
+        num_classes=len(SEEN),
+        hidden_dim=size["hidden_dim"],
+        num_queries=size["num_queries"],
+        nheads=size["heads"],
+        dropout=size["dropout"],
+        dim_feedforward=size["ffn_dim"],
+        enc_layers=0,
+        dec_layers=size["dec_layers"],
+        pre_norm=False,
+        deep_supervision=True,
+        mask_dim=size["mask_dim"],
+        enforce_input_project=False,
+        train_class_json=class_files[0],
+        test_class_json=class_files[1],
+        train_class_indexes_json=None,
+        test_class_indexes_json=None,
+        clip_classification=clip_classification,
+        clip_pretrained="tiny",
+        prompt_ensemble_type="single",
+        wordvec=False,
+        temperature=0.01,
+    )
+    head = ZegFormerHead(
+        shapes,
+        num_classes=len(SEEN),
+        pixel_decoder=decoder,
+        loss_weight=1.0,
+        ignore_value=255,
+        transformer_predictor=predictor,
+        transformer_in_feature="res5",
+    )
     weight_dict = {"loss_ce": 1, "loss_mask": 20.0, "loss_dice": 1.0}
     for i in range(size["dec_layers"] - 1):
         weight_dict.update({f"{k}_{i}": v for k, v in list(weight_dict.items())[:3]})
-    criterion = SetCriterion(len(SEEN), matcher=HungarianMatcher(cost_class=1, cost_mask=20.0, cost_dice=1.0),
-                             weight_dict=weight_dict, eos_coef=0.1, losses=["labels", "masks"])
+    criterion = SetCriterion(
+        len(SEEN),
+        matcher=HungarianMatcher(cost_class=1, cost_mask=20.0, cost_dice=1.0),
+        weight_dict=weight_dict,
+        eos_coef=0.1,
+        losses=["labels", "masks"],
+    )
     metadata = MetadataCatalog.get("golden_all")
     metadata.stuff_classes, metadata.val_extra_classes = ALL_CLASSES, UNSEEN
-    model = MaskFormer(backbone=backbone, sem_seg_head=head, criterion=criterion, num_queries=size["num_queries"],
-                       panoptic_on=False, object_mask_threshold=0.8, overlap_threshold=0.8, metadata=metadata,
-                       metadata_val_all=metadata, size_divisibility=32, sem_seg_postprocess_before_inference=False,
-                       pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD, clip_pixel_mean=CLIP_MEAN,
-                       clip_pixel_std=CLIP_STD, gzero_calibrate=0.1, clip_classification=clip_classification,
-                       ensembling=True, ensembling_all_cls=False, train_class_json=class_files[0],
-                       test_class_json=class_files[1], clip_cls_style="cropmask")
+    model = MaskFormer(
+        backbone=backbone,
+        sem_seg_head=head,
+        criterion=criterion,
+        num_queries=size["num_queries"],
+        panoptic_on=False,
+        object_mask_threshold=0.8,
+        overlap_threshold=0.8,
+        metadata=metadata,
+        metadata_val_all=metadata,
+        size_divisibility=32,
+        sem_seg_postprocess_before_inference=False,
+        pixel_mean=PIXEL_MEAN,
+        pixel_std=PIXEL_STD,
+        clip_pixel_mean=CLIP_MEAN,
+        clip_pixel_std=CLIP_STD,
+        gzero_calibrate=0.1,
+        clip_classification=clip_classification,
+        ensembling=True,
+        ensembling_all_cls=False,
+        train_class_json=class_files[0],
+        test_class_json=class_files[1],
+        clip_cls_style="cropmask",
+    )
     return model
 
 
@@ -227,8 +319,10 @@ def main() -> None:
         make_fp16_exact(model)
         predictor.text_features_test_clip = predictor.text_features_test_clip.as_subclass(KeepFloat)
         model.eval()
-        state = {key: value.detach().clone() if key.endswith(("logit_scale", "empty_weight")) else value.half()
-                 for key, value in model.state_dict().items()}  # fp16 holds the fp32 values exactly
+        state = {
+            key: value.detach().clone() if key.endswith(("logit_scale", "empty_weight")) else value.half()
+            for key, value in model.state_dict().items()
+        }  # fp16 holds the fp32 values exactly
         token_key = "sem_seg_head.predictor.clip_model.token_embedding.weight"
         token_rows = state.pop(token_key)[used_tokens].clone()
 
@@ -270,14 +364,20 @@ def main() -> None:
             seen_label = label.clone()
             seen_label[seen_label >= len(SEEN)] = 255  # the release's training labels: unseen pixels ignored
             classes = [c for c in seen_label.unique().tolist() if c != 255]
-            instances = SimpleNamespace(gt_classes=torch.tensor(classes, dtype=torch.long),
-                                        gt_masks=torch.stack([seen_label == c for c in classes]))
+            instances = SimpleNamespace(
+                gt_classes=torch.tensor(classes, dtype=torch.long),
+                gt_masks=torch.stack([seen_label == c for c in classes]),
+            )
             instances.to = lambda device, inst=instances: inst
             batched.append({"image": img, "instances": instances})
         matches: list[Any] = []
         original_matcher = model.criterion.matcher.forward
-        model.criterion.matcher.forward = lambda outputs, targets: matches.append(  # type: ignore[method-assign]
-            original_matcher(outputs, targets)) or matches[-1]
+        model.criterion.matcher.forward = lambda outputs, targets: (
+            matches.append(  # type: ignore[method-assign]
+                original_matcher(outputs, targets)
+            )
+            or matches[-1]
+        )
         losses = model(batched)
         model.criterion.matcher.forward = original_matcher  # type: ignore[method-assign]
         # SetCriterion matches the final layer first, then the auxiliary layers 0..L-2
@@ -290,18 +390,39 @@ def main() -> None:
         }
 
         config = {
-            "all_classes": ALL_CLASSES, "unseen": UNSEEN, "segment_template": SEGMENT_TEMPLATE,
+            "all_classes": ALL_CLASSES,
+            "unseen": UNSEEN,
+            "segment_template": SEGMENT_TEMPLATE,
             "clip_templates": list(imagenet_templates.IMAGENET_TEMPLATES_SELECT_CLIP),
-            "sizes": TINY, "pixel_mean": PIXEL_MEAN, "pixel_std": PIXEL_STD,
-            "clip": {"embed_dim": 512, "quick_gelu": True,
-                     "vision_cfg": {"image_size": CLIP_IMAGE, "patch_size": CLIP_PATCH, "width": CLIP_WIDTH,
-                                    "layers": 1, "head_width": CLIP_WIDTH},
-                     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": CLIP_WIDTH, "heads": 1,
-                                  "layers": 1}},
+            "sizes": TINY,
+            "pixel_mean": PIXEL_MEAN,
+            "pixel_std": PIXEL_STD,
+            "clip": {
+                "embed_dim": 512,
+                "quick_gelu": True,
+                "vision_cfg": {
+                    "image_size": CLIP_IMAGE,
+                    "patch_size": CLIP_PATCH,
+                    "width": CLIP_WIDTH,
+                    "layers": 1,
+                    "head_width": CLIP_WIDTH,
+                },
+                "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": CLIP_WIDTH, "heads": 1, "layers": 1},
+            },
             "source": "dingjiansw101/ZegFormer@8cb9e8f + facebookresearch/detectron2 ResNet, fp32 CPU",
         }
-        torch.save({"config": config, "state_dict": state, "token_ids": used_tokens, "token_rows": token_rows,
-                    "token_key": token_key, "inference": inference, "training": training}, out / "golden.pt")
+        torch.save(
+            {
+                "config": config,
+                "state_dict": state,
+                "token_ids": used_tokens,
+                "token_rows": token_rows,
+                "token_key": token_key,
+                "inference": inference,
+                "training": training,
+            },
+            out / "golden.pt",
+        )
     finally:
         for path in class_files:
             Path(path).unlink(missing_ok=True)

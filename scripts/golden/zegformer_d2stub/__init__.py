@@ -99,8 +99,9 @@ def c2_msra_fill(module: nn.Module) -> None:
         nn.init.constant_(module.bias, 0)
 
 
-def sem_seg_postprocess(result: torch.Tensor, img_size: tuple[int, int], output_height: int,
-                        output_width: int) -> torch.Tensor:
+def sem_seg_postprocess(
+    result: torch.Tensor, img_size: tuple[int, int], output_height: int, output_width: int
+) -> torch.Tensor:
     """detectron2's: crop the padded (C, H, W) prediction to ``img_size`` and resize bilinearly."""
     result = result[:, : img_size[0], : img_size[1]].expand(1, -1, -1, -1)
     return F.interpolate(result, size=(output_height, output_width), mode="bilinear", align_corners=False)[0]
@@ -148,9 +149,18 @@ def install(detectron2_root: str | Path, zegformer_root: str | Path) -> None:
     for name in ("wrappers", "shape_spec", "batch_norm", "blocks"):
         _load_file(f"detectron2.layers.{name}", d2 / "layers" / f"{name}.py")
     for module_name, names in {
-        "wrappers": ["Conv2d", "BatchNorm2d", "cat", "interpolate", "nonzero_tuple", "move_device_like",
-                     "shapes_to_tensor"],
-        "shape_spec": ["ShapeSpec"], "batch_norm": ["FrozenBatchNorm2d", "get_norm"], "blocks": ["CNNBlockBase"],
+        "wrappers": [
+            "Conv2d",
+            "BatchNorm2d",
+            "cat",
+            "interpolate",
+            "nonzero_tuple",
+            "move_device_like",
+            "shapes_to_tensor",
+        ],
+        "shape_spec": ["ShapeSpec"],
+        "batch_norm": ["FrozenBatchNorm2d", "get_norm"],
+        "blocks": ["CNNBlockBase"],
     }.items():
         for name in names:
             setattr(layers, name, getattr(sys.modules[f"detectron2.layers.{module_name}"], name))
@@ -158,8 +168,10 @@ def install(detectron2_root: str | Path, zegformer_root: str | Path) -> None:
     layers.ModulatedDeformConv = _Unavailable  # type: ignore[attr-defined]
     # detectron2.structures.ImageList: the real file
     structures = _package("detectron2.structures")
-    structures.ImageList = _load_file("detectron2.structures.image_list",  # type: ignore[attr-defined]
-                                      d2 / "structures" / "image_list.py").ImageList
+    structures.ImageList = _load_file(
+        "detectron2.structures.image_list",  # type: ignore[attr-defined]
+        d2 / "structures" / "image_list.py",
+    ).ImageList
     # detectron2.modeling: registries + the real ResNet
     sem_seg_heads, meta_archs, backbones = Registry("SEM_SEG_HEADS"), Registry("META_ARCH"), Registry("BACKBONE")
     modeling = _package("detectron2.modeling")
@@ -167,19 +179,26 @@ def install(detectron2_root: str | Path, zegformer_root: str | Path) -> None:
     modeling.META_ARCH_REGISTRY = meta_archs  # type: ignore[attr-defined]
     modeling.build_backbone = lambda cfg: backbones.get(cfg.MODEL.BACKBONE.NAME)(cfg)  # type: ignore[attr-defined]
     modeling.build_sem_seg_head = lambda cfg, shape: sem_seg_heads.get(  # type: ignore[attr-defined]
-        cfg.MODEL.SEM_SEG_HEAD.NAME)(cfg, shape)
+        cfg.MODEL.SEM_SEG_HEAD.NAME
+    )(cfg, shape)
     _module("detectron2.modeling.postprocessing", sem_seg_postprocess=sem_seg_postprocess)
     backbone_pkg = _package("detectron2.modeling.backbone")
     _module("detectron2.modeling.backbone.build", BACKBONE_REGISTRY=backbones)
-    backbone_pkg.Backbone = _load_file("detectron2.modeling.backbone.backbone",  # type: ignore[attr-defined]
-                                       d2 / "modeling" / "backbone" / "backbone.py").Backbone
+    backbone_pkg.Backbone = _load_file(
+        "detectron2.modeling.backbone.backbone",  # type: ignore[attr-defined]
+        d2 / "modeling" / "backbone" / "backbone.py",
+    ).Backbone
     _load_file("detectron2.modeling.backbone.resnet", d2 / "modeling" / "backbone" / "resnet.py")
     _module("detectron2.data", MetadataCatalog=_MetadataCatalog())
     # ZegFormer's packages without their __init__ (which pulls in datasets and training code)
-    for name, path in {"mask_former": zeg, "mask_former.modeling": zeg / "modeling",
-                       "mask_former.modeling.heads": zeg / "modeling" / "heads",
-                       "mask_former.modeling.transformer": zeg / "modeling" / "transformer",
-                       "mask_former.third_party": zeg / "third_party", "mask_former.utils": zeg / "utils"}.items():
+    for name, path in {
+        "mask_former": zeg,
+        "mask_former.modeling": zeg / "modeling",
+        "mask_former.modeling.heads": zeg / "modeling" / "heads",
+        "mask_former.modeling.transformer": zeg / "modeling" / "transformer",
+        "mask_former.third_party": zeg / "third_party",
+        "mask_former.utils": zeg / "utils",
+    }.items():
         if not path.is_dir():
             raise FileNotFoundError(f"{path} not found: give the root of a ZegFormer checkout")
         _package(name, path)

@@ -72,6 +72,10 @@ class MaskClassificationModule(OVSegModule):
                     "SyntheticDataModule or CocoStuffDataModule"
                 )
             self.set_training_classes(classes)
+        elif self.training_classes is None and classes is not None:
+            # e.g. a converted release checkpoint (``ovseg convert``), which records no training
+            # classes: the DataModule's split decides which queries are seen (fusion, calibration)
+            self.set_training_classes(classes)
 
     def set_training_classes(self, classes: TrainingClasses) -> None:
         """Use ``classes`` as the training label space (also restored from checkpoints)."""

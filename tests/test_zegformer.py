@@ -349,3 +349,19 @@ def test_release_class_names_differ_from_ovsegs_in_fifteen_coco_stuff_names():
     assert ("traffic light", "trafficlight") in differ and ("potted plant", "pottedplant") in differ
     voc = Vocabulary.from_file("packaged:voc20_zegformer")
     assert [names[0] for names in voc.classes][-5:] == ["potted plant", "sheep", "sofa", "train", "tvmonitor"]
+
+
+def test_a_model_without_training_classes_takes_the_datamodules_split_at_evaluation():
+    """A converted release checkpoint records no training classes; validating it on a zero-shot
+    DataModule must still fuse and calibrate that DataModule's seen classes as seen."""
+    from types import SimpleNamespace
+
+    model = tiny_zegformer()
+    split = TrainingClasses(Vocabulary((("cat",), ("dog",), ("sand",))), ("sand",))
+    model._trainer = SimpleNamespace(datamodule=SimpleNamespace(training_classes=split, benchmarks=[]))
+    model.setup("validate")
+    assert model.seen_class_names == ("cat", "dog")
+    other = TrainingClasses(Vocabulary((("cat",), ("kite",))), ("kite",))
+    model._trainer = SimpleNamespace(datamodule=SimpleNamespace(training_classes=other, benchmarks=[]))
+    model.setup("validate")  # classes recorded in a checkpoint (or set before) are kept
+    assert model.seen_class_names == ("cat", "dog")

@@ -271,3 +271,55 @@ def test_real_size_official_state_dict_converts_and_loads_strictly() -> None:
     own = model.state_dict()
     for key, target in report.mapped.items():
         assert torch.equal(own[target], official[key]), key
+
+
+def golden_config_yaml(golden: dict[str, Any], path: Path) -> Path:
+    """A config whose ``model`` section builds the fixture's model (as ``build_ovseg``)."""
+    import yaml
+
+    config = golden["config"]
+    sizes = config["sizes"]
+    width = sizes["width_per_group"]
+    clip = {"config": config["clip"]}
+    init_args = {
+        "clip_text": {"class_path": "ovseg.encoders.OpenCLIPText", "init_args": clip},
+        "clip_image": {"class_path": "ovseg.encoders.OpenCLIPImage", "init_args": clip},
+        "backbone": "resnet50", "backbone_kwargs": {"channels": [width, 2 * width, 4 * width, 8 * width]},
+        "pixel_mean": [v / 255 for v in config["pixel_mean"]], "pixel_std": [v / 255 for v in config["pixel_std"]],
+        **{key: sizes[key] for key in ("num_queries", "conv_dim", "mask_dim", "hidden_dim", "dec_layers", "heads",
+                                       "ffn_dim", "dropout")},
+        "clip_templates": config["clip_templates"], "clip_crop_boxes": "release",
+        "training_templates": [config["segment_template"]],
+    }
+    path.write_text(yaml.safe_dump({"model": {"class_path": "ovseg.methods.zegformer.ZegFormer",
+                                              "init_args": init_args}}))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".pkl"])
+def test_ovseg_convert_writes_a_checkpoint_that_reproduces_the_release(golden: dict[str, Any], tmp_path: Path,
+                                                                       suffix: str) -> None:
+    """``ovseg convert zegformer`` on a detectron2 checkpoint (``{"model": ...}``; a ``.pth`` or a
+    ``.pkl`` of numpy arrays), then ``load_from_checkpoint``: the release's semantic map to 1e-5."""
+    import pickle
+
+    from ovseg.convert import convert
+
+    official = official_state_dict(golden)
+    source = tmp_path / f"model_final{suffix}"
+    if suffix == ".pkl":
+        with source.open("wb") as handle:
+            pickle.dump({"model": {key: value.numpy() for key, value in official.items()}, "__author__": "d2"}, handle)
+    else:
+        torch.save({"model": official, "iteration": 60000}, source)
+    destination = tmp_path / "zegformer.ckpt"
+    report = convert("zegformer", source, destination, golden_config_yaml(golden, tmp_path / "tiny.yaml"))
+    assert len(report.mapped) + len(report.dropped) == len(official)
+    model = ZegFormer.load_from_checkpoint(destination, map_location="cpu").eval()
+    config = golden["config"]
+    model.set_training_classes(TrainingClasses(Vocabulary(tuple((n,) for n in config["all_classes"])),
+                                               tuple(config["unseen"])))
+    expected = golden["inference"]
+    probs = model.class_probabilities(expected["image"][None], vocabulary(golden),
+                                      output_size=tuple(expected["output_size"].tolist()))
+    torch.testing.assert_close(probs[0], expected["sem_seg"], **TOLERANCE)

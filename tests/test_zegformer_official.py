@@ -259,8 +259,8 @@ def test_real_size_official_state_dict_converts_and_loads_strictly() -> None:
         [torch.ones(len(official["criterion.empty_weight"]) - 1), torch.tensor([0.1])]
     )
     model = ZegFormer(
-        clip_text=OpenCLIPText(model_name="ViT-B-16"),
-        clip_image=OpenCLIPImage(model_name="ViT-B-16"),
+        clip_text=OpenCLIPText(model_name="ViT-B-16-quickgelu"),
+        clip_image=OpenCLIPImage(model_name="ViT-B-16-quickgelu"),
         backbone="resnet101.tv_in1k",
     )
     state, report = convert_state_dict(official, model)
@@ -323,3 +323,14 @@ def test_ovseg_convert_writes_a_checkpoint_that_reproduces_the_release(golden: d
     probs = model.class_probabilities(expected["image"][None], vocabulary(golden),
                                       output_size=tuple(expected["output_size"].tolist()))
     torch.testing.assert_close(probs[0], expected["sem_seg"], **TOLERANCE)
+
+
+def test_release_configs_use_openai_clip_with_quickgelu() -> None:
+    """The release runs OpenAI's CLIP, whose blocks use QuickGELU; open_clip's plain ``ViT-B-16`` with
+    the ``openai`` tag builds GELU blocks (it only warns), so the configs name the QuickGELU variant."""
+    import yaml
+
+    for name in ("coco_stuff_156_r101", "voc_15_r101"):
+        model = yaml.safe_load((Path(__file__).parents[1] / "configs" / "zegformer" / f"{name}.yaml").read_text())
+        for tower in ("clip_text", "clip_image"):
+            assert model["model"]["init_args"][tower]["init_args"]["model_name"] == "ViT-B-16-quickgelu", name

@@ -334,3 +334,35 @@ def test_release_configs_use_openai_clip_with_quickgelu() -> None:
         model = yaml.safe_load((Path(__file__).parents[1] / "configs" / "zegformer" / f"{name}.yaml").read_text())
         for tower in ("clip_text", "clip_image"):
             assert model["model"]["init_args"][tower]["init_args"]["model_name"] == "ViT-B-16-quickgelu", name
+
+
+def test_designed_proposals_crops_and_map_match_the_release(golden: dict[str, Any],
+                                                            converted: tuple[ZegFormer, KeyReport]) -> None:
+    """Proposals the box rule is about (compact, one row, one column, one pixel, empty, inside the
+    padding), given at the padded resolution to the release and to ovseg alike."""
+    from dataclasses import replace
+
+    model, _ = converted
+    expected = golden["inference"]
+    designed = torch.where(expected["designed_masks"], 4.0, -4.0)[None]  # (1, N, Hp, Wp)
+    image = expected["image"][None].float() / 255
+    pixels = F.pad(model.clip_image.normalize(image), (0, designed.shape[-1] - image.shape[-1],
+                                                       0, designed.shape[-2] - image.shape[-2]))
+    crops = masked_crops(pixels, designed > 0, 224, "release")
+    torch.testing.assert_close(F.avg_pool2d(crops, 8), expected["designed_crops_pooled"], **TOLERANCE)
+    with torch.no_grad():
+        features = model.clip_image.encode(crops).pooled
+    torch.testing.assert_close(features, expected["designed_clip_image_features"], **TOLERANCE)
+    tight = masked_crops(model.clip_image.normalize(image), designed[..., :90, :130] > 0, 224, "tight")
+    differs = (F.avg_pool2d(tight, 8) - expected["designed_crops_pooled"]).abs().flatten(1).amax(1) > 0.1
+    # ovseg's rule crops every non-empty proposal differently, but the one inside the padding (whose
+    # crop is all zero either way: the padding is 0 after normalisation)
+    assert differs.tolist() == [False, True, True, True, True, False, True, True]
+    original = model.model.forward
+    model.model.forward = lambda pixels: replace(original(pixels), mask_logits=designed[None])  # type: ignore
+    try:
+        probs = model.class_probabilities(expected["image"][None], vocabulary(golden),
+                                          output_size=tuple(expected["output_size"].tolist()))
+    finally:
+        del model.model.forward
+    torch.testing.assert_close(probs[0], expected["designed_sem_seg"], **TOLERANCE)

@@ -11,7 +11,8 @@ writes what ``tests/test_zegformer_official.py`` compares ovseg against:
   is 0 in the model that produced the outputs), and the official
   outputs: proposals (class logits, stride-4 mask logits, all decoder layers), the CLIP branch
   (8x8-average-pooled 224-px crops, image features) and the fused, calibrated semantic map of one
-  inference image; the Hungarian assignment of every decoder layer and the set losses of a
+  inference image, and the same for designed proposals (compact, one row, one column, one pixel,
+  empty, in the padding) that replace the head's masks at the padded resolution; the Hungarian assignment of every decoder layer and the set losses of a
   training batch;
 - ``tests/fixtures/zegformer/official_r101_shapes.json``: key -> shape of the official state dict
   at real size (R-101, 256-wide heads, 100 queries, 6 layers), for the strict-loading test.
@@ -278,6 +279,53 @@ def smooth_image(height: int, width: int, generator: torch.Generator) -> torch.T
     return image.clamp(0, 255).round().to(torch.uint8)
 
 
+def designed_masks() -> torch.Tensor:
+    """(8, 96, 160) bool proposals on the padded eval image (image 90 x 130, padding beyond)."""
+    masks = torch.zeros(8, 96, 160, dtype=torch.bool)
+    masks[1, 10:30, 20:50] = True  # compact: box [20, 10, 49, 29] in the release, [20, 10, 50, 30] tight
+    masks[2, 40, 10:61] = True  # one row: zero area -> whole padded image in the release
+    masks[3, 5:51, 100] = True  # one column: the same
+    masks[4, 60, 70] = True  # one pixel
+    masks[5, 91:96, 135:151] = True  # only in the padding
+    masks[6, 70:96, 100:160] = True  # image and padding
+    masks[7, 5:11, 5:11] = True  # two blobs far apart
+    masks[7, 80:86, 120:126] = True
+    return masks  # masks[0] is empty
+
+
+def run_inference(model: Any, image: torch.Tensor, mask_override: torch.Tensor | None = None) -> dict[str, Any]:
+    """The release's inference on one image; ``mask_override`` replaces the head's mask logits."""
+    predictor = model.sem_seg_head.predictor
+    captured: dict[str, Any] = {}
+
+    def head_hook(module: Any, inputs: Any, output: dict[str, Any]) -> dict[str, Any]:
+        captured.setdefault("head", output)
+        return output if mask_override is None else {**output, "pred_masks": mask_override}
+
+    hooks = [
+        model.sem_seg_head.register_forward_hook(head_hook),
+        predictor.clip_model.visual.register_forward_pre_hook(lambda m, i: captured.setdefault("crops", i[0])),
+        predictor.clip_model.visual.register_forward_hook(lambda m, i, o: captured.setdefault("features", o)),
+    ]
+    with torch.no_grad():
+        result = model([{"image": image, "height": EVAL_OUTPUT[0], "width": EVAL_OUTPUT[1]}])[0]["sem_seg"]
+    for hook in hooks:
+        hook.remove()
+    head = captured["head"]
+    layer_logits = torch.stack([a["pred_logits"] for a in head["aux_outputs"]] + [head["pred_logits"]])
+    layer_masks = torch.stack([a["pred_masks"] for a in head["aux_outputs"]] + [head["pred_masks"]])
+    crops = captured["crops"].float()
+    return {
+        "image": image,
+        "output_size": torch.tensor(EVAL_OUTPUT),
+        "class_logits": layer_logits.as_subclass(torch.Tensor).clone(),  # (L, 1, N, C + 1)
+        "mask_logits": layer_masks.as_subclass(torch.Tensor).clone(),  # (L, 1, N, h, w)
+        "crops_pooled": F.avg_pool2d(crops, 8).as_subclass(torch.Tensor).clone(),  # (N, 3, 28, 28)
+        "clip_image_features": captured["features"].float().as_subclass(torch.Tensor).clone(),  # (N, 512)
+        "sem_seg": result.as_subclass(torch.Tensor).clone(),  # (C, H_out, W_out)
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--zegformer", required=True, help="ZegFormer source checkout (holds mask_former/)")
@@ -329,29 +377,15 @@ def main() -> None:
         # ------------------------------------------------------------ inference
         generator = torch.Generator().manual_seed(0)
         image = smooth_image(*EVAL_IMAGE, generator)
-        captured: dict[str, Any] = {}
-        hooks = [
-            model.sem_seg_head.register_forward_hook(lambda m, i, o: captured.setdefault("head", o)),
-            predictor.clip_model.visual.register_forward_pre_hook(lambda m, i: captured.setdefault("crops", i[0])),
-            predictor.clip_model.visual.register_forward_hook(lambda m, i, o: captured.setdefault("features", o)),
-        ]
-        with torch.no_grad():
-            result = model([{"image": image, "height": EVAL_OUTPUT[0], "width": EVAL_OUTPUT[1]}])[0]["sem_seg"]
-        for hook in hooks:
-            hook.remove()
-        head = captured["head"]
-        layer_logits = torch.stack([a["pred_logits"] for a in head["aux_outputs"]] + [head["pred_logits"]])
-        layer_masks = torch.stack([a["pred_masks"] for a in head["aux_outputs"]] + [head["pred_masks"]])
-        crops = captured["crops"].float()
-        inference = {
-            "image": image,
-            "output_size": torch.tensor(EVAL_OUTPUT),
-            "class_logits": layer_logits.as_subclass(torch.Tensor).clone(),  # (L, 1, N, C + 1)
-            "mask_logits": layer_masks.as_subclass(torch.Tensor).clone(),  # (L, 1, N, h, w)
-            "crops_pooled": F.avg_pool2d(crops, 8).as_subclass(torch.Tensor).clone(),  # (N, 3, 28, 28)
-            "clip_image_features": captured["features"].float().as_subclass(torch.Tensor).clone(),  # (N, 512)
-            "sem_seg": result.as_subclass(torch.Tensor).clone(),  # (C, H_out, W_out)
-        }
+        inference = run_inference(model, image)
+        # the same image with designed proposals at the padded resolution (the release's upsampling
+        # is then the identity): compact, one-row, one-column, one-pixel, empty and padding masks
+        designed = designed_masks()
+        override = run_inference(model, image, mask_override=torch.where(designed, 4.0, -4.0)[None])
+        inference["designed_masks"] = designed
+        inference["designed_crops_pooled"] = override["crops_pooled"]
+        inference["designed_clip_image_features"] = override["clip_image_features"]
+        inference["designed_sem_seg"] = override["sem_seg"]
 
         # ------------------------------------------------------------ training: matching and set loss
         model.train()

@@ -10,7 +10,7 @@ writes what ``tests/test_zegformer_official.py`` compares ovseg against:
   fp32; the CLIP token embedding stored as the rows of the tokens the prompts use, every other row
   is 0 in the model that produced the outputs), and the official
   outputs: proposals (class logits, stride-4 mask logits, all decoder layers), the CLIP branch
-  (8x8-average-pooled 224-px crops, image features) and the fused, calibrated semantic map of one
+  (16x16-average-pooled 224-px crops, image features) and the fused, calibrated semantic map of one
   inference image, and the same for designed proposals (compact, one row, one column, one pixel,
   empty, in the padding) that replace the head's masks at the padded resolution; the Hungarian assignment of every decoder layer and the set losses of a
   training batch;
@@ -85,7 +85,7 @@ REAL = {
 }
 PIXEL_MEAN, PIXEL_STD = [123.675, 116.280, 103.530], [58.395, 57.120, 57.375]
 CLIP_MEAN, CLIP_STD = [122.7709383, 116.7460125, 104.09373615], [68.5005327, 66.6321579, 70.3231630]
-EVAL_IMAGE, EVAL_OUTPUT = (90, 130), (60, 86)  # padded to 96 x 160; the map is resized to the output size
+EVAL_IMAGE, EVAL_OUTPUT = (90, 130), (45, 65)  # padded to 96 x 160; the map is resized to the output size
 TRAIN_IMAGE = (40, 56)  # padded to 64 x 64
 
 
@@ -320,7 +320,7 @@ def run_inference(model: Any, image: torch.Tensor, mask_override: torch.Tensor |
         "output_size": torch.tensor(EVAL_OUTPUT),
         "class_logits": layer_logits.as_subclass(torch.Tensor).clone(),  # (L, 1, N, C + 1)
         "mask_logits": layer_masks.as_subclass(torch.Tensor).clone(),  # (L, 1, N, h, w)
-        "crops_pooled": F.avg_pool2d(crops, 8).as_subclass(torch.Tensor).clone(),  # (N, 3, 28, 28)
+        "crops_pooled": F.avg_pool2d(crops, 16).as_subclass(torch.Tensor).clone(),  # (N, 3, 14, 14)
         "clip_image_features": captured["features"].float().as_subclass(torch.Tensor).clone(),  # (N, 512)
         "sem_seg": result.as_subclass(torch.Tensor).clone(),  # (C, H_out, W_out)
     }

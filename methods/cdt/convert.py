@@ -130,6 +130,6 @@ def convert_state_dict(official: dict[str, Tensor], model: Any) -> tuple[dict[st
     if problems:
         raise ConversionError("MAFT+ checkpoint does not fit the config's CDT (is it the config of the same CLIP "
                               "and head sizes?): " + " | ".join(problems))
-    if getattr(model.hparams, "get", None) and model.hparams.get("pretrained") is not None:
+    if model.hparams.get("pretrained") is not None:
         report.hparams_updates["pretrained"] = None
     return converted, report

@@ -180,7 +180,13 @@ class CDT(MaskClassificationModule):
         if self.training_class_names is None:
             return super().training_vocabulary()
         assert self.training_classes is not None, "no training classes: fit with a DataModule that has them"
-        names = Vocabulary.from_file(self.training_class_names, self.training_templates)
+        try:
+            names = Vocabulary.from_file(self.training_class_names, self.training_templates)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"training_class_names {self.training_class_names} does not exist: make it from MAFT+'s "
+                "coco_stuff_with_prompt_eng.txt (docs/cdt.md, 'Reproducing the release') or set "
+                "training_class_names: null to train on the DataModule's names") from None
         if len(names) != len(self.training_classes.vocabulary):
             raise ValueError(f"training_class_names {self.training_class_names} has {len(names)} classes, the "
                              f"training label space {len(self.training_classes.vocabulary)}: give one line per "

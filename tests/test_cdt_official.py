@@ -42,13 +42,18 @@ def golden() -> dict:
     return torch.load(FIXTURES / "inference.pt", weights_only=True)
 
 
-def build_cdt(golden: dict, **switches) -> CDT:
+def init_args(golden: dict, **switches) -> dict:
+    """CDT's arguments for the fixture's tiny model (and the release's fixed encoder FFN of 1024)."""
     sizes = golden["sizes"]
     dim = sizes["hidden_dim"]
-    return CDT(clip_config=tiny_clip_module().CLIP_CONFIG, num_queries=sizes["num_queries"], conv_dim=dim, mask_dim=dim,
-               hidden_dim=dim, enc_layers=sizes["enc_layers"], enc_heads=sizes["heads"], enc_points=4, enc_ffn_dim=1024,
-               dec_layers=sizes["dec_layers"], dec_heads=sizes["heads"], dec_ffn_dim=sizes["dec_ffn_dim"],
-               cdt_heads=sizes["heads"], **switches).eval()
+    return dict(clip_config=tiny_clip_module().CLIP_CONFIG, num_queries=sizes["num_queries"], conv_dim=dim,
+                mask_dim=dim, hidden_dim=dim, enc_layers=sizes["enc_layers"], enc_heads=sizes["heads"], enc_points=4,
+                enc_ffn_dim=1024, dec_layers=sizes["dec_layers"], dec_heads=sizes["heads"],
+                dec_ffn_dim=sizes["dec_ffn_dim"], cdt_heads=sizes["heads"], **switches)
+
+
+def build_cdt(golden: dict, **switches) -> CDT:
+    return CDT(**init_args(golden, **switches)).eval()
 
 
 def converted(golden: dict, **switches) -> CDT:
@@ -212,3 +217,33 @@ def release_layout(own: dict[str, torch.Tensor], rules) -> dict[str, torch.Tenso
         official[name] = torch.randn_like(value) if value.is_floating_point() else value
     assert rules
     return official
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".pkl"])
+def test_converted_checkpoint_loads_and_reproduces_the_release(golden, tmp_path, suffix):
+    """`ovseg convert cdt` on a .pth or detectron2 .pkl file -> a checkpoint that loads without the
+    YAML (``load_from_checkpoint``, as ``ovseg validate --ckpt_path`` does) and gives the official logits."""
+    import pickle
+
+    import yaml
+
+    from ovseg.convert import convert
+
+    model = build_cdt(golden, **RELEASE_SWITCHES)
+    official = dict(golden["state_dict"])
+    official["backbone.clip_model.token_embedding.weight"] = model.text_encoder.token_embedding.weight.detach()
+    source = tmp_path / f"maftplus_tiny{suffix}"
+    if suffix == ".pkl":  # detectron2's format: numpy arrays under "model"
+        with source.open("wb") as handle:
+            pickle.dump({"model": {k: v.numpy() for k, v in official.items()}, "__author__": "golden"}, handle)
+    else:
+        torch.save({"model": official, "iteration": 0}, source)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"model": {"class_path": "ovseg.methods.cdt.CDT",
+                                                "init_args": init_args(golden, **RELEASE_SWITCHES)}}))
+    report = convert("cdt", source, tmp_path / "converted.ckpt", config)
+    assert len(report.mapped) == len(model.state_dict())
+    loaded = CDT.load_from_checkpoint(tmp_path / "converted.ckpt").eval()
+    assert all(getattr(loaded, name) for name in ("upsample_masks_before_sigmoid", "synonym_logit_max"))
+    _, out = run(loaded, golden)
+    assert max_error(out.out_vocab_logits, golden["out_vocab_logits"]) <= TOLERANCE

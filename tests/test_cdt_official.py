@@ -16,14 +16,18 @@ from ovseg.convert import ConversionError
 from ovseg.masks import MaskTargets
 from ovseg.methods.cdt import CDT
 from ovseg.methods.cdt.convert import convert_state_dict
-from ovseg.methods.cdt.losses import mask_aware_loss, pod_descriptor, representation_compensation_loss
+from ovseg.methods.cdt.losses import (
+    mask_aware_loss,
+    pod_descriptor,
+    representation_compensation_loss,
+)
 from ovseg.vocabulary import Vocabulary, reduce_synonyms
 
 FIXTURES = Path(__file__).parent / "fixtures" / "maftplus"
 TOLERANCE = 1e-5
 #: the release's behaviour (configs/cdt/coco_stuff_convnext_*.yaml); False everywhere is ovseg's
-RELEASE_SWITCHES = dict(cdt_flatten_without_permute=True, upsample_masks_before_sigmoid=True, synonym_logit_max=True,
-                        mask_aware_sigmoid_first=True, rc_kernel_from_unresized_width=True)
+RELEASE_SWITCHES = {"cdt_flatten_without_permute": True, "upsample_masks_before_sigmoid": True,
+                    "synonym_logit_max": True, "mask_aware_sigmoid_first": True, "rc_kernel_from_unresized_width": True}
 
 
 def tiny_clip_module():

@@ -60,8 +60,8 @@ RULES: tuple[tuple[str, str], ...] = (
 
 #: (official key pattern, why it is not used)
 DROPS: tuple[tuple[str, str], ...] = (
-    (r"backbone_t\..+", "the RC teacher (a frozen copy of the pretrained CLIP, used in training only); ovseg "
-                        "rebuilds it from the CLIP weights when it trains and does not save it"),
+    (r"backbone_t\..+", ("the RC teacher (a frozen copy of the pretrained CLIP, used in training only); ovseg "
+                         "rebuilds it from the CLIP weights when it trains and does not save it")),
     (r"criterion\..+", "set-criterion buffer (no-object class weight), rebuilt from no_object_weight"),
     (r"(pixel_mean|pixel_std)", "input normalisation constants; ovseg normalises with the CLIP model's own"),
     (_CLIP + r"attn_mask", "the text tower's causal mask, rebuilt by open_clip"),

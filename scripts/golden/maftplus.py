@@ -42,7 +42,7 @@ FIXTURES = REPO / "tests" / "fixtures" / "maftplus"
 IMAGE_SIZE = (90, 60)
 #: the vocabulary: names per class (the official max over names' logits is exercised)
 CLASSES = (("cat", "kitty"), ("sky",), ("grass", "lawn", "turf"))
-SIZES = dict(hidden_dim=32, num_queries=8, heads=4, dec_layers=4, dec_ffn_dim=64, enc_layers=1)
+SIZES = {"hidden_dim": 32, "num_queries": 8, "heads": 4, "dec_layers": 4, "dec_ffn_dim": 64, "enc_layers": 1}
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 OPEN_CLIP_NAME = "convnext_base_ovseg_golden"  # "convnext_" and "_base" make the official code take it

@@ -1,7 +1,7 @@
 """``ImageList`` (padding to a size divisibility); the other structures are unused placeholders."""
 
-import torch.nn.functional as F
 import torch
+import torch.nn.functional as F
 
 
 class ImageList:

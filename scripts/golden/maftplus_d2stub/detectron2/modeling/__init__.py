@@ -17,5 +17,12 @@ def build_sem_seg_head(cfg, input_shape):
     return SEM_SEG_HEADS_REGISTRY.get(cfg.MODEL.SEM_SEG_HEAD.NAME)(cfg, input_shape)
 
 
-__all__ = ["META_ARCH_REGISTRY", "SEM_SEG_HEADS_REGISTRY", "BACKBONE_REGISTRY", "Backbone", "ShapeSpec",
-           "build_backbone", "build_sem_seg_head"]
+__all__ = [
+    "BACKBONE_REGISTRY",
+    "META_ARCH_REGISTRY",
+    "SEM_SEG_HEADS_REGISTRY",
+    "Backbone",
+    "ShapeSpec",
+    "build_backbone",
+    "build_sem_seg_head",
+]

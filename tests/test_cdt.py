@@ -297,7 +297,7 @@ def test_training_names_with_synonyms_take_the_max_logit(tmp_path):
         model_with(training_class_names=str(path)).training_loss(batch)
     path.write_text("\n".join(names[:-1]) + "\n")
     with pytest.raises(ValueError, match="one line per label value"):
-        model.training_vocabulary()
+        model_with(training_class_names=str(path), synonym_logit_max=True).training_vocabulary()
     with pytest.raises(FileNotFoundError, match="coco_stuff_with_prompt_eng"):
         model_with(training_class_names=str(tmp_path / "missing.txt")).training_vocabulary()
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ovseg.benchmark import TrainingClasses
 from ovseg.encoders.open_clip import OpenCLIPImage, OpenCLIPText, build_open_clip_model
 from ovseg.mask_classification import MaskClassificationModule
 from ovseg.methods.cdt.losses import mask_aware_loss, representation_compensation_loss
@@ -160,6 +161,7 @@ class CDT(MaskClassificationModule):
         self.rc_kernel_from_unresized_width = rc_kernel_from_unresized_width
         self.synonym_logit_max = synonym_logit_max
         self.training_class_names = training_class_names
+        self._training_names: Vocabulary | None = None
 
     def train(self, mode: bool = True) -> CDT:
         """Train mode for everything but the frozen text tower and RC teacher."""
@@ -180,6 +182,8 @@ class CDT(MaskClassificationModule):
         if self.training_class_names is None:
             return super().training_vocabulary()
         assert self.training_classes is not None, "no training classes: fit with a DataModule that has them"
+        if self._training_names is not None:
+            return self._training_names
         try:
             names = Vocabulary.from_file(self.training_class_names, self.training_templates)
         except FileNotFoundError:
@@ -191,7 +195,13 @@ class CDT(MaskClassificationModule):
             raise ValueError(f"training_class_names {self.training_class_names} has {len(names)} classes, the "
                              f"training label space {len(self.training_classes.vocabulary)}: give one line per "
                              "label value, in label order")
-        return Vocabulary(tuple(names.classes[k] for k in self.training_classes.seen_indices), names.templates)
+        self._training_names = Vocabulary(tuple(names.classes[k] for k in self.training_classes.seen_indices),
+                                          names.templates)
+        return self._training_names
+
+    def set_training_classes(self, classes: TrainingClasses) -> None:
+        super().set_training_classes(classes)
+        self._training_names = None  # re-read training_class_names for the new label space
 
     def _query_to_class(self, vocabulary: Vocabulary | None, num_queries: int) -> Tensor | None:
         """The name -> class map the logits are reduced with (``synonym_logit_max``), or None."""
@@ -223,7 +233,7 @@ class CDT(MaskClassificationModule):
         out = self.model(pixels, text_embeddings, query_to_class)
         probs = inference_class_probs(out.in_vocab_logits[-1], out.out_vocab_logits)
         if query_to_class is not None:
-            probs = probs[..., query_to_class]  # (B, N, K) -> (B, N, Q): every name gets its class's
+            probs = probs[..., query_to_class]  # (B, N, K) -> (B, N, Q): each name gets its class's probability
         image_size, padded_size = tuple(images.shape[-2:]), tuple(pixels.shape[-2:])
         if self.upsample_masks_before_sigmoid:
             return MaskPredictions(out.mask_logits[-1], probs).upsampled_before_sigmoid(padded_size, image_size)

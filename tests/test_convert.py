@@ -66,7 +66,7 @@ def test_converted_checkpoint_loads_with_the_same_weights_and_predictions(offici
     report = convert_module.convert("simzss", source, destination, SMOKE)
     assert len(report.mapped) == len(expected) and list(report.dropped) == ["ema.step"]
     loaded = SimZSS.load_from_checkpoint(destination, map_location="cpu")
-    assert loaded.hparams["lambda_local"] == 0.25  # recorded as the mapping asked
+    assert loaded.lambda_local == 0.25  # built from the hyper-parameters the mapping recorded
     for key, value in expected.items():
         torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
     checkpoint = torch.load(destination, weights_only=True)

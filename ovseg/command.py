@@ -75,7 +75,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = debug_requested(args)
     args = [arg for arg in args if arg != "--debug"]
-    if not args or args[0] in ("-h", "--help"):
+    if not args:  # no command: the help, as an error
+        print(top_level_help(), file=sys.stderr)
+        sys.exit(USER_ERROR_STATUS)
+    if args[0] in ("-h", "--help"):
         print(top_level_help())
         return
     try:

@@ -195,6 +195,8 @@ def test_help_is_fast_and_lists_commands_methods_and_datamodules(tmp_path, capsy
     for command in ("fit", "validate", "test", "predict", "data"):
         assert f"\n  {command} " in top.stdout, command
     assert "--model SimZSS" in top.stdout
+    bare = ovseg(tmp_path)  # no command: the same help, as an error
+    assert bare.returncode == 2 and "commands:" in bare.stderr
 
     # 11: progress bars stay off when the output is not a terminal (no lines run together by "\r")
     made = ovseg(tmp_path, "data", "make-synthetic", "--format", "mmseg", "--out", "m", "--num-images", "3",

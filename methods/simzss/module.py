@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ovseg.encoders.base import ImageEncoder, TextEncoder
-from ovseg.methods.simzss.concepts import ConceptExtractor
+from ovseg.concepts import ConceptExtractor
 from ovseg.methods.simzss.loss import ConceptLoss, GlobalContrastiveLoss
 from ovseg.methods.simzss.model import FrozenImageFeatures, SimZSSModel
 from ovseg.module import OVSegModule, to_unit_float

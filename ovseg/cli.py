@@ -34,8 +34,8 @@ from ovseg.hub import HUB_PREFIX, resolve_checkpoint
 from ovseg.module import OVSegModule
 
 #: modules whose DataModules ``--data NAME`` and ``--help`` know by short name (methods: METHODS)
-DATAMODULE_MODULES = ("ovseg.datamodules.synthetic", "ovseg.datamodules.coco", "ovseg.datamodules.webdataset",
-                      "ovseg.datamodules.feature_cache", "ovseg.datamodules.benchmarks")
+DATAMODULE_MODULES = ("ovseg.datamodules.synthetic", "ovseg.datamodules.coco_captions", "ovseg.datamodules.coco_stuff",
+                      "ovseg.datamodules.webdataset", "ovseg.datamodules.feature_store", "ovseg.datamodules.benchmarks")
 
 
 DESCRIPTION = (
@@ -290,7 +290,7 @@ def run(args: Sequence[str] | None = None) -> OVSegCLI | None:
     """
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == "data":
-        from ovseg.data_cli import main as data_main
+        from ovseg.prepare.cli import main as data_main
 
         data_main(argv[1:])
         return None

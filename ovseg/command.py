@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     try:
         if args[0] == "data":  # argparse only: no Lightning import
-            from ovseg.data_cli import main as data_main
+            from ovseg.prepare.cli import main as data_main
 
             data_main(args[1:])
             return

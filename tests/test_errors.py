@@ -275,7 +275,8 @@ def test_progress_bar_counts_the_epoch_not_the_remaining_steps():
 
 
 def test_data_check_rejects_what_validate_rejects_and_reports_orphans(tmp_path, capsys):
-    from ovseg.datamodules.synthetic import SyntheticWorld, write_mmseg
+    from ovseg.datamodules.synthetic import SyntheticWorld
+    from ovseg.prepare.synthetic import write_mmseg
 
     root = tmp_path / "data/synthetic_mmseg"
     write_mmseg(SyntheticWorld(image_size=(32, 40), seed=1), root, num_images=2, progress=False)
@@ -301,7 +302,7 @@ def test_data_check_rejects_what_validate_rejects_and_reports_orphans(tmp_path, 
 def test_unfinished_feature_store_is_refused_before_the_first_step_unless_allowed(tmp_path, capsys, caplog):
     import yaml
 
-    from ovseg.datamodules.feature_cache import CacheViews, build_feature_cache
+    from ovseg.prepare.feature_cache import CacheViews, build_feature_cache
     from ovseg.datamodules.synthetic import SyntheticDataModule
     from ovseg.encoders import TimmViT
 
@@ -341,7 +342,7 @@ def test_unfinished_feature_store_is_refused_before_the_first_step_unless_allowe
 def test_caption_files_missing_keys_and_cut_captions_are_named_and_counted(tmp_path, capsys, caplog):
     import json
 
-    from ovseg.datamodules.synthetic import make_synthetic
+    from ovseg.prepare.synthetic import make_synthetic
 
     root = make_synthetic("coco", tmp_path / "coco", num_images=2, image_size=32, progress=False)
     annotations = root / "annotations/captions_train2017.json"

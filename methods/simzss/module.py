@@ -32,7 +32,13 @@ class SimZSS(OVSegModule):
         local_logit_scale: fixed scale of the concept logits, eq. (5) (1/0.07).
         init_logit_scale: initial learnable scale of the global loss (1/0.07).
         max_logit_scale: cap of the global scale (100).
-        local_target: ``"label"`` (the paper) or ``"argmax"`` (the official release).
+        local_target: ``"label"`` (the paper) or ``"argmax"`` (the official release: the argmax of
+            its own logits is the cross-entropy target).
+        concept_pooling: ``"mean"`` of a concept's raw token features (the paper, eq. 1) or
+            ``"normalized_sum"`` of its L2-normalised token features (the official release).
+        class_set: on several processes, the concept softmax of eq. (5) covers the classes present
+            on this ``"rank"``, or on any rank (``"global"``, the official release, where a class
+            absent from this rank enters with logit 0). The same on one process.
         class_embedding: how a class name in a prompt becomes its embedding: ``"eot"``, the
             end-of-text feature (the official release's ``embed_words``), or ``"concept"``, the mean
             of the name's own token features, i.e. the textual concept of eq. (1) that the concept
@@ -52,6 +58,8 @@ class SimZSS(OVSegModule):
         init_logit_scale: float = 1 / 0.07,
         max_logit_scale: float = 100.0,
         local_target: Literal["label", "argmax"] = "label",
+        concept_pooling: Literal["mean", "normalized_sum"] = "mean",
+        class_set: Literal["rank", "global"] = "rank",
         class_embedding: Literal["eot", "concept"] = "eot",
         concept_bank: str | None = None,
         **kwargs: Any,
@@ -59,7 +67,7 @@ class SimZSS(OVSegModule):
         super().__init__(**kwargs)
         self.model = SimZSSModel(image_encoder, text_encoder)
         self.global_loss = GlobalContrastiveLoss(init_logit_scale, max_logit_scale)
-        self.local_loss = ConceptLoss(pool_temperature, local_logit_scale, local_target)
+        self.local_loss = ConceptLoss(pool_temperature, local_logit_scale, local_target, concept_pooling, class_set)
         self.lambda_local = lambda_local
         if class_embedding not in ("eot", "concept"):
             raise ValueError(f"class_embedding must be 'eot' or 'concept', got {class_embedding!r}")
@@ -116,7 +124,8 @@ class SimZSS(OVSegModule):
         loss = global_loss
         if self.lambda_local > 0:
             local = self.local_loss(text.tokens, image.patches, concepts["concept_labels"],
-                                    concepts["concept_token_positions"], concepts["concept_token_mask"])
+                                    concepts["concept_token_positions"], concepts["concept_token_mask"],
+                                    self._gather(sync_grads=False)[0])
             loss = loss + self.lambda_local * local.loss
             terms.update(loss_local=local.loss, concept_accuracy=local.accuracy,
                          concepts_per_caption=torch.tensor(local.num_concepts / len(captions)))
@@ -139,11 +148,12 @@ class SimZSS(OVSegModule):
         super().on_train_batch_end(outputs, batch, batch_idx)
         self.global_loss.clamp_()
 
-    def _gather(self):
-        """All-gather with gradients across ranks (Lightning's), or identity on one process."""
+    def _gather(self, sync_grads: bool = True):
+        """All-gather (with gradients if ``sync_grads``) across ranks (Lightning's), or identity on one
+        process; and this process's rank."""
         if self._trainer is None or self.trainer.world_size == 1:
             return (lambda tensor: tensor), 0
-        return (lambda tensor: self.all_gather(tensor, sync_grads=True).flatten(0, 1)), self.global_rank
+        return (lambda tensor: self.all_gather(tensor, sync_grads=sync_grads).flatten(0, 1)), self.global_rank
 
 
 def name_token_mask(prompts: list[Prompt], token_ids: Tensor, bpe_tokenizer: Any) -> Tensor:

@@ -8,6 +8,7 @@ from ovseg.encoders.base import (
     load_state_dict_file,
     load_state_dict_strict,
 )
+from ovseg.encoders.denoiser import DVTDenoiser
 from ovseg.encoders.open_clip import (
     OpenCLIPImage,
     OpenCLIPText,
@@ -19,6 +20,7 @@ from ovseg.encoders.timm_vit import NORM_PRESETS, TimmViT, tiny_timm_vit_kwargs
 
 __all__ = [
     "CLIPTextTransformer",
+    "DVTDenoiser",
     "ImageEncoder",
     "ImageFeatures",
     "NORM_PRESETS",

@@ -6,6 +6,7 @@ Examples::
     ovseg fit -c configs/simzss/synthetic.yaml --trainer.max_steps 100 --model.init_args.lambda_local 0
     ovseg validate -c configs/experiment/smoke.yaml --ckpt_path runs/smoke/checkpoints/last.ckpt
     ovseg data make-synthetic --format coco --out data/synthetic_coco --num-images 200
+    ovseg convert cdt maftplus.pth runs/maftplus.ckpt -c configs/cdt/coco_stuff_convnext_l.yaml
 
 Model and data are chosen by ``class_path`` (any subclass of :class:`~ovseg.module.OVSegModule`
 and any ``LightningDataModule``); every init argument can be overridden on the command line.
@@ -30,7 +31,7 @@ DESCRIPTION = (
     "ovseg: open-vocabulary semantic segmentation (SimZSS, CDT/MAFT+, ZegFormer). Choose model and "
     "data with -c CONFIG (see configs/), override any key on the command line, e.g. "
     "`ovseg fit -c configs/experiment/smoke.yaml --trainer.max_steps 100`. "
-    "Data preparation: `ovseg data --help`."
+    "Data preparation: `ovseg data --help`. Official checkpoints: `ovseg convert --help`."
 )
 
 
@@ -91,13 +92,18 @@ def run(args: Sequence[str] | None = None) -> OVSegCLI | None:
     """Run ``ovseg`` with ``args`` (default: ``sys.argv[1:]``).
 
     Returns the finished :class:`OVSegCLI` (its ``trainer`` holds the final metrics), or None for
-    ``ovseg data``.
+    ``ovseg data`` and ``ovseg convert``.
     """
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == "data":
         from ovseg.data_cli import main as data_main
 
         data_main(argv[1:])
+        return None
+    if argv and argv[0] == "convert":
+        from ovseg.convert import main as convert_main
+
+        convert_main(argv[1:])
         return None
     return OVSegCLI(
         OVSegModule,

@@ -53,20 +53,21 @@ import bisect
 import importlib.resources
 import multiprocessing as mp
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 import regex
 import torch
 
 __all__ = [
-    "Concept",
-    "ConceptBank",
-    "NounChunk",
-    "ConceptExtractor",
     "DEFAULT_BANK_RESOURCE",
     "NP_GRAMMAR",
+    "Concept",
+    "ConceptBank",
+    "ConceptExtractor",
+    "NounChunk",
 ]
 
 #: Packaged default concept bank, relative to package ``ovseg``.
@@ -159,7 +160,7 @@ class ConceptBank:
         self._set_names(text.splitlines())
 
     @classmethod
-    def from_names(cls, names: Iterable[str]) -> "ConceptBank":
+    def from_names(cls, names: Iterable[str]) -> ConceptBank:
         """Builds a bank from an iterable of names (same normalisation as a file)."""
         bank = cls.__new__(cls)
         bank.source = "<names>"

@@ -139,7 +139,7 @@ class SimZSS(OVSegModule):
         if "patches" in batch and "pooled" in batch:
             patches = F.normalize(batch["patches"].to(self.device, torch.float32), dim=-1)
             pooled = F.normalize(batch["pooled"].to(self.device, torch.float32), dim=-1)
-            side = int(round(patches.shape[1] ** 0.5))
+            side = round(patches.shape[1] ** 0.5)
             grid = (side, patches.shape[1] // side) if side * side == patches.shape[1] else (1, patches.shape[1])
             return FrozenImageFeatures(patches, grid, pooled)
         return self.model.encode_image(to_unit_float(batch["image"]))

@@ -34,10 +34,12 @@ class DVTDenoiser(ImageEncoder):
             converted with ``ovseg convert simzss`` brings its own denoiser).
         grid_size: side of the positional-embedding grid of the DVT weights (37).
         num_heads: attention heads of the block (``embed_dim // 64`` if ``None``, as the release).
+        trust_pickle: read a ``checkpoint_path`` that pickles Python objects (only for files you trust;
+            without it such a file is refused with a message, never loaded unsafely).
     """
 
     def __init__(self, encoder: ImageEncoder, checkpoint_path: str | None = None, grid_size: int = 37,
-                 num_heads: int | None = None) -> None:
+                 num_heads: int | None = None, trust_pickle: bool = False) -> None:
         super().__init__(tuple(encoder.mean.flatten().tolist()), tuple(encoder.std.flatten().tolist()))
         dim = int(encoder.embed_dim)
         self.encoder = encoder
@@ -49,18 +51,18 @@ class DVTDenoiser(ImageEncoder):
                               act_layer=nn.GELU, mlp_layer=Mlp)
         self.pos_embed = nn.Parameter(torch.randn(1, grid_size * grid_size, dim) * 0.02)
         if checkpoint_path is not None:
-            self.load_denoiser(checkpoint_path)
+            self.load_denoiser(checkpoint_path, trust_pickle)
         self.requires_grad_(False)
 
     def train(self, mode: bool = True) -> DVTDenoiser:
         """Always in eval mode (frozen with the backbone)."""
         return super().train(False)
 
-    def load_denoiser(self, path: str) -> None:
+    def load_denoiser(self, path: str, trust_pickle: bool = False) -> None:
         """Load the denoiser weights strictly from a DVT release file or a denoiser state dict."""
         from ovseg.encoders.base import load_state_dict_strict
 
-        load_state_dict_strict(self, {**self.encoder_state(), **read_denoiser_file(path)}, path)
+        load_state_dict_strict(self, {**self.encoder_state(), **read_denoiser_file(path, trust_pickle)}, path)
 
     def encoder_state(self) -> dict[str, Tensor]:
         """The wrapped encoder's own state, under this module's ``encoder.`` prefix."""
@@ -80,19 +82,29 @@ class DVTDenoiser(ImageEncoder):
         return ImageFeatures(dense=dense, pooled=features.pooled)
 
 
-def read_denoiser_file(path: str) -> dict[str, Tensor]:
+def read_denoiser_file(path: str, trust_pickle: bool = False) -> dict[str, Tensor]:
     """The denoiser state dict (``pos_embed``, ``denoiser.*``) of a DVT release file.
 
     The DVT files nest it under ``"denoiser"``; keys of other parts (a ViT copy) are dropped, and a
-    file with neither ``pos_embed`` nor ``denoiser.*`` keys is an error naming the file.
+    file with neither ``pos_embed`` nor ``denoiser.*`` keys is an error naming the file. The file is
+    read with ``weights_only=True`` unless ``trust_pickle``.
     """
-    from ovseg.encoders.base import load_state_dict_file
+    from pathlib import Path
 
-    state = load_state_dict_file(path)
+    from ovseg.convert import ConversionError, _read_file
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"DVT denoiser file not found: {path}")
+    state = _read_file(Path(path), trust_pickle)
+    if not isinstance(state, dict):
+        raise ConversionError(f"{path} holds no state dict (got {type(state).__name__})")
+    if all(isinstance(key, str) and key.startswith("module.") for key in state):
+        state = {key.removeprefix("module."): value for key, value in state.items()}
     if isinstance(state.get("denoiser"), dict):
         state = state["denoiser"]
-    kept = {key: value for key, value in state.items() if key.startswith(DENOISER_PREFIXES)}
+    kept = {key: value for key, value in state.items()
+            if isinstance(key, str) and key.startswith(DENOISER_PREFIXES) and isinstance(value, Tensor)}
     if "pos_embed" not in kept or not any(key.startswith("denoiser.") for key in kept):
-        raise ValueError(f"{path} holds no DVT denoiser weights (expected keys 'pos_embed' and 'denoiser.*', "
+        raise ConversionError(f"{path} holds no DVT denoiser weights (expected keys 'pos_embed' and 'denoiser.*', "
                          f"got {sorted(state)[:8]}...)")
     return kept

@@ -1,0 +1,179 @@
+"""SimZSS in release mode against the official implementation (tileb1/simzss @2142ac5).
+
+The fixtures in tests/fixtures/simzss/ were written by scripts/golden/simzss.py, which runs the
+release's own code (``SimZSS``, the DVT ``Denoiser``, ``ShallowDecoder``, ``ZSLoss``,
+``make_shards_spacy.extract_nouns``) at tiny sizes with random weights. Here the release's state dict
+is converted with ``ovseg convert``'s SimZSS mapping, loaded strictly into an ovseg SimZSS with the
+release's switches, and every output is compared.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ovseg.convert import ConversionError, KeyReport
+from ovseg.encoders.denoiser import DVTDenoiser, read_denoiser_file
+from ovseg.encoders.text_transformer import CLIPTextTransformer
+from ovseg.encoders.timm_vit import TimmViT
+from ovseg.methods.simzss.concepts import ConceptExtractor
+from ovseg.methods.simzss.convert import convert_state_dict, release_state_dict
+from ovseg.methods.simzss.module import SimZSS
+
+FIXTURES = Path(__file__).parent / "fixtures" / "simzss"
+TOLERANCE = 1e-5
+RELEASE = {"local_target": "argmax", "concept_pooling": "normalized_sum", "class_set": "global"}
+
+
+def tiny_release_module(**overrides) -> SimZSS:
+    """The fixtures' sizes: a DINOv2-reg4 ViT (width 64, depth 2) with the DVT denoiser, CLIP statistics,
+    a 2 x 16 text tower projected to 64."""
+    torch.manual_seed(0)
+    vit = TimmViT.tiny(registers=True, mean="clip", std="clip")
+    text = CLIPTextTransformer(width=16, layers=2, heads=2, context_length=77, output_dim=64)
+    return SimZSS(DVTDenoiser(vit), text, lambda_local=1.0, **{**RELEASE, **overrides})
+
+
+@pytest.fixture(scope="module")
+def golden():
+    fixture = torch.load(FIXTURES / "model.pt", weights_only=True)
+    state = dict(fixture["state_dict"])
+    state["text.token_embedding.weight"] = state["text.token_embedding.weight"].float()
+    fixture["state_dict"] = state
+    return fixture
+
+
+@pytest.fixture(scope="module")
+def converted(golden):
+    module = tiny_release_module()
+    state, report = convert_state_dict(golden["state_dict"], module)
+    report.check_complete(list(golden["state_dict"]), "fixture")
+    module.load_state_dict(state, strict=True)
+    return module.eval(), report
+
+
+def test_every_release_key_is_mapped_or_dropped_with_a_reason(golden, converted):
+    _, report = converted
+    official = set(golden["state_dict"])
+    assert set(report.mapped) | set(report.dropped) == official
+    assert set(report.dropped) == {"classification_weights_ema", "beta_ema", "logit_scale_local"}
+    assert report.mapped["text.text_projection"] == "model.text_encoder.text.text_projection"
+    assert report.mapped["visual.pos_embed"] == "model.image_encoder.pos_embed"
+    assert all(value.startswith("model.image_encoder.encoder.model.")
+               for key, value in report.mapped.items() if key.startswith("visual.vit.model."))
+    assert not report.filled  # the release holds every weight ovseg's SimZSS has
+
+
+def test_denoised_patch_tokens_and_text_tokens_match_the_release(golden, converted):
+    module, _ = converted
+    with torch.no_grad():
+        image = module.model.encode_image(golden["images"])
+        text = module.model.encode_text(golden["text"])
+    assert image.grid == (4, 4)
+    assert (image.patches - golden["patches"]).abs().max() <= TOLERANCE
+    assert (text.tokens - golden["tokens"]).abs().max() <= TOLERANCE
+    assert (text.pooled - golden["eos"]).abs().max() <= TOLERANCE
+    # the denoiser matters: the raw ViT tokens are far from the release's output
+    raw = F.normalize(module.model.image_encoder.encoder(golden["images"]).dense.flatten(2).transpose(1, 2), dim=-1)
+    assert (raw - golden["patches"]).abs().max() > 0.1
+
+
+def _losses(module, golden):
+    image = module.model.encode_image(golden["images"])
+    text = module.model.encode_text(golden["text"])
+    global_loss = module.global_loss(image.pooled, F.normalize(text.pooled, dim=-1))
+    indices = golden["concept_indices"]
+    local = module.local_loss(text.tokens, image.patches, golden["concept_labels"], indices, indices != 0)
+    return global_loss, local.loss
+
+
+@pytest.mark.parametrize("name", ["cliploss", "ccloss"])
+def test_losses_and_gradients_match_the_release(golden, converted, name):
+    module, report = converted
+    module.zero_grad()
+    global_loss, local_loss = _losses(module, golden)
+    loss = global_loss if name == "cliploss" else local_loss
+    assert abs(float(loss.detach()) - float(golden[name])) <= TOLERANCE
+    loss.backward()
+    params = dict(module.named_parameters())
+    for official_key, expected in golden[f"{name}_grads"].items():
+        if official_key == "text.token_embedding.rows":
+            grad = params["model.text_encoder.text.token_embedding.weight"].grad[golden["token_ids_used"]]
+        else:
+            grad = params[report.mapped[official_key]].grad
+            if grad is None:
+                grad = torch.zeros_like(params[report.mapped[official_key]])
+        assert (grad - expected).abs().max() <= TOLERANCE, official_key
+
+
+def test_the_papers_switches_change_the_local_loss(golden, converted):
+    """Each release switch matters on the fixture batch (so the test above would catch a wrong one)."""
+    module, _ = converted
+    with torch.no_grad():
+        reference = float(_losses(module, golden)[1])
+        for option, paper in (("target", "label"), ("pooling", "mean")):
+            release = getattr(module.local_loss, option)
+            setattr(module.local_loss, option, paper)
+            changed = float(_losses(module, golden)[1])
+            setattr(module.local_loss, option, release)
+            assert abs(changed - reference) > 1e-3, option
+
+
+def test_release_concept_rules_agree_on_every_golden_caption():
+    data = json.loads((FIXTURES / "concepts.json").read_text())
+    extractor = ConceptExtractor(rules="release")
+    assert len(extractor.bank) == data["bank_size"] and len(data["captions"]) >= 200
+    mismatches = []
+    for record in data["captions"]:
+        got = [{"name": c.name, "label": c.label, "positions": list(c.token_positions)}
+               for c in extractor.extract(record["caption"])]
+        if got != record["concepts"]:
+            mismatches.append((record["caption"], got, record["concepts"]))
+    assert not mismatches, mismatches[:3]
+
+
+def test_release_rules_differ_from_ovsegs_where_documented():
+    release, ovseg = ConceptExtractor(rules="release"), ConceptExtractor()
+    caption = "a dog on a park bench"
+    assert [c.name for c in ovseg.extract(caption)] == ["dog", "bench"]
+    assert [c.name for c in release.extract(caption)] == ["dog"]  # "park bench" is not in the bank
+    # CLIP sees "café" in its byte alphabet: the release's word search fails there and stops the caption
+    assert [c.name for c in release.extract("a dog near a café and a car")] == ["dog"]
+    assert [c.name for c in ovseg.extract("a dog near a café and a car")] == ["dog", "car"]
+    # a CLIP word that is a prefix of the searched word ("d" of "3d", then "dog") swallows the next word
+    assert [c.name for c in release.extract("a dog near a 3d dog and a car")] == ["dog"]
+    with pytest.raises(ValueError, match="rules"):
+        ConceptExtractor(rules="spacy")
+
+
+def test_conversion_round_trip_and_errors(tmp_path):
+    module = tiny_release_module()
+    official = release_state_dict(module)
+    other = tiny_release_module()
+    state, report = convert_state_dict(official, other)
+    other.load_state_dict(state, strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(module.state_dict().values(), other.state_dict().values()))
+    assert isinstance(report, KeyReport)
+    plain = SimZSS(TimmViT.tiny(registers=True), CLIPTextTransformer(width=16, layers=2, heads=2, output_dim=64))
+    with pytest.raises(ConversionError, match="DVTDenoiser"):
+        convert_state_dict(official, plain)
+
+
+def test_dvt_release_file_loads_and_a_pickled_file_is_refused(tmp_path):
+    encoder = DVTDenoiser(TimmViT.tiny())
+    weights = {key: value for key, value in encoder.state_dict().items() if not key.startswith("encoder.")}
+    torch.save({"denoiser": {**weights, "vit.model.cls_token": torch.zeros(1)}}, tmp_path / "dvt.pth")
+    loaded = DVTDenoiser(TimmViT.tiny(), checkpoint_path=str(tmp_path / "dvt.pth"))
+    assert torch.equal(loaded.pos_embed, encoder.pos_embed)
+    assert all(not p.requires_grad for p in loaded.parameters()) and not loaded.train().training
+    torch.save({"denoiser": weights, "args": object.__new__(KeyReport)}, tmp_path / "pickled.pth")
+    with pytest.raises(ConversionError, match="--trust-pickle|weights_only"):
+        read_denoiser_file(str(tmp_path / "pickled.pth"))
+    assert set(read_denoiser_file(str(tmp_path / "pickled.pth"), trust_pickle=True)) == set(weights)
+    torch.save({"something": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(ConversionError, match="no DVT denoiser weights"):
+        read_denoiser_file(str(tmp_path / "other.pth"))

@@ -38,8 +38,8 @@ def tiny_release_module(**overrides) -> SimZSS:
     return SimZSS(DVTDenoiser(vit), text, lambda_local=1.0, **{**RELEASE, **overrides})
 
 
-@pytest.fixture(scope="module")
-def golden():
+def golden_fixture() -> dict:
+    """The release's tiny model: state dict (token embedding stored in fp16, exact), inputs, outputs."""
     fixture = torch.load(FIXTURES / "model.pt", weights_only=True)
     state = dict(fixture["state_dict"])
     state["text.token_embedding.weight"] = state["text.token_embedding.weight"].float()
@@ -47,13 +47,26 @@ def golden():
     return fixture
 
 
+def converted_module(golden: dict, report: KeyReport | None = None) -> SimZSS:
+    """The fixture's release state dict converted and loaded strictly into a release-mode SimZSS."""
+    module = tiny_release_module()
+    state, new_report = convert_state_dict(golden["state_dict"], module)
+    new_report.check_complete(list(golden["state_dict"]), "fixture")
+    module.load_state_dict(state, strict=True)
+    if report is not None:
+        report.__dict__.update(new_report.__dict__)
+    return module.eval()
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return golden_fixture()
+
+
 @pytest.fixture(scope="module")
 def converted(golden):
-    module = tiny_release_module()
-    state, report = convert_state_dict(golden["state_dict"], module)
-    report.check_complete(list(golden["state_dict"]), "fixture")
-    module.load_state_dict(state, strict=True)
-    return module.eval(), report
+    report = KeyReport()
+    return converted_module(golden, report), report
 
 
 def test_every_release_key_is_mapped_or_dropped_with_a_reason(golden, converted):

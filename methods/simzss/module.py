@@ -45,6 +45,9 @@ class SimZSS(OVSegModule):
             loss aligns with patch tokens. A small text tower trained briefly routes that alignment
             into the EOT token only weakly (see the README's synthetic-world figures).
         concept_bank: concept bank file (default: the bank shipped with ovseg).
+        concept_rules: how captions become concepts: ``"ovseg"`` (falls back to the head noun when a
+            compound is not in the bank) or ``"release"`` (the official release's rules, see
+            :mod:`ovseg.methods.simzss.concepts`).
         **kwargs: optimizer, scheduler and evaluation options of :class:`OVSegModule`.
     """
 
@@ -62,6 +65,7 @@ class SimZSS(OVSegModule):
         class_set: Literal["rank", "global"] = "rank",
         class_embedding: Literal["eot", "concept"] = "eot",
         concept_bank: str | None = None,
+        concept_rules: Literal["ovseg", "release"] = "ovseg",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -72,7 +76,8 @@ class SimZSS(OVSegModule):
         if class_embedding not in ("eot", "concept"):
             raise ValueError(f"class_embedding must be 'eot' or 'concept', got {class_embedding!r}")
         self.class_embedding = class_embedding
-        self.concepts = ConceptExtractor(concept_bank, context_length=text_encoder.context_length)
+        self.concepts = ConceptExtractor(concept_bank, context_length=text_encoder.context_length,
+                                         rules=concept_rules)
         self._concept_cache: dict[str, dict[str, Tensor]] = {}
 
     # ---------------------------------------------------------------- hooks

@@ -78,13 +78,13 @@ def _tiny_timm(timm):
     VisionTransformer._intermediate_layers = _intermediate_layers
 
 
-def run_model(official: Path, out: Path) -> None:
+def build_release(official: Path):
+    """The release's SimZSS at the fixtures' sizes (seeded), its args and the fixture inputs."""
     import timm
     import torch
 
     _tiny_timm(timm)
     from DenoisingViT import Denoiser, ViTWrapper
-    from open_clip.loss import ClipLoss, ZSLoss
     from open_clip.model import SimZSS
     from open_clip.tokenizer import tokenize
 
@@ -128,27 +128,42 @@ def run_model(official: Path, out: Path) -> None:
             indices[b, c, :n_tok] = torch.arange(start, start + n_tok)
             labels[b, c] = int(torch.randint(0, 6, (1,), generator=g))
 
+    return model, args, {"images": images, "normalized": normalized, "text": text, "indices": indices,
+                         "labels": labels}
+
+
+def release_losses(model, args, normalized, text, indices, labels, rank=0, world_size=1):
+    """The release's (global, local) loss terms of ``ZSLoss`` (lambda 1) on one rank's batch."""
+    import torch
+    from open_clip.loss import ClipLoss, ZSLoss
+
+    model.zero_grad()
+    output = model(normalized, text, concept_indices=indices.clone(), concepts_labels=labels.clone())
+    loss = ZSLoss.__new__(ZSLoss)  # its __init__ puts a buffer on CUDA; the same attributes on CPU
+    torch.nn.Module.__init__(loss)
+    loss.use_dense_loss, loss.args, loss.n_classes, loss.lambda_loss = True, args, N_CLASSES, 1.0
+    loss.cliploss = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
+    loss.class_counts = torch.zeros(N_CLASSES)
+    terms, *_ = loss(output["image_features"], output["text_features"], output["logit_scale"],
+                     output["cls_embeds_txt"], output["cls_embeds_visual"], output["logit_scale_local"],
+                     output["classification_weights_ema"], output["concepts_labels"], output_dict=True)
+    return terms
+
+
+def run_model(official: Path, out: Path) -> None:
+    import torch
+
+    model, args, inputs = build_release(official)
+    images, normalized, text = inputs["images"], inputs["normalized"], inputs["text"]
+    indices, labels = inputs["indices"], inputs["labels"]
     patches = model(normalized, just_visual_tokens=True)
     eos, tokens = model.text(text)
-
-    def losses():
-        model.zero_grad()
-        output = model(normalized, text, concept_indices=indices.clone(), concepts_labels=labels.clone())
-        loss = ZSLoss.__new__(ZSLoss)
-        torch.nn.Module.__init__(loss)
-        loss.use_dense_loss, loss.args, loss.n_classes, loss.lambda_loss = True, args, N_CLASSES, 1.0
-        loss.cliploss = ClipLoss(local_loss=True, gather_with_grad=True)
-        loss.class_counts = torch.zeros(N_CLASSES)
-        terms, *_ = loss(output["image_features"], output["text_features"], output["logit_scale"],
-                         output["cls_embeds_txt"], output["cls_embeds_visual"], output["logit_scale_local"],
-                         output["classification_weights_ema"], output["concepts_labels"], output_dict=True)
-        return terms
 
     fixture = {"images": images, "captions": CAPTIONS, "text": text, "concept_indices": indices,
                "concept_labels": labels, "patches": patches.detach(), "eos": eos.detach(), "tokens": tokens.detach()}
     params = dict(model.named_parameters())
     for name in ("cliploss", "ccloss"):
-        terms = losses()
+        terms = release_losses(model, args, normalized, text, indices, labels)
         terms[name].backward()
         fixture[name] = terms[name].detach()
         fixture[f"{name}_grads"] = {key: torch.zeros_like(params[key]) if params[key].grad is None
@@ -161,6 +176,39 @@ def run_model(official: Path, out: Path) -> None:
     fixture["token_ids_used"] = text.unique()
     torch.save(fixture, out / "model.pt")
     print(f"model: cliploss {fixture['cliploss']:.6f}, ccloss {fixture['ccloss']:.6f} -> {out / 'model.pt'}")
+
+
+def _ddp_worker(rank: int, official: str, out: str, port: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    sys.path.insert(0, os.path.join(official, "src"))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    model, args, inputs = build_release(Path(official))
+    part = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
+    terms = release_losses(model, args, inputs["normalized"][part], inputs["text"][part], inputs["indices"][part],
+                           inputs["labels"][part], rank=rank, world_size=2)
+    torch.save({name: value.detach() for name, value in terms.items()}, os.path.join(out, f".ddp_rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def run_ddp(official: Path, out: Path) -> None:
+    """The release's per-rank losses with the fixture batch split over 2 gloo processes."""
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_ddp_worker, args=(str(official), str(out), port), nprocs=2, start_method="spawn")
+    ranks = [torch.load(out / f".ddp_rank{r}.pt") for r in range(2)]
+    for r in range(2):
+        (out / f".ddp_rank{r}.pt").unlink()
+    torch.save({"cliploss": torch.stack([r["cliploss"] for r in ranks]),
+                "ccloss": torch.stack([r["ccloss"] for r in ranks])}, out / "ddp.pt")
+    print(f"ddp: ccloss per rank {[float(r['ccloss']) for r in ranks]}")
 
 
 def golden_captions() -> list[str]:
@@ -265,17 +313,21 @@ def main() -> None:
     parser.add_argument("--official", type=Path, required=True, help="checkout of tileb1/simzss")
     parser.add_argument("--extra-path", default="", help="folder with einops (pip install --target)")
     parser.add_argument("--out", type=Path, default=REPO / "tests/fixtures/simzss")
-    parser.add_argument("--phase", choices=["model", "concepts"], help=argparse.SUPPRESS)
+    parser.add_argument("--phase", choices=["model", "ddp", "concepts"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.phase == "model":
         return run_model(args.official, args.out)
     if args.phase == "concepts":
         return run_concepts(args.official, args.out)
+    if args.phase == "ddp":
+        return run_ddp(args.official, args.out)
     base = [sys.executable, __file__, "--official", str(args.official), "--out", str(args.out)]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     paths = [str(args.official / "src")] + ([args.extra_path] if args.extra_path else [])
     subprocess.run(base + ["--phase", "model"], check=True,
+                   env=dict(env, PYTHONPATH=os.pathsep.join(paths)))
+    subprocess.run(base + ["--phase", "ddp"], check=True,
                    env=dict(env, PYTHONPATH=os.pathsep.join(paths)))
     subprocess.run(base + ["--phase", "concepts"], check=True, env=dict(env, PYTHONPATH=str(REPO)))
 

@@ -18,7 +18,6 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.nn.functional as F
-
 from spawn_ranks import free_port, run_ranks  # tests/spawn_ranks.py
 
 WORLD = 2

@@ -190,3 +190,77 @@ def test_dvt_release_file_loads_and_a_pickled_file_is_refused(tmp_path):
     torch.save({"something": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(ConversionError, match="no DVT denoiser weights"):
         read_denoiser_file(str(tmp_path / "other.pth"))
+
+
+# the converted checkpoint brings the denoiser: the config's DVT file is not needed (a dotted
+# ``...checkpoint_path null`` reaches the encoder as the string "None" through jsonargparse)
+NO_DVT_FILE = ["--model.init_args.image_encoder", '{"init_args": {"checkpoint_path": null}}']
+
+TINY_RELEASE_YAML = """
+model:
+  class_path: ovseg.methods.simzss.SimZSS
+  init_args:
+    image_encoder:
+      class_path: ovseg.encoders.DVTDenoiser
+      init_args:
+        checkpoint_path: {dvt}
+        encoder:
+          class_path: ovseg.encoders.TimmViT
+          init_args:
+            model_name: vit_small_patch14_reg4_dinov2
+            model_kwargs: {{depth: 2, embed_dim: 64, num_heads: 2, img_size: 56}}
+            mean: clip
+            std: clip
+    text_encoder:
+      class_path: ovseg.encoders.CLIPTextTransformer
+      init_args: {{width: 16, layers: 2, heads: 2, context_length: 77, output_dim: 64}}
+    lambda_local: 1.0
+    local_target: argmax
+    concept_pooling: normalized_sum
+    class_set: global
+    concept_rules: release
+"""
+
+
+def test_ovseg_convert_writes_a_checkpoint_that_reproduces_the_release(golden, tmp_path, capsys):
+    """``ovseg convert simzss`` on the release-layout fixture (a config whose DVT file is absent, overridden
+    to null as docs/simzss.md says): the checkpoint loads without the config and gives the release's tokens."""
+    from ovseg.convert import main as convert_main
+
+    source = tmp_path / "simzss_release.pth"
+    torch.save({f"module.{key}": value for key, value in golden["state_dict"].items()}, source)
+    config = tmp_path / "tiny_release.yaml"
+    config.write_text(TINY_RELEASE_YAML.format(dvt=tmp_path / "missing_dvt.pth"))
+    destination = tmp_path / "simzss.ckpt"
+    convert_main(["simzss", str(source), str(destination), "-c", str(config), *NO_DVT_FILE])
+    out = capsys.readouterr().out
+    assert "dropped 3" in out and "training-only EMA" in out
+    loaded = SimZSS.load_from_checkpoint(destination, map_location="cpu").eval()
+    recorded = torch.load(destination, weights_only=True)["hyper_parameters"]["image_encoder"]["init_args"]
+    assert recorded["checkpoint_path"] is None and recorded["encoder"]["init_args"]["pretrained"] is False
+    assert loaded.local_loss.target == "argmax" and loaded.concepts.rules == "release"
+    with torch.no_grad():
+        patches = loaded.model.encode_image(golden["images"]).patches
+    assert (patches - golden["patches"]).abs().max() <= TOLERANCE
+
+
+@pytest.mark.slow
+def test_real_size_release_state_dict_converts_and_loads_strictly(tmp_path):
+    """ViT-B/14-reg4 + DVT denoiser + 12 x 512 text tower, random weights, in the release's layout, through
+    the shipped config (downloads and the DVT file overridden away)."""
+    from ovseg.convert import build_model, convert
+
+    overrides = [*NO_DVT_FILE, "--model.init_args.image_encoder.init_args.encoder.init_args.pretrained", "false"]
+    config = Path(__file__).parents[1] / "configs/simzss/coco_vitb14.yaml"
+    torch.manual_seed(3)
+    model = build_model(config, overrides)
+    official = release_state_dict(model)
+    assert official["visual.pos_embed"].shape == (1, 37 * 37, 768)
+    assert official["text.text_projection"].shape == (512, 768)
+    assert sum(key.startswith("visual.denoiser.") for key in official) == 12
+    torch.save(official, tmp_path / "release.pth")
+    report = convert("simzss", tmp_path / "release.pth", tmp_path / "converted.ckpt", config, overrides)
+    assert set(report.mapped) | set(report.dropped) == set(official) and not report.filled
+    loaded = SimZSS.load_from_checkpoint(tmp_path / "converted.ckpt", map_location="cpu")
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key

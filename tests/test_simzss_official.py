@@ -264,3 +264,37 @@ def test_real_size_release_state_dict_converts_and_loads_strictly(tmp_path):
     loaded = SimZSS.load_from_checkpoint(tmp_path / "converted.ckpt", map_location="cpu")
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_feature_cache_stores_denoised_tokens_and_fingerprints_the_denoiser(tmp_path):
+    """A store built from a DVTDenoiser-wrapped encoder holds the denoised tokens (what SimZSS trains on),
+    and a store of the plain backbone is refused for it (the fingerprint covers the denoiser)."""
+    import numpy as np
+
+    from ovseg.datamodules.feature_cache import CacheViews, build_feature_cache, frozen_features, read_index
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return {"image": torch.full((3, 56, 56), 40 * i, dtype=torch.uint8), "caption": "a dog"}
+
+    module = tiny_release_module()
+    views = CacheViews("center", size=56)
+    build_feature_cache(module.model.image_encoder, Images(), tmp_path / "dvt", views, batch_size=3, progress=False)
+    stored = torch.from_numpy(np.load(tmp_path / "dvt" / "patches_00000.npy")[:3, 0]).float()
+    images = torch.stack([views.view(Images()[i]["image"], i, 0) for i in range(3)])
+    denoised, _, _ = frozen_features(module.model.image_encoder, images)
+    raw, _, _ = frozen_features(module.model.image_encoder.encoder, images)
+    assert (stored - denoised).abs().max() < 2e-3 and (stored - raw).abs().max() > 0.1
+    assert read_index(tmp_path / "dvt")["encoder_name"].startswith("dvt_denoiser(")
+    build_feature_cache(module.model.image_encoder.encoder, Images(), tmp_path / "raw", views, batch_size=3,
+                        progress=False, max_batches=0)
+    with pytest.raises(ValueError, match="DVTDenoiser"):
+        build_feature_cache(module.model.image_encoder, Images(), tmp_path / "raw", views, progress=False)
+    other = tiny_release_module()  # same backbone, another denoiser
+    with torch.no_grad():
+        other.model.image_encoder.pos_embed.add_(1.0)
+    with pytest.raises(ValueError, match="fingerprint"):
+        build_feature_cache(other.model.image_encoder, Images(), tmp_path / "dvt", views, progress=False)

@@ -191,9 +191,7 @@ def build_official(
     from mask_former.modeling.heads.pixel_decoder import BasePixelDecoder
     from mask_former.modeling.heads.zeg_former_head import ZegFormerHead
     from mask_former.modeling.matcher import HungarianMatcher
-    from mask_former.modeling.transformer.transformer_zeroshot_predictor import (
-        TransformerZeroshotPredictor,
-    )
+    from mask_former.modeling.transformer.transformer_zeroshot_predictor import TransformerZeroshotPredictor
     from mask_former.third_party import clip
 
     clip.load = lambda name, device="cpu", jit=False: (clip_model, None)

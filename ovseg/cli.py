@@ -103,7 +103,7 @@ def run(args: Sequence[str] | None = None) -> OVSegCLI | None:
     """
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == "data":
-        from ovseg.data_cli import main as data_main
+        from ovseg.prepare.cli import main as data_main
 
         data_main(argv[1:])
         return None

@@ -1,4 +1,4 @@
-"""Tests for SimZSS concept extraction (ovseg.methods.simzss.concepts)."""
+"""Tests for SimZSS concept extraction (ovseg.concepts)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import default_collate  # noqa: E402
 
-from ovseg.methods.simzss.concepts import (  # noqa: E402
+from ovseg.concepts import (  # noqa: E402
     Concept,
     ConceptBank,
     ConceptExtractor,

@@ -20,7 +20,7 @@ from ovseg.convert import ConversionError, KeyReport
 from ovseg.encoders.denoiser import DVTDenoiser, read_denoiser_file
 from ovseg.encoders.text_transformer import CLIPTextTransformer
 from ovseg.encoders.timm_vit import TimmViT
-from ovseg.methods.simzss.concepts import ConceptExtractor
+from ovseg.concepts import ConceptExtractor
 from ovseg.methods.simzss.convert import convert_state_dict, release_state_dict
 from ovseg.methods.simzss.module import SimZSS
 
@@ -303,3 +303,14 @@ def test_feature_cache_stores_denoised_tokens_and_fingerprints_the_denoiser(tmp_
         other.model.image_encoder.pos_embed.add_(1.0)
     with pytest.raises(ValueError, match="fingerprint"):
         build_feature_cache(other.model.image_encoder, Images(), tmp_path / "dvt", views, progress=False)
+
+
+def test_stored_concepts_record_their_rules():
+    """Concepts stored with one set of rules are not used by a model with the other; stores written before
+    the rules were recorded count as ovseg's."""
+    from ovseg.concepts import concept_meta, meta_mismatch
+
+    release, ovseg = concept_meta(ConceptExtractor(rules="release")), concept_meta(ConceptExtractor())
+    assert meta_mismatch(ovseg, release) == ["rules: stored 'ovseg', model 'release'"]
+    older = {key: value for key, value in ovseg.items() if key != "rules"}
+    assert meta_mismatch(older, ovseg) == [] and meta_mismatch(older, release)

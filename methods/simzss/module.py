@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ovseg.encoders.base import ImageEncoder, TextEncoder
-from ovseg.methods.simzss.concepts import ConceptExtractor
+from ovseg.concepts import ConceptExtractor
 from ovseg.methods.simzss.loss import ConceptLoss, GlobalContrastiveLoss
 from ovseg.methods.simzss.model import FrozenImageFeatures, SimZSSModel
 from ovseg.module import OVSegModule, to_unit_float
@@ -47,7 +47,7 @@ class SimZSS(OVSegModule):
         concept_bank: concept bank file (default: the bank shipped with ovseg).
         concept_rules: how captions become concepts: ``"ovseg"`` (falls back to the head noun when a
             compound is not in the bank) or ``"release"`` (the official release's rules, see
-            :mod:`ovseg.methods.simzss.concepts`).
+            :mod:`ovseg.concepts`).
         **kwargs: optimizer, scheduler and evaluation options of :class:`OVSegModule`.
     """
 
@@ -139,7 +139,7 @@ class SimZSS(OVSegModule):
 
     def frozen_features(self, batch: Mapping[str, Any]) -> FrozenImageFeatures:
         """The backbone's features of a batch: read from ``batch["patches"]`` / ``batch["pooled"]``
-        when present (a feature store, see :mod:`ovseg.datamodules.feature_cache`; no image
+        when present (a feature store, see :mod:`ovseg.datamodules.feature_store`; no image
         needed), else computed from ``batch["image"]``."""
         if "patches" in batch and "pooled" in batch:
             patches = F.normalize(batch["patches"].to(self.device, torch.float32), dim=-1)

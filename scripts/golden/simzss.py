@@ -265,7 +265,7 @@ def run_concepts(official: Path, out: Path) -> None:
     import importlib.util
 
     sys.path.insert(0, str(REPO))
-    from ovseg.methods.simzss.concepts import ConceptExtractor
+    from ovseg.concepts import ConceptExtractor
 
     parser = ConceptExtractor()
 

@@ -1,4 +1,4 @@
-"""``ovseg data``: data preparation commands.
+"""``ovseg data``: data preparation commands (the tools of :mod:`ovseg.prepare`).
 
 Example::
 
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the training images of its data module (data) for fixed views, and write fp16 patch tokens "
         "and global features to a sharded, memory-mapped store (OUT/index.json). Re-running "
         "continues an unfinished store. Train from it with "
-        "ovseg.datamodules.feature_cache.CachedFeaturesDataModule.",
+        "ovseg.datamodules.CachedFeaturesDataModule.",
     )
     cache.add_argument("--config", required=True, help="a SimZSS config, e.g. configs/simzss/coco_vitb14.yaml")
     cache.add_argument("--out", required=True, help="store directory")
@@ -112,6 +112,8 @@ def _add_concept_options(parser: argparse.ArgumentParser) -> None:
                         help="the text encoder's context length (must match the model)")
     parser.add_argument("--max-concepts", type=int, default=32)
     parser.add_argument("--max-tokens-per-concept", type=int, default=16)
+    parser.add_argument("--concept-rules", choices=["ovseg", "release"], default="ovseg",
+                        help="the model's concept_rules (release: the official SimZSS release's rules)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -127,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "cache-features":
         cache_features(args)
     if args.command == "make-synthetic":
-        from ovseg.datamodules.synthetic.writers import make_synthetic
+        from ovseg.prepare.synthetic import make_synthetic
 
         if args.num_images < 1:
             raise SystemExit("ovseg data make-synthetic: --num-images must be at least 1")
@@ -144,7 +146,7 @@ def check_data(args: argparse.Namespace) -> None:
 
         ovseg data check --data configs/data/eval_caption8.yaml --root data
     """
-    from ovseg.datamodules.check import run_check
+    from ovseg.prepare.check import run_check
 
     try:
         code = run_check(args.data, root=args.root, benchmarks=args.benchmarks,
@@ -163,7 +165,10 @@ def make_shards(args: argparse.Namespace) -> None:
             --images data/coco/train2017 --out data/coco_shards --concepts --num-workers 8
         ovseg data make-shards --coco-stuff data/coco_stuff164k --split train2017 --out data/cs_shards
     """
-    from ovseg.datamodules.webdataset import make_shards_from_coco_captions, make_shards_from_coco_stuff
+    from ovseg.prepare.shards import (
+        make_shards_from_coco_captions,
+        make_shards_from_coco_stuff,
+    )
 
     progress = not args.no_progress
     try:
@@ -173,7 +178,7 @@ def make_shards(args: argparse.Namespace) -> None:
             summary = make_shards_from_coco_captions(
                 args.coco_captions, args.images, args.out, args.shard_size, args.concepts,
                 args.per_caption, args.num_workers, args.bank, args.context_length, args.max_concepts,
-                args.max_tokens_per_concept, progress)
+                args.max_tokens_per_concept, progress, args.concept_rules)
         else:
             summary = make_shards_from_coco_stuff(args.coco_stuff, args.out, args.split, args.shard_size,
                                                   progress)
@@ -192,16 +197,17 @@ def extract_concepts(args: argparse.Namespace) -> None:
         ovseg data extract-concepts --shards "data/coco_shards/{00000..00059}.tar" --num-workers 8
     """
     options = dict(bank=args.bank, context_length=args.context_length, max_concepts=args.max_concepts,
-                   max_tokens_per_concept=args.max_tokens_per_concept, num_workers=args.num_workers,
+                   max_tokens_per_concept=args.max_tokens_per_concept, concept_rules=args.concept_rules,
+                   num_workers=args.num_workers,
                    progress=not args.no_progress)
     try:
         if args.coco:
-            from ovseg.datamodules.coco import extract_coco_concepts
+            from ovseg.prepare.concepts import extract_coco_concepts
 
             path = extract_coco_concepts(args.coco, args.out, **options)
             print(f"wrote the concepts of {args.coco} to {path}")
             return
-        from ovseg.datamodules.webdataset import add_concepts_to_shards
+        from ovseg.prepare.concepts import add_concepts_to_shards
 
         samples, errors = add_concepts_to_shards(args.shards, **options)
     except (OSError, ValueError, LookupError) as error:
@@ -222,8 +228,13 @@ def cache_features(args: argparse.Namespace) -> None:
     from jsonargparse import ArgumentParser
     from lightning import LightningDataModule
 
-    from ovseg.datamodules.feature_cache import CacheViews, build_feature_cache, train_dataset_of
+    from ovseg.datamodules.feature_store import read_index
     from ovseg.encoders.base import ImageEncoder
+    from ovseg.prepare.feature_cache import (
+        CacheViews,
+        build_feature_cache,
+        train_dataset_of,
+    )
 
     try:
         config = yaml.safe_load(open(args.config))
@@ -244,8 +255,6 @@ def cache_features(args: argparse.Namespace) -> None:
                                     progress=not args.no_progress)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise SystemExit(f"ovseg data cache-features: {error}") from None
-    from ovseg.datamodules.feature_cache import read_index
-
     index = read_index(store)
     print(f"cached {index['num_done']}/{index['num_images']} images x {index['num_views']} views "
           f"({index['num_patches']} patches x {index['dim']}) in {store}")

@@ -271,12 +271,8 @@ def test_feature_cache_stores_denoised_tokens_and_fingerprints_the_denoiser(tmp_
     and a store of the plain backbone is refused for it (the fingerprint covers the denoiser)."""
     import numpy as np
 
-    from ovseg.datamodules.feature_cache import (
-        CacheViews,
-        build_feature_cache,
-        frozen_features,
-        read_index,
-    )
+    from ovseg.datamodules.feature_store import read_index
+    from ovseg.prepare.feature_cache import CacheViews, build_feature_cache, frozen_features
 
     class Images(torch.utils.data.Dataset):
         def __len__(self):

@@ -68,13 +68,13 @@ from ovseg.io import atomic_torch_save
 
 __all__ = [
     "CONCEPT_KEYS",
+    "DEFAULT_BANK_RESOURCE",
+    "NP_GRAMMAR",
     "Concept",
     "ConceptBank",
     "ConceptCache",
     "ConceptExtractor",
     "NounChunk",
-    "DEFAULT_BANK_RESOURCE",
-    "NP_GRAMMAR",
     "bank_fingerprint",
     "concept_meta",
     "concepts_from_lists",

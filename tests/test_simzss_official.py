@@ -16,11 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ovseg.concepts import ConceptExtractor
 from ovseg.convert import ConversionError, KeyReport
 from ovseg.encoders.denoiser import DVTDenoiser, read_denoiser_file
 from ovseg.encoders.text_transformer import CLIPTextTransformer
 from ovseg.encoders.timm_vit import TimmViT
-from ovseg.concepts import ConceptExtractor
 from ovseg.methods.simzss.convert import convert_state_dict, release_state_dict
 from ovseg.methods.simzss.module import SimZSS
 
@@ -272,7 +272,11 @@ def test_feature_cache_stores_denoised_tokens_and_fingerprints_the_denoiser(tmp_
     import numpy as np
 
     from ovseg.datamodules.feature_store import read_index
-    from ovseg.prepare.feature_cache import CacheViews, build_feature_cache, frozen_features
+    from ovseg.prepare.feature_cache import (
+        CacheViews,
+        build_feature_cache,
+        frozen_features,
+    )
 
     class Images(torch.utils.data.Dataset):
         def __len__(self):

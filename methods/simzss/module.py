@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ovseg.encoders.base import ImageEncoder, TextEncoder
 from ovseg.concepts import ConceptExtractor
+from ovseg.encoders.base import ImageEncoder, TextEncoder
 from ovseg.methods.simzss.loss import ConceptLoss, GlobalContrastiveLoss
 from ovseg.methods.simzss.model import FrozenImageFeatures, SimZSSModel
 from ovseg.module import OVSegModule, to_unit_float

@@ -20,12 +20,7 @@ from ovseg.cli import run
 from ovseg.concepts import ConceptCache, ConceptExtractor, concept_meta
 from ovseg.datamodules.coco_captions import CocoCaptionsDataModule, read_coco_captions
 from ovseg.datamodules.coco_stuff import COCO_STUFF_UNSEEN, CocoStuffDataModule
-from ovseg.datamodules.decode import (
-    DecodeError,
-    SkipCounter,
-    decode_image,
-    decode_label,
-)
+from ovseg.datamodules.decode import DecodeError, SkipCounter, decode_image, decode_label
 from ovseg.datamodules.synthetic import SyntheticWorld
 from ovseg.datamodules.transforms import (
     Compose,
@@ -35,11 +30,7 @@ from ovseg.datamodules.transforms import (
     ResizeShortSide,
 )
 from ovseg.datamodules.webdataset import WebDatasetDataModule, WebDatasetStream
-from ovseg.prepare.synthetic import (
-    write_coco_captions,
-    write_coco_stuff,
-    write_webdataset,
-)
+from ovseg.prepare.synthetic import write_coco_captions, write_coco_stuff, write_webdataset
 from ovseg.vocabulary import Vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -267,7 +258,7 @@ def test_coco_odd_image_modes_are_decoded_to_rgb(data, tmp_path, world):
         names[0]: encoded(rgb.convert("L"), "JPEG"),
         names[1]: encoded(rgb.convert("RGBA"), "PNG"),
         names[2]: encoded(rgb.convert("CMYK"), "JPEG"),
-        names[3]: encoded(Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257), "PNG"),
+        names[3]: encoded(Image.fromarray((np.asarray(rgb.convert("L")).astype(np.uint16) * 257)), "PNG"),
     }
     for name, payload in replaced.items():
         (root / "train2017" / name).write_bytes(payload)

@@ -314,3 +314,23 @@ def test_stored_concepts_record_their_rules():
     assert meta_mismatch(ovseg, release) == ["rules: stored 'ovseg', model 'release'"]
     older = {key: value for key, value in ovseg.items() if key != "rules"}
     assert meta_mismatch(older, ovseg) == [] and meta_mismatch(older, release)
+
+
+def test_samples_per_epoch_draws_successive_permutations():
+    """The release's epoch is a number of samples (--train-num-samples), not a pass over the data."""
+    from ovseg.datamodules.base import TrainDataModule
+
+    class Numbers(TrainDataModule):
+        batch_size, num_workers, pin_memory = 5, 0, False
+
+        def setup(self, stage):
+            self.train_set = [{"index": torch.tensor(i)} for i in range(10)]
+
+    loader = Numbers(samples_per_epoch=25).train_dataloader()
+    seen = torch.cat([batch["index"] for batch in loader])
+    assert len(loader) == 5 and len(seen) == 25
+    counts = torch.bincount(seen, minlength=10)
+    assert counts.min() == 2 and counts.max() == 3  # two whole permutations, then 5 of a third
+    assert len(Numbers().train_dataloader()) == 2  # default: one pass
+    with pytest.raises(ValueError, match="samples_per_epoch"):
+        Numbers(samples_per_epoch=0)

@@ -303,6 +303,13 @@ def test_feature_cache_stores_denoised_tokens_and_fingerprints_the_denoiser(tmp_
         other.model.image_encoder.pos_embed.add_(1.0)
     with pytest.raises(ValueError, match="fingerprint"):
         build_feature_cache(other.model.image_encoder, Images(), tmp_path / "dvt", views, progress=False)
+    # training from a store checks the model's encoder: the DVT store serves the DVT model only
+    from ovseg.datamodules.feature_store import CachedFeaturesDataModule
+
+    CachedFeaturesDataModule(str(tmp_path / "dvt")).check_encoder(module.model.image_encoder)
+    for encoder in (module.model.image_encoder.encoder, other.model.image_encoder):
+        with pytest.raises(ValueError, match="another image encoder"):
+            CachedFeaturesDataModule(str(tmp_path / "dvt")).check_encoder(encoder)
 
 
 def test_stored_concepts_record_their_rules():

@@ -6,6 +6,10 @@ Examples::
     ovseg fit -c configs/simzss/synthetic.yaml --trainer.max_steps 100 --model.init_args.lambda_local 0
     ovseg validate -c configs/experiment/smoke.yaml --ckpt_path runs/smoke/checkpoints/last.ckpt
     ovseg data make-synthetic --format coco --out data/synthetic_coco --num-images 200
+    ovseg predict -c configs/experiment/smoke.yaml --ckpt_path runs/smoke/checkpoints/last.ckpt \
+        --data ovseg.datamodules.image_folder.ImageFolderDataModule --data.init_args.images photos/ \
+        --data.init_args.classes "sky,grass,a red car" --writer.output_dir runs/photos
+    ovseg app --ckpt_path runs/smoke/checkpoints/last.ckpt
 
 Model and data are chosen by ``class_path`` (any subclass of :class:`~ovseg.module.OVSegModule`
 and any ``LightningDataModule``); every init argument can be overridden on the command line.
@@ -36,6 +40,17 @@ DESCRIPTION = (
 
 class OVSegCLI(LightningCLI):
     """Stock LightningCLI with ovseg's base classes; nothing overrides the user's Trainer settings."""
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> Any:
+        """``predict`` gets the prediction writer (``--writer.output_dir`` ...) and keeps no
+        predictions in memory (they are on disk)."""
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            from ovseg.writer import PredictionWriter
+
+            parser.add_lightning_class_args(PredictionWriter, "writer")
+            parser.set_defaults(return_predictions=False)
+        return parser
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         """Parse as LightningCLI does, keeping the command line for :meth:`_parse_ckpt_path`."""
@@ -98,6 +113,11 @@ def run(args: Sequence[str] | None = None) -> OVSegCLI | None:
         from ovseg.data_cli import main as data_main
 
         data_main(argv[1:])
+        return None
+    if argv and argv[0] == "app":
+        from ovseg.app import main as app_main
+
+        app_main(argv[1:])
         return None
     return OVSegCLI(
         OVSegModule,

@@ -87,8 +87,8 @@ def as_image_list(images: ImageLike | Sequence[ImageLike]) -> list[Tensor]:
         if not images:
             raise ValueError("no images given")
         return [as_image_tensor(image) for image in images]
-    raise TypeError(f"cannot read images from a {type(images).__name__}: give an image, a list of images, "
-                    "or a (B, 3, H, W) tensor")
+    raise TypeError(f"cannot read images from a {type(images).__name__}: give a file path, a PIL image, an "
+                    "(H, W, 3) uint8 numpy array, a (3, H, W) or (B, 3, H, W) tensor, or a list of these")
 
 
 def _from_numpy(array: np.ndarray) -> Tensor:

@@ -21,6 +21,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -90,6 +91,14 @@ class Segmentation:
     labels: Tensor
     confidence: Tensor
     probabilities: Tensor | None = None
+
+    def class_statistics(self, num_classes: int) -> tuple[Tensor, Tensor]:
+        """Per class: (K,) int64 pixel count, and (K,) float32 mean :attr:`confidence` over the
+        class's pixels (NaN where the class is absent); on the CPU."""
+        labels = self.labels.flatten()
+        count = torch.bincount(labels, minlength=num_classes)
+        total = torch.bincount(labels, weights=self.confidence.flatten().double(), minlength=num_classes)
+        return count.cpu(), (total / count).float().cpu()  # 0/0 = NaN for absent classes
 
 
 def to_unit_float(images: Tensor) -> Tensor:
@@ -532,15 +541,9 @@ class OVSegModule(L.LightningModule, ABC):
         benchmark = self.benchmarks()[dataloader_idx]
         results = self.segment_tensors(batch["image"], benchmark.vocabulary, benchmark.inference,
                                        keep_probabilities=self.predict_probabilities)
-        num_classes = len(benchmark.vocabulary)
-        pixels, confidence = [], []
-        for result in results:
-            labels = result.labels.flatten()
-            count = torch.bincount(labels, minlength=num_classes)
-            total = torch.bincount(labels, weights=result.confidence.flatten().double(), minlength=num_classes)
-            pixels.append(count.cpu())
-            confidence.append((total / count).float().cpu())  # 0/0 = NaN for absent classes
-        return {"prediction": [r.labels.cpu() for r in results], "pixels": pixels, "confidence": confidence,
+        pixels, confidence = zip(*[result.class_statistics(len(benchmark.vocabulary)) for result in results])
+        return {"prediction": [r.labels.cpu() for r in results], "pixels": list(pixels),
+                "confidence": list(confidence),
                 "probabilities": [None if r.probabilities is None else r.probabilities.half().cpu() for r in results],
                 "index": batch.get("index"), "name": batch.get("name"), "path": batch.get("path")}
 
@@ -594,3 +597,33 @@ class OVSegModule(L.LightningModule, ABC):
             set_total_steps(scheduler, int(total))
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> OVSegModule:
+    """The model of an ovseg checkpoint, whatever its method, in eval mode.
+
+    The method is the one recorded in the checkpoint (``ovseg_method``, else LightningCLI's
+    ``_class_path``); its configuration comes from the checkpoint's hyper-parameters.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the checkpoint names no ovseg method.
+    """
+    from jsonargparse.typing import import_object
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    method = OVSegModule.checkpoint_method(checkpoint) if isinstance(checkpoint, Mapping) else None
+    if method is None:
+        raise ValueError(f"checkpoint {path} does not say which method saved it (no '{OVSegModule.CHECKPOINT_METHOD_KEY}' "
+                         "nor hyper_parameters._class_path): load it with the method's class, "
+                         "Method.load_from_checkpoint(path)")
+    try:
+        method_class = import_object(method)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"checkpoint {path} was saved by {method}, which cannot be imported ({error})") from None
+    if not (isinstance(method_class, type) and issubclass(method_class, OVSegModule)):
+        raise ValueError(f"checkpoint {path} was saved by {method}, which is not an ovseg method")
+    return method_class.load_from_checkpoint(path, map_location=map_location).eval()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import colorsys
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,7 @@ def label_image(labels: Tensor | np.ndarray, colours: np.ndarray) -> Image.Image
     return Image.fromarray(array.astype(np.uint16), mode="I;16")
 
 
+@lru_cache(maxsize=8)
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 

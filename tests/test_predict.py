@@ -251,3 +251,23 @@ def test_two_process_predict_writes_each_image_once(tmp_path):
     assert [r["name"] for r in records] == [f"img{i}" for i in range(NUM_IMAGES)]
     assert sorted(p.stem for p in (out / "labels").glob("*.png")) == [f"img{i}" for i in range(NUM_IMAGES)]
     assert not list(out.glob("predictions.rank*.jsonl"))
+
+
+# ------------------------------------------------------------------ inference without NLTK
+
+
+def test_simzss_checkpoint_loads_segments_and_validates_without_the_tagger(smoke_checkpoint, monkeypatch, tmp_path):
+    import ovseg.methods.simzss.concepts as concepts
+
+    def no_tagger():
+        raise AssertionError("inference must not load NLTK's tagger")
+
+    monkeypatch.setattr(concepts, "_get_tagger", no_tagger)
+    monkeypatch.chdir(tmp_path)
+    model = load_model(smoke_checkpoint)
+    assert model.segment(torch.zeros(3, 28, 28, dtype=torch.uint8), ["sky", "grass"])[0].shape == (28, 28)
+    validated = run(["validate", "-c", str(SMOKE), "--ckpt_path", str(smoke_checkpoint), "--trainer.logger", "false",
+                     "--trainer.enable_progress_bar", "false", "--data.init_args.num_val", "2"])
+    assert "val/synthetic/mIoU" in validated.trainer.callback_metrics
+    with pytest.raises(AssertionError, match="must not load"):
+        model.concepts  # training does need it

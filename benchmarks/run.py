@@ -333,7 +333,7 @@ def bench_predict(model: OVSegModule, workdir: Path, count: int = 100, size: int
     rows = []
     for writer, label in ((False, "writer off"), (True, "writer on: label PNG + overlay + JSON line")):
         seconds: list[float] = []
-        peak = peak_memory(lambda: seconds.append(predict(writer)))
+        peak = peak_memory(lambda seconds=seconds, writer=writer: seconds.append(predict(writer)))
         rows.append((f"predict, folder of {count} JPEGs {size}x{size}, batch {batch_size}, {label} (images/s)",
                      count / seconds[0]))
         if peak is not None:

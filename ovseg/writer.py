@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from ovseg.benchmark import Benchmark
 from ovseg.visualize import overlay, palette, save_label_png
 
+
 class PredictionWriter(BasePredictionWriter):
     """Writes label PNGs, overlays, per-image JSON lines (and optionally raw scores) during predict.
 
@@ -80,7 +81,8 @@ class PredictionWriter(BasePredictionWriter):
             folder.mkdir(parents=True, exist_ok=True)
             if trainer.is_global_zero:
                 self._write_vocabulary(folder / "vocabulary.json", benchmark, self._colours[index])
-            self._files[index] = open(folder / f"predictions.rank{trainer.global_rank}.jsonl", "w",
+            # kept open across batches, closed in on_predict_epoch_end
+            self._files[index] = open(folder / f"predictions.rank{trainer.global_rank}.jsonl", "w",  # noqa: SIM115
                                       encoding="utf-8")
 
     @staticmethod

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from spawn_ranks import free_port  # tests/spawn_ranks.py
 
 REPO = Path(__file__).resolve().parents[1]

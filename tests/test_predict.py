@@ -13,13 +13,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from spawn_ranks import free_port, run_ranks  # tests/spawn_ranks.py
 
 from ovseg.cli import run
-from ovseg.datamodules.image_folder import ImageFolderDataModule, find_images, image_names, parse_classes
+from ovseg.datamodules.image_folder import (
+    ImageFolderDataModule,
+    find_images,
+    image_names,
+    parse_classes,
+)
 from ovseg.images import as_image_tensor
 from ovseg.module import load_model
 from ovseg.visualize import overlay, palette
-from spawn_ranks import free_port, run_ranks  # tests/spawn_ranks.py
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs/experiment/smoke.yaml"
@@ -257,7 +262,7 @@ def test_two_process_predict_writes_each_image_once(tmp_path):
 
 
 def test_simzss_checkpoint_loads_segments_and_validates_without_the_tagger(smoke_checkpoint, monkeypatch, tmp_path):
-    import ovseg.methods.simzss.concepts as concepts
+    from ovseg.methods.simzss import concepts
 
     def no_tagger():
         raise AssertionError("inference must not load NLTK's tagger")
@@ -270,4 +275,4 @@ def test_simzss_checkpoint_loads_segments_and_validates_without_the_tagger(smoke
                      "--trainer.enable_progress_bar", "false", "--data.init_args.num_val", "2"])
     assert "val/synthetic/mIoU" in validated.trainer.callback_metrics
     with pytest.raises(AssertionError, match="must not load"):
-        model.concepts  # training does need it
+        _ = model.concepts  # training does need it

@@ -1,7 +1,7 @@
 """``ovseg app``: a web demo (Gradio) to segment an uploaded image with any class names.
 
     pip install "ovseg[app]"      # Gradio (installed by `make install`)
-    ovseg app --ckpt_path runs/smoke/checkpoints/last.ckpt [--ckpt_path other.ckpt] [--port 7860]
+    ovseg app --ckpt_path runs/smoke/checkpoints/last.ckpt [--ckpt_path other.ckpt] [--port 7860] [--example IMG]
 
 Upload an image, type class names (comma-separated; ``|`` between synonyms of one class), choose
 the prompt templates and a background threshold (above 0, a class ``background`` is added as
@@ -67,8 +67,9 @@ def segment_file(model: OVSegModule, image_path: str, vocabulary: Vocabulary, ou
             "labels": str(label_path), "rows": rows}
 
 
-def build_app(models: Mapping[str, OVSegModule]) -> Any:
-    """The Gradio Blocks app over ``models`` (display name -> model); API name ``/segment``."""
+def build_app(models: Mapping[str, OVSegModule], example: str | None = None) -> Any:
+    """The Gradio Blocks app over ``models`` (display name -> model); API name ``/segment``.
+    With ``example`` (an image file), the page opens with it segmented."""
     gr = import_gradio()
     if not models:
         raise ValueError("build_app needs at least one model")
@@ -91,7 +92,8 @@ def build_app(models: Mapping[str, OVSegModule]) -> Any:
                     "(comma-separated, `|` between synonyms), and press **Segment**.")
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="filepath", image_mode=None, label="image", sources=["upload", "clipboard"])
+                image = gr.Image(value=example, type="filepath", image_mode=None, label="image",
+                                 sources=["upload", "clipboard"])
                 classes = gr.Textbox(value=DEFAULT_CLASSES, label="class names", lines=2)
                 with gr.Row():
                     templates = gr.Radio(["single", "imagenet80"], value="single", label="prompt templates")
@@ -104,8 +106,10 @@ def build_app(models: Mapping[str, OVSegModule]) -> Any:
                 table = gr.Dataframe(headers=["class", "pixels (%)", "confidence"], label="classes present",
                                      interactive=False)
                 label_file = gr.File(label="label map (palette PNG, value = class index)")
-        button.click(run, [image, classes, templates, threshold, checkpoint], [overlay_image, table, label_file],
-                     api_name="segment")
+        inputs, outputs = [image, classes, templates, threshold, checkpoint], [overlay_image, table, label_file]
+        button.click(run, inputs, outputs, api_name="segment")
+        if example:
+            demo.load(run, inputs, outputs, api_name=False)
     return demo
 
 
@@ -119,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--share", action="store_true", help="also create a public Gradio link")
+    parser.add_argument("--example", metavar="IMAGE", help="open the page with this image segmented")
     args = parser.parse_args(argv)
     import_gradio()  # fail before loading the models
     models: dict[str, OVSegModule] = {}
@@ -127,4 +132,4 @@ def main(argv: list[str] | None = None) -> None:
             models[path] = load_model(path, args.device)
         except (FileNotFoundError, ValueError) as error:
             raise SystemExit(f"ovseg app: {error}") from None
-    build_app(models).launch(server_name=args.host, server_port=args.port, share=args.share)
+    build_app(models, args.example).launch(server_name=args.host, server_port=args.port, share=args.share)

@@ -10,6 +10,7 @@ Examples::
         --data ovseg.datamodules.image_folder.ImageFolderDataModule --data.init_args.images photos/ \
         --data.init_args.classes "sky,grass,a red car" --writer.output_dir runs/photos
     ovseg app --ckpt_path runs/smoke/checkpoints/last.ckpt
+    ovseg convert cdt maftplus.pth runs/maftplus.ckpt -c configs/cdt/coco_stuff_convnext_l.yaml
 
 Model and data are chosen by ``class_path`` (any subclass of :class:`~ovseg.module.OVSegModule`
 and any ``LightningDataModule``); every init argument can be overridden on the command line.
@@ -34,7 +35,7 @@ DESCRIPTION = (
     "ovseg: open-vocabulary semantic segmentation (SimZSS, CDT/MAFT+, ZegFormer). Choose model and "
     "data with -c CONFIG (see configs/), override any key on the command line, e.g. "
     "`ovseg fit -c configs/experiment/smoke.yaml --trainer.max_steps 100`. "
-    "Data preparation: `ovseg data --help`."
+    "Data preparation: `ovseg data --help`. Official checkpoints: `ovseg convert --help`."
 )
 
 
@@ -106,7 +107,7 @@ def run(args: Sequence[str] | None = None) -> OVSegCLI | None:
     """Run ``ovseg`` with ``args`` (default: ``sys.argv[1:]``).
 
     Returns the finished :class:`OVSegCLI` (its ``trainer`` holds the final metrics), or None for
-    ``ovseg data``.
+    ``ovseg data``, ``ovseg app`` and ``ovseg convert``.
     """
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == "data":
@@ -118,6 +119,11 @@ def run(args: Sequence[str] | None = None) -> OVSegCLI | None:
         from ovseg.app import main as app_main
 
         app_main(argv[1:])
+        return None
+    if argv and argv[0] == "convert":
+        from ovseg.convert import main as convert_main
+
+        convert_main(argv[1:])
         return None
     return OVSegCLI(
         OVSegModule,

@@ -5,6 +5,7 @@ Examples::
     ovseg fit -c configs/experiment/smoke.yaml
     ovseg fit -c configs/simzss/synthetic.yaml --trainer.max_steps 100 --model.init_args.lambda_local 0
     ovseg validate -c configs/experiment/smoke.yaml --ckpt_path runs/smoke/checkpoints/last.ckpt
+    ovseg validate -c configs/experiment/smoke.yaml --ckpt_path hf://ORG/NAME   # a model on the Hub
     ovseg data make-synthetic --format coco --out data/synthetic_coco --num-images 200
     ovseg predict -c configs/experiment/smoke.yaml --ckpt_path runs/smoke/checkpoints/last.ckpt \
         --data ovseg.datamodules.image_folder.ImageFolderDataModule --data.init_args.images photos/ \
@@ -28,6 +29,7 @@ from typing import Any
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
+from ovseg.hub import HUB_PREFIX, resolve_checkpoint
 from ovseg.module import OVSegModule
 
 
@@ -72,6 +74,11 @@ class OVSegCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         settings = self.config.get(subcommand) if subcommand else None
         ckpt_path = settings.get("ckpt_path") if settings is not None else None
+        if isinstance(ckpt_path, str) and ckpt_path.startswith(HUB_PREFIX):  # a saved model: weights only
+            if subcommand == "fit":
+                raise ValueError(f"--ckpt_path {ckpt_path}: hf:// models hold weights, not a training state to "
+                                 "resume; use them with validate/test/predict")
+            ckpt_path = settings["ckpt_path"] = resolve_checkpoint(ckpt_path)
         model = settings.get("model") if settings is not None else None
         class_path = model.get("class_path") if model is not None and hasattr(model, "get") else None
         if ckpt_path and class_path and Path(ckpt_path).is_file():

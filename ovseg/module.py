@@ -279,6 +279,26 @@ class OVSegModule(L.LightningModule, ABC):
             f"(model.class_path: {stored}), or give a checkpoint of {method.__name__}"
         )
 
+    # Hugging Face Hub (ovseg.hub): safetensors weights + config.json + model card
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, **kwargs: Any) -> OVSegModule:
+        """The model :meth:`save_pretrained` wrote to a folder or Hub repo (see :func:`ovseg.hub.from_pretrained`)."""
+        from ovseg import hub
+
+        return hub.from_pretrained(cls, name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> Any:
+        """Weights, configuration and model card to a folder (see :func:`ovseg.hub.save_pretrained`)."""
+        from ovseg import hub
+
+        return hub.save_pretrained(self, save_directory, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """:meth:`save_pretrained` and upload to the Hub repo ``repo_id`` (see :func:`ovseg.hub.push_to_hub`)."""
+        from ovseg import hub
+
+        return hub.push_to_hub(self, repo_id, **kwargs)
+
     def _checkpoint_source(self) -> str | None:
         """'checkpoint PATH' when the trainer is restoring one, for error messages."""
         connector = getattr(self._trainer, "_checkpoint_connector", None)

@@ -20,3 +20,25 @@ def _deterministic_seed():
 
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache in a temp dir (``HF_HOME``), and a function that puts a local folder
+    in it as the Hub repo ``ORG/NAME`` (what ``snapshot_download`` leaves: refs/main -> snapshots/COMMIT)."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    home = tmp_path / "hf_home"
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+
+    def add(repo_id: str, folder: Path, commit: str = "a" * 40) -> None:
+        repo = home / "hub" / f"models--{repo_id.replace('/', '--')}"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(commit)
+        shutil.copytree(folder, repo / "snapshots" / commit)
+
+    add.home = home
+    return add

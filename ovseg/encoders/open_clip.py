@@ -20,6 +20,7 @@ from open_clip.transformer import TextTransformer, VisionTransformer
 from torch import Tensor, nn
 
 from ovseg.encoders.base import ImageEncoder, ImageFeatures, TextEncoder, TextFeatures
+from ovseg.encoders.hf_open_clip import TRANSFORMERS_PREFIX, open_clip_from_transformers
 from ovseg.encoders.text_transformer import projection_dim, run_clip_text_tower
 from ovseg.encoders.timm_vit import Stat, resolve_norm_stat
 
@@ -35,13 +36,20 @@ def build_open_clip_model(
 
     Either ``model_name`` (an open_clip architecture, e.g. ``"ViT-B-16"`` or
     ``"convnext_large_d_320"``) with an optional ``pretrained`` tag (e.g. ``"openai"``, needs the
-    network or a warm cache) or a local ``checkpoint_path``; or an explicit ``config``
+    network or a warm cache) or a local ``checkpoint_path``; or ``"transformers:NAME_OR_FOLDER"``, a
+    transformers-format ``CLIPModel`` (e.g. ``"transformers:openai/clip-vit-base-patch16"``) converted
+    to open_clip's layout (:mod:`ovseg.encoders.hf_open_clip`); or an explicit ``config``
     ``{"embed_dim", "vision_cfg", "text_cfg", ...}`` given to ``open_clip.model.CLIP`` (tiny test
     models, see :func:`tiny_open_clip_config`), optionally with a ``checkpoint_path`` to load.
     Checkpoints are loaded strictly; errors name the file.
     """
     if (model_name is None) == (config is None):
         raise ValueError("give exactly one of model_name and config")
+    if model_name is not None and model_name.startswith(TRANSFORMERS_PREFIX):
+        if pretrained is not None or checkpoint_path is not None or create_kwargs:
+            raise ValueError(f"{model_name!r} names a transformers checkpoint: give no pretrained tag, "
+                             "checkpoint_path or open_clip options with it")
+        return open_clip_from_transformers(model_name[len(TRANSFORMERS_PREFIX):])
     if pretrained is not None and checkpoint_path is not None:
         raise ValueError("give at most one of pretrained (a tag) and checkpoint_path (a local file)")
     if config is not None:
@@ -236,7 +244,8 @@ class OpenCLIPText(TextEncoder):
         model: an already built CLIP model to take the tower from (overrides the above).
 
     The tokenizer is ``open_clip.get_tokenizer(model_name)`` (offline for the CLIP BPE) or the CLIP
-    BPE ``SimpleTokenizer`` when built from a config or a model.
+    BPE ``SimpleTokenizer`` when built from a config, a model or a ``transformers:`` CLIP (whose
+    CLIP-family tokenizer is that BPE).
     """
 
     def __init__(
@@ -250,7 +259,8 @@ class OpenCLIPText(TextEncoder):
         super().__init__()
         if model is None:
             model = build_open_clip_model(model_name, pretrained, checkpoint_path, config)
-            self.tokenizer = open_clip.get_tokenizer(model_name) if model_name is not None else None
+            self.tokenizer = (open_clip.get_tokenizer(model_name)
+                              if model_name is not None and not model_name.startswith(TRANSFORMERS_PREFIX) else None)
         else:
             self.tokenizer = None
         text = getattr(model, "text", None)

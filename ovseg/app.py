@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ovseg.module import OVSegModule, load_model
+from ovseg.module import OVSegModule
 from ovseg.vocabulary import Vocabulary
 
 INSTALL_HINT = "ovseg app needs Gradio: pip install 'ovseg[app]' (or pip install gradio)"
@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ovseg app", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt_path", action="append", required=True, metavar="CKPT",
-                        help="an ovseg checkpoint (repeat for several, selectable in the app)")
+                        help="an ovseg checkpoint, save_pretrained folder or hf://ORG/NAME (repeat for several, "
+                             "selectable in the app)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -128,8 +129,10 @@ def main(argv: list[str] | None = None) -> None:
     import_gradio()  # fail before loading the models
     models: dict[str, OVSegModule] = {}
     for path in args.ckpt_path:
-        try:
-            models[path] = load_model(path, args.device)
-        except (FileNotFoundError, ValueError) as error:
+        if not path.startswith("hf://") and not Path(path).exists():
+            raise SystemExit(f"ovseg app: checkpoint {path} does not exist")
+        try:  # a .ckpt of ovseg fit / convert, a save_pretrained folder, or a Hub repository
+            models[path] = OVSegModule.from_pretrained(path, map_location=args.device).eval()
+        except (FileNotFoundError, ValueError, TypeError) as error:
             raise SystemExit(f"ovseg app: {error}") from None
     build_app(models, args.example).launch(server_name=args.host, server_port=args.port, share=args.share)

@@ -21,7 +21,6 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -618,32 +617,3 @@ class OVSegModule(L.LightningModule, ABC):
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
 
-
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> OVSegModule:
-    """The model of an ovseg checkpoint, whatever its method, in eval mode.
-
-    The method is the one recorded in the checkpoint (``ovseg_method``, else LightningCLI's
-    ``_class_path``); its configuration comes from the checkpoint's hyper-parameters.
-
-    Raises:
-        FileNotFoundError: no file at ``path``.
-        ValueError: the checkpoint names no ovseg method.
-    """
-    from jsonargparse.typing import import_object
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    method = OVSegModule.checkpoint_method(checkpoint) if isinstance(checkpoint, Mapping) else None
-    if method is None:
-        raise ValueError(f"checkpoint {path} does not say which method saved it (no '{OVSegModule.CHECKPOINT_METHOD_KEY}' "
-                         "nor hyper_parameters._class_path): load it with the method's class, "
-                         "Method.load_from_checkpoint(path)")
-    try:
-        method_class = import_object(method)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(f"checkpoint {path} was saved by {method}, which cannot be imported ({error})") from None
-    if not (isinstance(method_class, type) and issubclass(method_class, OVSegModule)):
-        raise ValueError(f"checkpoint {path} was saved by {method}, which is not an ovseg method")
-    return method_class.load_from_checkpoint(path, map_location=map_location).eval()

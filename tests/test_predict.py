@@ -23,7 +23,7 @@ from ovseg.datamodules.image_folder import (
     parse_classes,
 )
 from ovseg.images import as_image_tensor
-from ovseg.module import load_model
+from ovseg.module import OVSegModule
 from ovseg.visualize import overlay, palette
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,7 +184,7 @@ def test_predict_writes_label_overlay_and_json_line_per_image(tmp_path, smoke_ch
     vocabulary = json.loads((out / "vocabulary.json").read_text())
     assert vocabulary["names"] == ["square", "circle", "a red triangle"]
     assert vocabulary["synonyms"][1] == ["circle", "disc"] and len(vocabulary["palette"]) == 3
-    model = load_model(smoke_checkpoint)
+    model = OVSegModule.from_pretrained(str(smoke_checkpoint)).eval()
     names = parse_classes(CLASSES)
     for record in records:
         label_png = Image.open(out / record["label"])
@@ -269,7 +269,7 @@ def test_simzss_checkpoint_loads_segments_and_validates_without_the_tagger(smoke
 
     monkeypatch.setattr(concepts, "_get_tagger", no_tagger)
     monkeypatch.chdir(tmp_path)
-    model = load_model(smoke_checkpoint)
+    model = OVSegModule.from_pretrained(str(smoke_checkpoint)).eval()
     assert model.segment(torch.zeros(3, 28, 28, dtype=torch.uint8), ["sky", "grass"])[0].shape == (28, 28)
     validated = run(["validate", "-c", str(SMOKE), "--ckpt_path", str(smoke_checkpoint), "--trainer.logger", "false",
                      "--trainer.enable_progress_bar", "false", "--data.init_args.num_val", "2"])

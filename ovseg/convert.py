@@ -163,7 +163,7 @@ def load_official_weights(path: str | Path, trust_pickle: bool = False) -> dict[
     weights: dict[str, Tensor] = {}
     for key, value in _unwrap(_read_file(path, trust_pickle)).items():
         if isinstance(value, np.ndarray):
-            value = torch.from_numpy(np.ascontiguousarray(value))
+            value = torch.from_numpy(np.ascontiguousarray(value).reshape(value.shape))  # keeps 0-d scalars 0-d
         if isinstance(value, Tensor):
             weights[str(key)] = value
     if not weights:

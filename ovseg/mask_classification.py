@@ -36,6 +36,10 @@ class MaskClassificationModule(OVSegModule):
         ignore_index: label value of unlabelled pixels in training label maps.
         size_divisibility: :meth:`pad_batch` pads images and labels (bottom/right) to a multiple of
             this, as detectron2's ``ImageList`` (32, the backbones' largest stride).
+        train_pad_value: the pixel value (0..255, before normalisation) that *training* images are
+            padded with; ``None``: 0 after normalisation (the mean colour, ovseg's default). The
+            official MaskFormer/ZegFormer training mapper pads with 128 (grey); at inference both pad
+            with 0 after normalisation.
         **kwargs: :class:`~ovseg.module.OVSegModule` arguments (optimizer, lr_scheduler,
             lr_multipliers, freeze, ...).
     """
@@ -43,8 +47,11 @@ class MaskClassificationModule(OVSegModule):
     text_encoder_trained = False
 
     def __init__(self, training_templates: str | list[str] = "single", ignore_index: int = 255,
-                 size_divisibility: int = 32, **kwargs: Any) -> None:
+                 size_divisibility: int = 32, train_pad_value: float | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if train_pad_value is not None and not 0 <= train_pad_value <= 255:
+            raise ValueError(f"train_pad_value is a pixel value in 0..255 (or null), got {train_pad_value}")
+        self.train_pad_value = train_pad_value
         self.training_templates = resolve_templates(training_templates)
         self.ignore_index = ignore_index
         self.size_divisibility = size_divisibility
@@ -64,6 +71,10 @@ class MaskClassificationModule(OVSegModule):
                     "`training_classes` attribute (ovseg.benchmark.TrainingClasses), e.g. "
                     "SyntheticDataModule or CocoStuffDataModule"
                 )
+            self.set_training_classes(classes)
+        elif self.training_classes is None and classes is not None:
+            # e.g. a converted release checkpoint (``ovseg convert``), which records no training
+            # classes: the DataModule's split decides which queries are seen (fusion, calibration)
             self.set_training_classes(classes)
 
     def set_training_classes(self, classes: TrainingClasses) -> None:
@@ -107,15 +118,30 @@ class MaskClassificationModule(OVSegModule):
             self._criteria[key] = MaskSetCriterion(num_classes, **self.set_loss).to(self.device)
         return self._criteria[key]
 
-    def pad_batch(self, pixels: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def pad_batch(self, pixels: Tensor, labels: Tensor | None = None,
+                  fill: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Pad at the bottom and right to multiples of ``size_divisibility`` (detectron2's
-        ``ImageList``): (B, C, H, W) normalised images with zeros, (B, H, W) label maps of the same
-        size with the ignore index (returned as int64; None stays None)."""
+        ``ImageList``): (B, C, H, W) normalised images with zeros, or with ``fill`` ((C,) normalised
+        values, see :meth:`training_pad_fill`), (B, H, W) label maps of the same size with the
+        ignore index (returned as int64; None stays None)."""
         height, width = pixels.shape[-2:]
         padding = (0, -width % self.size_divisibility, 0, -height % self.size_divisibility)
         if labels is not None:
             labels = F.pad(labels.long(), padding, value=self.ignore_index)
-        return F.pad(pixels, padding), labels
+        padded = F.pad(pixels, padding)
+        if fill is not None and (padding[1] or padding[3]):
+            outside = torch.ones(padded.shape[-2:], dtype=torch.bool, device=padded.device)
+            outside[:height, :width] = False
+            padded = torch.where(outside, fill.to(padded).view(1, -1, 1, 1), padded)
+        return padded, labels
+
+    def training_pad_fill(self) -> Tensor | None:
+        """(C,) the normalised value of ``train_pad_value`` (None when unset); needs the subclass's
+        ``normalize`` ((B, 3, H, W) in [0, 1] -> normalised)."""
+        if self.train_pad_value is None:
+            return None
+        grey = torch.full((1, 3, 1, 1), self.train_pad_value / 255.0, device=self.device)
+        return self.normalize(grey).view(-1)  # type: ignore[attr-defined]
 
     def mask_targets(self, label_maps: Tensor) -> list[MaskTargets]:
         """(B, H, W) training label maps -> per image, one mask per seen class present."""

@@ -25,6 +25,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities import rank_zero_only
@@ -70,6 +71,19 @@ class MaskPredictions:
             offsets = self.query_offsets.to(scores.dtype)
             scores = scores + offsets.view(-1 if offsets.dim() == 2 else 1, scores.shape[1], 1, 1)
         return scores
+
+    def upsampled_before_sigmoid(self, padded_size: tuple[int, int], image_size: tuple[int, int]) -> MaskPredictions:
+        """A copy whose mask logits, predicted on a padded input at any stride, are upsampled
+        (bilinear) to the ``padded_size`` input and cropped to the top-left ``image_size``, so that
+        the sigmoid and the sum over masks happen at input resolution (MaskFormer-family releases;
+        the default sums at the prediction stride and upsamples the scores).
+
+        Args:
+            padded_size: (H_p, W_p) of the padded input the masks were predicted on.
+            image_size: (H, W) of the image inside it (top-left).
+        """
+        masks = F.interpolate(self.mask_logits, size=padded_size, mode="bilinear", align_corners=False)
+        return MaskPredictions(masks[..., :image_size[0], :image_size[1]], self.class_probs, self.query_offsets)
 
     def float(self) -> MaskPredictions:
         """A float32 copy (after autocast)."""
@@ -120,6 +134,9 @@ class OVSegModule(L.LightningModule, ABC):
         freeze: parameter-name prefixes to freeze before the optimizer is built.
         no_weight_decay: parameter-name substrings without weight decay.
         no_decay_on_1d: no weight decay on biases, norms and scalars.
+        no_decay_on_norms: no weight decay on the parameters of normalisation layers (LayerNorm,
+            GroupNorm, BatchNorm, ...), as detectron2's ``WEIGHT_DECAY_NORM: 0``; with
+            ``no_decay_on_1d: false`` this leaves biases decayed (Mask2Former-family releases).
         lr_reference_batch: if set, the learning rate is multiplied by
             (global batch size / lr_reference_batch), e.g. 256 for CLIP-style linear scaling.
         scheduler_interval: ``"step"`` or ``"epoch"``.
@@ -139,6 +156,7 @@ class OVSegModule(L.LightningModule, ABC):
         freeze: list[str] | None = None,
         no_weight_decay: list[str] | None = None,
         no_decay_on_1d: bool = True,
+        no_decay_on_norms: bool = False,
         lr_reference_batch: int | None = None,
         scheduler_interval: str = "step",
         text_batch_size: int = 1024,
@@ -155,6 +173,7 @@ class OVSegModule(L.LightningModule, ABC):
         self.freeze = list(freeze or [])
         self.no_weight_decay = list(no_weight_decay or [])
         self.no_decay_on_1d = no_decay_on_1d
+        self.no_decay_on_norms = no_decay_on_norms
         self.lr_reference_batch = lr_reference_batch
         self.scheduler_interval = scheduler_interval
         self.text_batch_size = text_batch_size
@@ -602,7 +621,8 @@ class OVSegModule(L.LightningModule, ABC):
         return batch_size * world / self.lr_reference_batch
 
     def configure_optimizers(self) -> Any:
-        groups = parameter_groups(self, self.lr_multipliers, self.no_weight_decay, self.no_decay_on_1d)
+        groups = parameter_groups(self, self.lr_multipliers, self.no_weight_decay, self.no_decay_on_1d,
+                                  self.no_decay_on_norms)
         optimizer = self.optimizer(groups)
         apply_lr_multipliers(optimizer, self._lr_scale())
         if self.lr_scheduler is None:

@@ -49,11 +49,16 @@ def freeze_by_prefix(module: nn.Module, prefixes: Iterable[str]) -> list[str]:
     return frozen
 
 
+#: normalisation layers (their subclasses included, e.g. timm's LayerNorm2d) for ``no_decay_on_norms``
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
 def parameter_groups(
     module: nn.Module,
     lr_multipliers: Mapping[str, float] | None = None,
     no_weight_decay: Iterable[str] = (),
     no_decay_on_1d: bool = True,
+    no_decay_on_norms: bool = False,
 ) -> list[dict]:
     """Trainable parameters grouped by (learning-rate multiplier, weight decay on/off).
 
@@ -62,6 +67,8 @@ def parameter_groups(
         no_weight_decay: name substrings whose parameters get weight decay 0.
         no_decay_on_1d: also no weight decay on 1-d and scalar parameters (biases, norms,
             logit scales), as CLIP and SimZSS do.
+        no_decay_on_norms: also no weight decay on the parameters of normalisation layers
+            (:data:`NORM_LAYERS`), as detectron2's ``WEIGHT_DECAY_NORM: 0``.
 
     Returns:
         groups with keys ``params``, ``names``, ``lr_multiplier`` and, where decay is off,
@@ -73,13 +80,15 @@ def parameter_groups(
     if unknown:
         raise ValueError(f"lr_multipliers prefixes {unknown} match no parameter")
     no_weight_decay = tuple(no_weight_decay)
+    norm_parameters = {id(p) for m in module.modules() if isinstance(m, NORM_LAYERS)
+                       for p in m.parameters(recurse=False)} if no_decay_on_norms else set()
     groups: dict[tuple[float, bool], dict] = {}
     for name, parameter in module.named_parameters():
         if not parameter.requires_grad:
             continue
         prefix = longest_prefix(name, lr_multipliers)
         multiplier = lr_multipliers[prefix] if prefix is not None else 1.0
-        decay = not ((no_decay_on_1d and parameter.ndim <= 1)
+        decay = not ((no_decay_on_1d and parameter.ndim <= 1) or id(parameter) in norm_parameters
                      or any(key in name for key in no_weight_decay))
         group = groups.setdefault((multiplier, decay), {
             "params": [], "names": [], "lr_multiplier": multiplier,

@@ -254,3 +254,58 @@ def test_short_training_decreases_the_loss():
         optimizer.step()
         losses.append(loss.item())
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+
+
+def test_paper_config_weight_decay_is_the_releases():
+    """configs/cdt/coco_stuff_convnext_*.yaml: no decay exactly on norm layers and nn.Embedding tables
+    (detectron2's WEIGHT_DECAY_NORM/EMBED 0), decay on everything else (biases, level_embed, scales)."""
+    from pathlib import Path
+
+    import yaml
+
+    from ovseg.optim import parameter_groups
+
+    config = Path(__file__).parents[1] / "configs" / "cdt" / "coco_stuff_convnext_l.yaml"
+    args = yaml.safe_load(config.read_text())["model"]["init_args"]
+    model = tiny_cdt()
+    groups = parameter_groups(model, None, args["no_weight_decay"], args["no_decay_on_1d"], args["no_decay_on_norms"])
+    undecayed = {id(p) for g in groups if g.get("weight_decay") == 0.0 for p in g["params"]}
+    norms = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.Embedding)
+    expected = {id(p) for m in model.modules() if isinstance(m, norms) for p in m.parameters(recurse=False)
+                if p.requires_grad}
+    assert undecayed == expected
+    decayed = {n for g in groups if "weight_decay" not in g for n in g["names"]}
+    assert {"model.pixel_decoder.level_embed", "model.decoder.logit_scale", "model.cdt.linear.bias"} <= decayed
+
+
+def test_training_names_with_synonyms_take_the_max_logit(tmp_path):
+    data, batch = synthetic_batch()
+    names = [", ".join((name, f"{name} thing")) for name in data.training_classes.vocabulary.display_names]
+    path = tmp_path / "names.txt"
+    path.write_text("\n".join(names) + "\n")
+
+    def model_with(**kwargs) -> CDT:
+        model = tiny_cdt(**kwargs)
+        model.set_training_classes(data.training_classes)
+        return model
+
+    model = model_with(training_class_names=str(path), synonym_logit_max=True)
+    vocabulary = model.training_vocabulary()
+    assert len(vocabulary.queries) == 2 * len(vocabulary) == 2 * model.num_training_classes
+    assert torch.isfinite(model.training_loss(batch)["loss"])
+    with pytest.raises(ValueError, match="synonym_logit_max"):
+        model_with(training_class_names=str(path)).training_loss(batch)
+    path.write_text("\n".join(names[:-1]) + "\n")
+    with pytest.raises(ValueError, match="one line per label value"):
+        model_with(training_class_names=str(path), synonym_logit_max=True).training_vocabulary()
+    with pytest.raises(FileNotFoundError, match="coco_stuff_with_prompt_eng"):
+        model_with(training_class_names=str(tmp_path / "missing.txt")).training_vocabulary()
+
+
+def test_reduce_synonym_logits_takes_the_max_per_class_and_keeps_void():
+    from ovseg.methods.cdt.model import reduce_synonym_logits
+
+    logits = torch.tensor([[1.0, 5.0, 2.0, 3.0, -1.0]])  # names of classes 0, 1, 1, 0 and void
+    reduced = reduce_synonym_logits(logits, torch.tensor([0, 1, 1, 0]))
+    assert torch.equal(reduced, torch.tensor([[3.0, 5.0, -1.0]]))
+    assert reduce_synonym_logits(logits, None) is logits

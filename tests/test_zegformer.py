@@ -29,8 +29,8 @@ from ovseg.module import MaskPredictions
 from ovseg.optim import parameter_groups
 from ovseg.vocabulary import Vocabulary
 
-TINY = dict(backbone="test_resnet", freeze_bn=False, num_queries=6, conv_dim=16, mask_dim=16, hidden_dim=16,
-            dec_layers=2, heads=2, ffn_dim=32, clip_crop_size=32, size_divisibility=32)
+TINY = {"backbone": "test_resnet", "freeze_bn": False, "num_queries": 6, "conv_dim": 16, "mask_dim": 16,
+        "hidden_dim": 16, "dec_layers": 2, "heads": 2, "ffn_dim": 32, "clip_crop_size": 32, "size_divisibility": 32}
 
 
 @pytest.fixture(autouse=True)
@@ -283,3 +283,85 @@ def test_short_training_on_synthetic_scenes_decreases_the_loss():
 
 def test_registered_in_methods():
     assert METHODS["zegformer"] == "ovseg.methods.zegformer.ZegFormer"
+
+
+# ---------------------------------------------------------------------------- release switches (issue 15)
+def test_release_crop_boxes_end_at_the_last_occupied_index_and_zero_area_falls_back_to_the_image():
+    """The official rule (cumsum argmax/argmin in MaskFormer.forward), worked out by hand: x2/y2 are
+    the last occupied column/row index; a box of zero area (one row or one column) or an empty mask
+    becomes the whole (padded) image."""
+    masks = torch.zeros(5, 8, 10, dtype=torch.bool)
+    masks[0, 2:5, 1:6] = True  # rows 2..4, cols 1..5
+    masks[1, 0, 0] = True  # one pixel: zero area
+    masks[2, 3, 9] = masks[2, 7, 4] = True  # two pixels: box spans both
+    masks[3, 1:7, 4] = True  # one column: zero area
+    release = mask_boxes(masks, "release").tolist()
+    assert release == [[1, 2, 5, 4], [0, 0, 10, 8], [4, 3, 9, 7], [0, 0, 10, 8], [0, 0, 10, 8]]
+    tight = mask_boxes(masks, "tight").tolist()
+    assert tight == [[1, 2, 6, 5], [0, 0, 1, 1], [4, 3, 10, 8], [4, 1, 5, 7], [0, 0, 10, 8]]
+    with pytest.raises(ValueError, match="release"):
+        mask_boxes(masks, "official")  # type: ignore[arg-type]
+
+
+def test_release_crops_are_taken_on_the_padded_image():
+    """With ``box_rule="release"`` a proposal reaching into the padding is cropped there (CLIP-normalised
+    zeros); ``"tight"`` cuts the masks to the image first."""
+    torch.manual_seed(0)
+    encoder = OpenCLIPImage(config=tiny_open_clip_config())
+    images = torch.rand(1, 3, 20, 24)
+    logits = torch.full((1, 1, 32, 32), -10.0)
+    logits[..., 10:30, 12:30] = 10.0  # the mask runs past the image (20 x 24) into the padding
+    seen: list[torch.Tensor] = []
+    encoder.encode = lambda crops: seen.append(crops) or encoder.__class__.encode(encoder, crops)  # type: ignore
+    text = F.normalize(torch.randn(3, 32), dim=-1)
+    for rule in ("release", "tight"):
+        CLIPCropClassifier(encoder, crop_size=16, box_rule=rule)(images, logits, text, torch.zeros(1, 1))
+    pixels = encoder.normalize(images)
+    padded = F.pad(pixels, (0, 8, 0, 12)) * (logits[0].sigmoid() > 0.5)
+    expected_release = roi_align(padded, [torch.tensor([[12.0, 10.0, 29.0, 29.0]])], 16, aligned=True)
+    tight_image = pixels * (logits[0, :, :20, :24].sigmoid() > 0.5)
+    expected_tight = roi_align(tight_image, [torch.tensor([[12.0, 10.0, 24.0, 20.0]])], 16, aligned=True)
+    torch.testing.assert_close(seen[0], expected_release)
+    torch.testing.assert_close(seen[1], expected_tight)
+
+
+def test_training_images_are_padded_with_the_normalised_train_pad_value():
+    model = tiny_zegformer(train_pad_value=128)
+    pixels = model.normalize(torch.rand(2, 3, 40, 50))
+    padded, labels = model.pad_batch(pixels, torch.zeros(2, 40, 50, dtype=torch.long), fill=model.training_pad_fill())
+    grey = model.normalize(torch.full((1, 3, 1, 1), 128 / 255)).view(3)
+    assert padded.shape == (2, 3, 64, 64) and labels is not None
+    torch.testing.assert_close(padded[..., :40, :50], pixels)
+    torch.testing.assert_close(padded[:, :, 40:, :], grey.view(1, 3, 1, 1).expand(2, 3, 24, 64))
+    torch.testing.assert_close(padded[:, :, :, 50:], grey.view(1, 3, 1, 1).expand(2, 3, 64, 14))
+    assert (labels[:, 40:] == 255).all() and (labels[:, :, 50:] == 255).all()
+    assert tiny_zegformer().training_pad_fill() is None  # ovseg's default: 0 after normalisation
+    with pytest.raises(ValueError, match="train_pad_value"):
+        tiny_zegformer(train_pad_value=300)
+
+
+def test_release_class_names_differ_from_ovsegs_in_fifteen_coco_stuff_names():
+    release = Vocabulary.from_file("packaged:coco_stuff_zegformer")
+    ovseg_names = Vocabulary.from_file("packaged:coco_stuff")
+    assert len(release.classes) == len(ovseg_names.classes) == 171
+    differ = [(a[0], b[0]) for a, b in zip(release.classes, ovseg_names.classes) if a != b]
+    assert len(differ) == 15
+    assert ("traffic light", "trafficlight") in differ and ("potted plant", "pottedplant") in differ
+    voc = Vocabulary.from_file("packaged:voc20_zegformer")
+    assert [names[0] for names in voc.classes][-5:] == ["potted plant", "sheep", "sofa", "train", "tvmonitor"]
+
+
+def test_a_model_without_training_classes_takes_the_datamodules_split_at_evaluation():
+    """A converted release checkpoint records no training classes; validating it on a zero-shot
+    DataModule must still fuse and calibrate that DataModule's seen classes as seen."""
+    from types import SimpleNamespace
+
+    model = tiny_zegformer()
+    split = TrainingClasses(Vocabulary((("cat",), ("dog",), ("sand",))), ("sand",))
+    model._trainer = SimpleNamespace(datamodule=SimpleNamespace(training_classes=split, benchmarks=[]))
+    model.setup("validate")
+    assert model.seen_class_names == ("cat", "dog")
+    other = TrainingClasses(Vocabulary((("cat",), ("kite",))), ("kite",))
+    model._trainer = SimpleNamespace(datamodule=SimpleNamespace(training_classes=other, benchmarks=[]))
+    model.setup("validate")  # classes recorded in a checkpoint (or set before) are kept
+    assert model.seen_class_names == ("cat", "dog")

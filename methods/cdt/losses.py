@@ -17,7 +17,8 @@ from ovseg.masks import MaskTargets
 RC_SCALES = (1, 2, 4)
 
 
-def pod_descriptor(features: Tensor, scales: Sequence[int] = RC_SCALES) -> Tensor:
+def pod_descriptor(features: Tensor, scales: Sequence[int] = RC_SCALES,
+                   kernel_from_unresized_width: bool = False) -> Tensor:
     """Multi-grid pooled descriptor of a feature map (PLOP/PODNet "local POD", maftplus.md section 3).
 
     A non-square map is first resized (bilinear) to a square of side ``max(h, w)``; for each scale
@@ -27,6 +28,9 @@ def pod_descriptor(features: Tensor, scales: Sequence[int] = RC_SCALES) -> Tenso
 
     Args:
         features: (B, C, h, w).
+        kernel_from_unresized_width: take ``w`` before the square resize, as the release does (on a
+            portrait map, h > w, the grids are then finer than ``s x s``); ``False``: the side of
+            the square, so scale ``s`` pools an ``s x s`` grid.
 
     Returns:
         (B, C * sum_s 2 s') descriptor.
@@ -35,7 +39,7 @@ def pod_descriptor(features: Tensor, scales: Sequence[int] = RC_SCALES) -> Tenso
     if h != w:
         side = max(h, w)
         features = F.interpolate(features, size=(side, side), mode="bilinear", align_corners=False)
-        w = side
+        w = w if kernel_from_unresized_width else side
     parts = []
     for scale in scales:
         kernel = max(w // scale, 1)
@@ -45,18 +49,20 @@ def pod_descriptor(features: Tensor, scales: Sequence[int] = RC_SCALES) -> Tenso
     return torch.cat(parts, dim=1)
 
 
-def representation_compensation_loss(student: Tensor, teacher: Tensor, scales: Sequence[int] = RC_SCALES) -> Tensor:
+def representation_compensation_loss(student: Tensor, teacher: Tensor, scales: Sequence[int] = RC_SCALES,
+                                     kernel_from_unresized_width: bool = False) -> Tensor:
     """RC loss: SmoothL1 (beta 1, mean) between the POD descriptors of the ReLU'd stride-32 maps
     of the fine-tuned (student) and frozen (teacher) CLIP image trunks (maftplus.md section 3).
 
     Args:
         student: (B, C, h, w) ``clip_vis_dense`` of the fine-tuned trunk (with gradients).
         teacher: (B, C, h, w) the same map of the frozen copy.
+        kernel_from_unresized_width: see :func:`pod_descriptor`.
     """
     if student.shape != teacher.shape:
         raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ in shape")
-    student_pod = pod_descriptor(student.float().relu(), scales)
-    teacher_pod = pod_descriptor(teacher.float().relu(), scales)
+    student_pod = pod_descriptor(student.float().relu(), scales, kernel_from_unresized_width)
+    teacher_pod = pod_descriptor(teacher.float().relu(), scales, kernel_from_unresized_width)
     return F.smooth_l1_loss(student_pod, teacher_pod.detach(), beta=1.0)
 
 
@@ -80,7 +86,7 @@ def soft_iou(mask_probs: Tensor, gt_masks: Tensor, eps: float = 1e-6) -> Tensor:
 
 
 def mask_aware_loss(class_logits: Tensor, mask_logits: Tensor, targets: Sequence[MaskTargets],
-                    eps: float = 1e-6) -> Tensor:
+                    eps: float = 1e-6, sigmoid_before_upsampling: bool = False) -> Tensor:
     """MAFT's mask-aware (IoU-regression) loss ``MA_Loss`` (maftplus.md section 4).
 
     For every ground-truth segment g of image b (class c_g, mask Y_g): the soft IoU between
@@ -92,6 +98,8 @@ def mask_aware_loss(class_logits: Tensor, mask_logits: Tensor, targets: Sequence
         class_logits: (B, N, K) out-of-vocabulary logits of the training classes (void removed).
         mask_logits: (B, N, h, w) mask logits (detached: the loss trains the classifier only).
         targets: per image, :class:`~ovseg.masks.MaskTargets` with (G_b, H, W) masks.
+        sigmoid_before_upsampling: the release's order, sigmoid at the mask resolution then
+            bilinear upsampling of the probabilities; ``False``: upsample the logits, then sigmoid.
 
     Returns:
         scalar loss (0 with a graph to ``class_logits`` when the batch has no segment).
@@ -103,8 +111,10 @@ def mask_aware_loss(class_logits: Tensor, mask_logits: Tensor, targets: Sequence
         if len(target.labels) == 0:
             continue
         gt = target.masks.to(mask_logits.device)
-        masks = F.interpolate(mask_logits[b:b + 1].float(), size=gt.shape[-2:], mode="bilinear",
-                              align_corners=False)[0].sigmoid()  # (N, H, W)
+        masks = mask_logits[b:b + 1].float()
+        masks = masks.sigmoid() if sigmoid_before_upsampling else masks
+        masks = F.interpolate(masks, size=gt.shape[-2:], mode="bilinear", align_corners=False)[0]
+        masks = masks if sigmoid_before_upsampling else masks.sigmoid()  # (N, H, W)
         iou = soft_iou(masks, gt)  # (G, N)
         low, high = iou.min(1, keepdim=True).values, iou.max(1, keepdim=True).values
         ious.append((iou - low) / (high - low).clamp_min(eps))

@@ -399,6 +399,29 @@ def mask_pool(features: Tensor, mask_logits: Tensor) -> Tensor:
     return torch.einsum("bchw,bnhw->bnc", features, masks) / denominator
 
 
+def reduce_synonym_logits(logits: Tensor, query_to_class: Tensor | None) -> Tensor:
+    """Per-class logits as the maximum over each class's names (OpenSeg/ODISE's max ensemble, used
+    by MAFT+ before any softmax).
+
+    Args:
+        logits: (..., Q+1) logits of Q names and void (last).
+        query_to_class: (Q,) class index of each name, or None (then ``logits`` is returned).
+
+    Returns:
+        (..., K+1) with void last.
+    """
+    if query_to_class is None:
+        return logits
+    names, void = logits[..., :-1], logits[..., -1:]
+    index = query_to_class.to(logits.device)
+    if index.numel() != names.shape[-1]:
+        raise ValueError(f"query_to_class has {index.numel()} entries for {names.shape[-1]} name logits")
+    num_classes = int(index.max()) + 1
+    out = names.new_full((*names.shape[:-1], num_classes), float("-inf"))
+    out = out.scatter_reduce(-1, index.expand_as(names), names, reduce="amax", include_self=True)
+    return torch.cat([out, void], -1)
+
+
 class MaskedAttentionDecoder(nn.Module):
     """Mask2Former's ``MultiScaleMaskedTransformerDecoder`` with FC-CLIP's in-vocabulary classifier.
 
@@ -439,27 +462,31 @@ class MaskedAttentionDecoder(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def predict(self, output: Tensor, mask_features: Tensor, classifier: Tensor,
-                target_size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+                target_size: tuple[int, int], query_to_class: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Class logits (B, N, K+1), mask logits (B, N, H/4, W/4) and the next attention mask
-        (B*heads, N, h*w) bool (True = not attended) of decoder queries (B, N, C)."""
+        (B*heads, N, h*w) bool (True = not attended) of decoder queries (B, N, C). With
+        ``query_to_class``, the classifier has one row per name (Q+1) and a class's logit is the
+        maximum over its names (:func:`reduce_synonym_logits`)."""
         decoded = self.decoder_norm(output)
         masks = torch.einsum("bnc,bchw->bnhw", self.mask_embed(decoded), mask_features)
         pooled = self.mask_pooling_proj(mask_pool(mask_features, masks))
         embedding = F.normalize(self.class_embed(decoded + pooled), dim=-1)
         scale = self.logit_scale.exp().clamp(max=100.0)
-        logits = scale * embedding @ classifier.to(embedding.dtype).T
+        logits = reduce_synonym_logits(scale * embedding @ classifier.to(embedding.dtype).T, query_to_class)
         attn = F.interpolate(masks, size=target_size, mode="bilinear", align_corners=False)
         attn = attn.sigmoid().flatten(2) < 0.5  # (B, N, h*w)
         attn = attn.unsqueeze(1).expand(-1, self.heads, -1, -1).flatten(0, 1).detach()
         return logits, masks, attn
 
-    def forward(self, memory: list[Tensor], mask_features: Tensor, classifier: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, memory: list[Tensor], mask_features: Tensor, classifier: Tensor,
+                query_to_class: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Decode queries against the multi-scale memory.
 
         Args:
             memory: ``num_levels`` maps (B, in_dim, h_l, w_l), low resolution first.
             mask_features: (B, mask_dim, H/4, W/4).
-            classifier: (K+1, D) L2-normalised text embeddings and void (last).
+            classifier: (K+1, D) L2-normalised text embeddings and void (last); (Q+1, D), one row
+                per name, with ``query_to_class`` (Q,) giving each name's class.
 
         Returns:
             class logits (L, B, N, K+1) and mask logits (L, B, N, H/4, W/4), L = ``dec_layers``.
@@ -474,14 +501,15 @@ class MaskedAttentionDecoder(nn.Module):
         b = mask_features.shape[0]
         query_pos = self.query_embed.weight.unsqueeze(0).expand(b, -1, -1)
         output = self.query_feat.weight.unsqueeze(0).expand(b, -1, -1)
-        logits, masks, attn = self.predict(output, mask_features, classifier, sizes[0])
+        logits, masks, attn = self.predict(output, mask_features, classifier, sizes[0], query_to_class)
         all_logits, all_masks = [logits], [masks]
         for i, (cross, self_attn, ffn) in enumerate(zip(self.cross_attention, self.self_attention, self.ffn)):
             level = i % self.num_levels
             attn = attn & ~attn.all(-1, keepdim=True)  # a query that masks everything sees everything
             output = cross(output, sources[level], query_pos, positions[level], attn_mask=attn)
-            output = ffn(self_attn(output, output, query_pos))
-            logits, masks, attn = self.predict(output, mask_features, classifier, sizes[(i + 1) % self.num_levels])
+            output = ffn(self_attn(output, output, query_pos, query_pos))  # position on queries and keys
+            logits, masks, attn = self.predict(output, mask_features, classifier, sizes[(i + 1) % self.num_levels],
+                                               query_to_class)
             all_logits.append(logits)
             all_masks.append(masks)
         return torch.stack(all_logits), torch.stack(all_masks)
@@ -539,6 +567,10 @@ class CDTModel(nn.Module):
         num_queries, conv_dim, mask_dim, hidden_dim, enc_*, dec_*: Mask2Former sizes.
         cdt_heads, cdt_residual: :class:`~methods.cdt.transfer.ContentDependentTransfer`.
         use_cdt: the ablation switch: ``False`` scores regions against the plain T.
+        cdt_flatten_without_permute: feed CDT the dense map as the release does,
+            ``(B, C, h, w).reshape(B*h*w, C)`` without a permute, so each "location" vector mixes
+            channels and positions (released weights were trained so); ``False``: one vector per
+            location (docs/cdt.md, "Reproducing the release").
     """
 
     def __init__(
@@ -559,9 +591,11 @@ class CDTModel(nn.Module):
         cdt_heads: int = 8,
         cdt_residual: Residual = "semantic",
         use_cdt: bool = True,
+        cdt_flatten_without_permute: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone
+        self.cdt_flatten_without_permute = cdt_flatten_without_permute
         dim = backbone.embed_dim
         self.pixel_decoder = MSDeformAttnPixelDecoder(backbone.channels, conv_dim, mask_dim, enc_layers,
                                                       enc_heads, enc_points, enc_ffn_dim)
@@ -577,29 +611,42 @@ class CDTModel(nn.Module):
         void = F.normalize(self.void_embedding.weight, dim=-1)
         return torch.cat([text.to(void.dtype), void], 0)
 
-    def out_vocab_logits(self, clip_vis_dense: Tensor, mask_logits: Tensor, classifier: Tensor) -> Tensor:
+    def transferred_classifier(self, clip_vis_dense: Tensor, classifier: Tensor) -> Tensor:
+        """(B, C, h, w) fine-tuned CLIP map, (K+1, D) classifier -> (B, K+1, D): CDT(T), or T
+        repeated per image without CDT."""
+        if self.cdt is None:
+            return classifier.unsqueeze(0).expand(clip_vis_dense.shape[0], -1, -1)
+        if self.cdt_flatten_without_permute:
+            b, c, h, w = clip_vis_dense.shape
+            scrambled = clip_vis_dense.reshape(b * h * w, c)  # the release's layout (no permute)
+            visual = self.backbone.embed(scrambled).reshape(b, h, w, -1).permute(0, 3, 1, 2)
+        else:
+            visual = self.backbone.dense_embedding(clip_vis_dense)
+        return self.cdt(classifier, visual)
+
+    def out_vocab_logits(self, clip_vis_dense: Tensor, mask_logits: Tensor, classifier: Tensor,
+                         query_to_class: Tensor | None = None) -> Tensor:
         """(B, C, h, w) fine-tuned CLIP map, (B, N, H/4, W/4) mask logits (detached here), (K+1, D)
-        classifier -> (B, N, K+1) CLIP logits."""
+        classifier (or (Q+1, D) with ``query_to_class``) -> (B, N, K+1) CLIP logits."""
         pooled = mask_pool(clip_vis_dense, mask_logits.detach())  # (B, N, C)
         regions = F.normalize(self.backbone.embed(pooled), dim=-1)  # (B, N, D)
-        if self.cdt is not None:
-            text = self.cdt(classifier, self.backbone.dense_embedding(clip_vis_dense))  # (B, K+1, D)
-        else:
-            text = classifier.unsqueeze(0).expand(clip_vis_dense.shape[0], -1, -1)
+        text = self.transferred_classifier(clip_vis_dense, classifier)  # (B, K+1, D)
         scale = self.clip_logit_scale.exp().clamp(max=100.0)
-        return scale * torch.einsum("bnd,bkd->bnk", regions, text.to(regions.dtype))
+        logits = scale * torch.einsum("bnd,bkd->bnk", regions, text.to(regions.dtype))
+        return reduce_synonym_logits(logits, query_to_class)
 
-    def forward(self, images: Tensor, text: Tensor) -> CDTOutput:
+    def forward(self, images: Tensor, text: Tensor, query_to_class: Tensor | None = None) -> CDTOutput:
         """All predictions of a batch.
 
         Args:
             images: (B, 3, H, W) normalised, H and W multiples of 32.
-            text: (K, D) L2-normalised class embeddings.
+            text: (K, D) L2-normalised class embeddings, or (Q, D) name embeddings with
+                ``query_to_class`` (Q,): then every logit of a class is the maximum over its names.
         """
         features = self.backbone(images)
         detached = {level: features[level].detach() for level in LEVELS}
         mask_features, memory = self.pixel_decoder(detached)
         classifier = self.classifier(text)
-        in_logits, masks = self.decoder(memory, mask_features, classifier)
-        out_logits = self.out_vocab_logits(features["clip_vis_dense"], masks[-1], classifier)
+        in_logits, masks = self.decoder(memory, mask_features, classifier, query_to_class)
+        out_logits = self.out_vocab_logits(features["clip_vis_dense"], masks[-1], classifier, query_to_class)
         return CDTOutput(in_logits, masks, out_logits, features["clip_vis_dense"])

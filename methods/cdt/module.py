@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ovseg.benchmark import TrainingClasses
 from ovseg.encoders.open_clip import OpenCLIPImage, OpenCLIPText, build_open_clip_model
 from ovseg.mask_classification import MaskClassificationModule
 from ovseg.methods.cdt.losses import mask_aware_loss, representation_compensation_loss
@@ -74,6 +75,21 @@ class CDT(MaskClassificationModule):
         num_points, oversample_ratio, importance_ratio: point sampling (12544, 3, 0.75); ``None``
             points: every pixel.
         mask_aware_weight, rc_weight: weights of the CLIP-branch losses (1, 0.1).
+        cdt_flatten_without_permute, upsample_masks_before_sigmoid, mask_aware_sigmoid_first,
+        rc_kernel_from_unresized_width, synonym_logit_max: the release's behaviour where it
+            differs from ovseg's (one switch each; ``false`` is ovseg's; the table in docs/cdt.md
+            gives the measured effects). Respectively: CDT reads the dense map flattened without a
+            permute (:class:`~methods.cdt.model.CDTModel`); the semantic map sums sigmoid masks
+            upsampled to the padded input (:meth:`~ovseg.module.MaskPredictions.upsampled_before_sigmoid`)
+            instead of at stride 4; the mask-aware loss upsamples mask probabilities instead of
+            logits; the RC pooling kernel uses the width before the square resize
+            (:func:`~methods.cdt.losses.pod_descriptor`); a class's logit is the maximum over its
+            names' logits before the softmax (training and inference) instead of every name taking
+            part in the softmax and the class keeping its best name's probability.
+        training_class_names: a class-name file (one class per line, synonyms separated by ", ",
+            ``packaged:NAME`` for ovseg's lists) naming the training label space's classes, in label
+            order, e.g. MAFT+'s COCO-Stuff names with synonyms (docs/cdt.md); None: the
+            DataModule's names. Names with synonyms need ``synonym_logit_max: true``.
         **kwargs: :class:`~ovseg.mask_classification.MaskClassificationModule` and
             :class:`~ovseg.module.OVSegModule` options (training_templates, optimizer, ...).
     """
@@ -108,6 +124,12 @@ class CDT(MaskClassificationModule):
         importance_ratio: float = 0.75,
         mask_aware_weight: float = 1.0,
         rc_weight: float = 0.1,
+        cdt_flatten_without_permute: bool = False,
+        upsample_masks_before_sigmoid: bool = False,
+        mask_aware_sigmoid_first: bool = False,
+        rc_kernel_from_unresized_width: bool = False,
+        synonym_logit_max: bool = False,
+        training_class_names: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -124,6 +146,7 @@ class CDT(MaskClassificationModule):
             mask_dim=mask_dim, hidden_dim=hidden_dim, enc_layers=enc_layers, enc_heads=enc_heads,
             enc_points=enc_points, enc_ffn_dim=enc_ffn_dim, dec_layers=dec_layers, dec_heads=dec_heads,
             dec_ffn_dim=dec_ffn_dim, cdt_heads=cdt_heads, cdt_residual=cdt_residual, use_cdt=use_cdt,
+            cdt_flatten_without_permute=cdt_flatten_without_permute,
         )
         self.teacher = copy.deepcopy(backbone).requires_grad_(False).eval()
         self.register_state_dict_post_hook(_drop_teacher)
@@ -133,6 +156,12 @@ class CDT(MaskClassificationModule):
                              oversample_ratio=oversample_ratio, importance_ratio=importance_ratio)
         self.mask_aware_weight = mask_aware_weight
         self.rc_weight = rc_weight
+        self.upsample_masks_before_sigmoid = upsample_masks_before_sigmoid
+        self.mask_aware_sigmoid_first = mask_aware_sigmoid_first
+        self.rc_kernel_from_unresized_width = rc_kernel_from_unresized_width
+        self.synonym_logit_max = synonym_logit_max
+        self.training_class_names = training_class_names
+        self._training_names: Vocabulary | None = None
 
     def train(self, mode: bool = True) -> CDT:
         """Train mode for everything but the frozen text tower and RC teacher."""
@@ -148,6 +177,42 @@ class CDT(MaskClassificationModule):
         token_ids = self.text_encoder.tokenize(texts).to(self.device)
         return self.text_encoder(token_ids).pooled.float()
 
+    def training_vocabulary(self) -> Vocabulary:
+        """The seen training classes, named by ``training_class_names`` when it is set."""
+        if self.training_class_names is None:
+            return super().training_vocabulary()
+        assert self.training_classes is not None, "no training classes: fit with a DataModule that has them"
+        if self._training_names is not None:
+            return self._training_names
+        try:
+            names = Vocabulary.from_file(self.training_class_names, self.training_templates)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"training_class_names {self.training_class_names} does not exist: make it from MAFT+'s "
+                "coco_stuff_with_prompt_eng.txt (docs/cdt.md, 'Reproducing the release') or set "
+                "training_class_names: null to train on the DataModule's names") from None
+        if len(names) != len(self.training_classes.vocabulary):
+            raise ValueError(f"training_class_names {self.training_class_names} has {len(names)} classes, the "
+                             f"training label space {len(self.training_classes.vocabulary)}: give one line per "
+                             "label value, in label order")
+        self._training_names = Vocabulary(tuple(names.classes[k] for k in self.training_classes.seen_indices),
+                                          names.templates)
+        return self._training_names
+
+    def set_training_classes(self, classes: TrainingClasses) -> None:
+        super().set_training_classes(classes)
+        self._training_names = None  # re-read training_class_names for the new label space
+
+    def _query_to_class(self, vocabulary: Vocabulary | None, num_queries: int) -> Tensor | None:
+        """The name -> class map the logits are reduced with (``synonym_logit_max``), or None."""
+        if vocabulary is None or len(vocabulary.queries) == len(vocabulary):
+            return None
+        if not self.synonym_logit_max:
+            return None
+        if len(vocabulary.queries) != num_queries:
+            raise ValueError(f"{num_queries} text embeddings for a vocabulary of {len(vocabulary.queries)} names")
+        return vocabulary.query_to_class.to(self.device)
+
     def predict_scores(self, images: Tensor, text_embeddings: Tensor,
                        vocabulary: Vocabulary | None = None) -> MaskPredictions:
         """Masks and class probabilities by MAFT+'s inference rule (maftplus.md section 6).
@@ -155,29 +220,42 @@ class CDT(MaskClassificationModule):
         Args:
             images: (B, 3, H, W) in [0, 1].
             text_embeddings: (Q, D) L2-normalised.
+            vocabulary: where the Q names come from; with ``synonym_logit_max`` a class's logits
+                are the maximum over its names, and its probability is given to each of its names.
 
         Returns:
-            :class:`MaskPredictions` with (B, N, ~H/4, ~W/4) mask logits of the unpadded image and
-            (B, N, Q) probabilities ``softmax(out-vocab)[c] * (1 - p_void)``.
+            :class:`MaskPredictions` with (B, N, Q) probabilities ``softmax(out-vocab)[c] *
+            (1 - p_void)`` and mask logits of the unpadded image: (B, N, ~H/4, ~W/4), or (B, N, H, W)
+            with ``upsample_masks_before_sigmoid``.
         """
         pixels, _ = self.pad_batch(self.normalize(images))
-        out = self.model(pixels, text_embeddings)
+        query_to_class = self._query_to_class(vocabulary, text_embeddings.shape[0])
+        out = self.model(pixels, text_embeddings, query_to_class)
         probs = inference_class_probs(out.in_vocab_logits[-1], out.out_vocab_logits)
-        masks = crop_padding(out.mask_logits[-1], tuple(images.shape[-2:]), tuple(pixels.shape[-2:]))
-        return MaskPredictions(masks, probs)
+        if query_to_class is not None:
+            probs = probs[..., query_to_class]  # (B, N, K) -> (B, N, Q): each name gets its class's probability
+        image_size, padded_size = tuple(images.shape[-2:]), tuple(pixels.shape[-2:])
+        if self.upsample_masks_before_sigmoid:
+            return MaskPredictions(out.mask_logits[-1], probs).upsampled_before_sigmoid(padded_size, image_size)
+        return MaskPredictions(crop_padding(out.mask_logits[-1], image_size, padded_size), probs)
 
     def training_loss(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """Set losses (deep supervision) + mask-aware loss + RC loss (maftplus.md section 4)."""
         pixels, labels = self.pad_batch(self.normalize(batch["image"]), batch["label"])
         targets = self.mask_targets(labels)
-        out = self.model(pixels, self.training_text_embeddings())
+        vocabulary = self.training_vocabulary()
+        if len(vocabulary.queries) != len(vocabulary) and not self.synonym_logit_max:
+            raise ValueError("training names with synonyms (training_class_names) need synonym_logit_max: true")
+        text = self.training_text_embeddings()
+        out = self.model(pixels, text, self._query_to_class(vocabulary, text.shape[0]))
         terms = self.criterion(self.num_training_classes)(out.in_vocab_logits, out.mask_logits, targets)
         set_loss = terms.pop("loss")
         terms["loss_mask_aware"] = mask_aware_loss(out.out_vocab_logits[..., :-1], out.mask_logits[-1].detach(),
-                                                   targets)
+                                                   targets, sigmoid_before_upsampling=self.mask_aware_sigmoid_first)
         with torch.no_grad():
             teacher = self.teacher(pixels)["clip_vis_dense"]
-        terms["loss_rc"] = representation_compensation_loss(out.clip_vis_dense, teacher)
+        terms["loss_rc"] = representation_compensation_loss(
+            out.clip_vis_dense, teacher, kernel_from_unresized_width=self.rc_kernel_from_unresized_width)
         terms["loss"] = set_loss + self.mask_aware_weight * terms["loss_mask_aware"] + self.rc_weight * terms["loss_rc"]
         return terms
 

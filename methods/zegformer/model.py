@@ -12,7 +12,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import timm
 import torch
@@ -302,48 +302,68 @@ def semantic_inference(class_probs: Tensor, mask_logits: Tensor) -> Tensor:
 
 
 # ============================================================================ CLIP image branch
-def mask_boxes(masks: Tensor) -> Tensor:
-    """Tight boxes of binary masks in continuous pixel coordinates (roi_align, aligned=True).
+#: How the CLIP crops are boxed (section 1.4, step 3; ``docs/zegformer.md``).
+#: ``"release"``: as the official code, on the *padded* image: the box ends at the last occupied
+#: row / column (its index, not index + 1) and a box of zero area (an empty mask, or one that covers
+#: a single row or column) falls back to the whole padded image. ``"tight"``: ovseg's rule, on the
+#: image without its padding: the box covers every pixel of the mask ([first, last + 1)) and only an
+#: empty mask falls back to the whole image.
+CropBoxRule = Literal["release", "tight"]
+CROP_BOX_RULES: tuple[str, ...] = ("release", "tight")
 
-    A pixel (i, j) covers [j, j+1) x [i, i+1); an empty mask gets the full image (section 1.4, 3).
+
+def mask_boxes(masks: Tensor, rule: CropBoxRule = "tight") -> Tensor:
+    """Boxes of binary masks in continuous pixel coordinates (``roi_align(aligned=True)``).
+
+    A pixel (i, j) covers [j, j+1) x [i, i+1). ``rule`` (see :data:`CropBoxRule`): ``"tight"`` gives
+    ``[first, last + 1)`` per axis, ``"release"`` ``[first, last]`` with zero-area boxes replaced;
+    empty masks get the full ``(0, 0, W, H)`` box under both rules.
 
     Args:
         masks: (..., H, W) bool.
+        rule: ``"tight"`` or ``"release"``.
 
     Returns:
         (..., 4) float boxes ``x1, y1, x2, y2``.
     """
+    if rule not in CROP_BOX_RULES:
+        raise ValueError(f"crop box rule must be one of {CROP_BOX_RULES}, got {rule!r}")
     height, width = masks.shape[-2:]
     rows = masks.any(-1)  # (..., H)
     cols = masks.any(-2)  # (..., W)
-    # first occupied index = number of leading empty rows (cumulative max stays 0 before it)
-    y1 = (rows.int().cummax(-1).values == 0).sum(-1)
-    y2 = height - (rows.flip(-1).int().cummax(-1).values == 0).sum(-1)
-    x1 = (cols.int().cummax(-1).values == 0).sum(-1)
-    x2 = width - (cols.flip(-1).int().cummax(-1).values == 0).sum(-1)
+    # first occupied index = argmax of the occupancy (the first True); last = the same from the end
+    y1, x1 = rows.int().argmax(-1), cols.int().argmax(-1)
+    y2 = height - 1 - rows.flip(-1).int().argmax(-1)
+    x2 = width - 1 - cols.flip(-1).int().argmax(-1)
     boxes = torch.stack([x1, y1, x2, y2], dim=-1).float()
+    fallback = ~rows.any(-1)  # empty masks
+    if rule == "tight":
+        boxes[..., 2:] += 1
+    else:
+        fallback = fallback | ((x2 - x1) * (y2 - y1) == 0)
     full = torch.tensor([0.0, 0.0, float(width), float(height)], device=masks.device)
-    empty = ~rows.any(-1)
-    return torch.where(empty.unsqueeze(-1), full, boxes)
+    return torch.where(fallback.unsqueeze(-1), full, boxes)
 
 
-def masked_crops(normalized_images: Tensor, masks: Tensor, size: int = 224) -> Tensor:
+def masked_crops(normalized_images: Tensor, masks: Tensor, size: int = 224, rule: CropBoxRule = "tight") -> Tensor:
     """ZegFormer's "cropmask" inputs (section 1.4, steps 2-4), all proposals at once.
 
     Each proposal's image is the normalised image times its binary mask (background 0, i.e. the
-    CLIP mean), cropped to the mask's tight box (empty mask: full image) and resized to
+    CLIP mean), cropped to the mask's box (:func:`mask_boxes` with ``rule``) and resized to
     ``size x size`` by ``roi_align(aligned=True)`` (aspect ratio not kept).
 
     Args:
         normalized_images: (B, 3, H, W) CLIP-normalised images.
         masks: (B, N, H, W) bool.
+        size: crop side.
+        rule: box rule.
 
     Returns:
         (B * N, 3, size, size), image-major (proposal n of image b at ``b * N + n``).
     """
     b, n = masks.shape[:2]
     masked = (normalized_images.unsqueeze(1) * masks.unsqueeze(2).to(normalized_images.dtype)).flatten(0, 1)
-    boxes = mask_boxes(masks).flatten(0, 1).to(masked.dtype)  # (B*N, 4)
+    boxes = mask_boxes(masks, rule).flatten(0, 1).to(masked.dtype)  # (B*N, 4)
     index = torch.arange(b * n, device=masks.device, dtype=masked.dtype).unsqueeze(1)
     return roi_align(masked, torch.cat([index, boxes], dim=1), output_size=size, aligned=True)
 
@@ -360,15 +380,20 @@ class CLIPCropClassifier(nn.Module):
         crop_size: side of the crops (224 for ViT-B/16).
         logit_scale: CLIP's logit scale (100 for OpenAI CLIP).
         mask_threshold: binarisation threshold of the mask probabilities (0.5).
+        box_rule: :data:`CropBoxRule`: ``"release"`` boxes and crops on the padded image as the
+            official code, ``"tight"`` on the image without padding.
     """
 
     def __init__(self, encoder: ImageEncoder, crop_size: int = 224, logit_scale: float = 100.0,
-                 mask_threshold: float = 0.5) -> None:
+                 mask_threshold: float = 0.5, box_rule: CropBoxRule = "tight") -> None:
         super().__init__()
+        if box_rule not in CROP_BOX_RULES:
+            raise ValueError(f"clip_crop_boxes must be one of {CROP_BOX_RULES}, got {box_rule!r}")
         self.encoder = encoder
         self.crop_size = crop_size
         self.logit_scale = logit_scale
         self.mask_threshold = mask_threshold
+        self.box_rule = box_rule
 
     @torch.no_grad()
     def forward(self, images: Tensor, mask_logits: Tensor, text_embeddings: Tensor,
@@ -376,8 +401,9 @@ class CLIPCropClassifier(nn.Module):
         """CLIP-branch logits of every proposal.
 
         Args:
-            images: (B, 3, H, W) in [0, 1].
-            mask_logits: (B, N, h, w) proposal mask logits (any resolution covering the image).
+            images: (B, 3, H, W) in [0, 1], without padding.
+            mask_logits: (B, N, Hp, Wp) proposal mask logits at the padded input size (Hp >= H,
+                Wp >= W; the image is the top-left corner).
             text_embeddings: (K, D) L2-normalised.
             no_object_logits: (B, N) the segment branch's no-object logits.
 
@@ -385,9 +411,17 @@ class CLIPCropClassifier(nn.Module):
             (B, N, K + 1) logits, the last column the segment branch's no-object logit.
         """
         b, n = mask_logits.shape[:2]
-        masks = F.interpolate(mask_logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
-        masks = masks.sigmoid() > self.mask_threshold
-        crops = masked_crops(self.encoder.normalize(images.float()), masks, self.crop_size)
+        height, width = images.shape[-2:]
+        padded_h, padded_w = mask_logits.shape[-2:]
+        if padded_h < height or padded_w < width:
+            raise ValueError(f"mask logits {tuple(mask_logits.shape[-2:])} must cover the image {(height, width)}")
+        pixels = self.encoder.normalize(images.float())
+        if self.box_rule == "release":  # the CLIP-normalised image padded with 0, as detectron2's ImageList
+            pixels = F.pad(pixels, (0, padded_w - width, 0, padded_h - height))
+        else:
+            mask_logits = mask_logits[..., :height, :width]
+        masks = mask_logits.float().sigmoid() > self.mask_threshold
+        crops = masked_crops(pixels, masks, self.crop_size, self.box_rule)
         features = F.normalize(self.encoder.encode(crops).pooled.float(), dim=-1)  # (B*N, D): one forward
         logits = self.logit_scale * features @ text_embeddings.float().T
         return torch.cat([logits.view(b, n, -1), no_object_logits.float().unsqueeze(-1)], dim=-1)

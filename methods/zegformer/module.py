@@ -12,7 +12,9 @@ from torch import Tensor
 from ovseg.encoders.base import ImageEncoder, TextEncoder
 from ovseg.mask_classification import MaskClassificationModule
 from ovseg.methods.zegformer.model import (
+    CROP_BOX_RULES,
     CLIPCropClassifier,
+    CropBoxRule,
     SegmentClassifier,
     TimmBackbone,
     ZegFormerModel,
@@ -64,6 +66,10 @@ class ZegFormer(MaskClassificationModule):
         clip_templates: templates of the CLIP branch's text embeddings (the official code uses a
             separate 32-template set); ``None``: the benchmark's embeddings, as the segment branch.
         mask_threshold: binarisation of proposals for the crops (0.5).
+        clip_crop_boxes: how the CLIP crops are boxed: ``"release"`` (the official rule: box to the
+            last occupied row/column index, zero-area boxes -> whole padded image, boxes and crops
+            on the padded image) or ``"tight"`` (ovseg's: boxes cover the whole mask, on the image
+            without padding). ``docs/zegformer.md`` compares them.
         **kwargs: :class:`~ovseg.mask_classification.MaskClassificationModule` and
             :class:`~ovseg.module.OVSegModule` options (training_templates, optimizer, ...).
     """
@@ -102,6 +108,7 @@ class ZegFormer(MaskClassificationModule):
         clip_logit_scale: float = 100.0,
         clip_templates: str | list[str] | None = None,
         mask_threshold: float = 0.5,
+        clip_crop_boxes: CropBoxRule = "tight",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -128,8 +135,10 @@ class ZegFormer(MaskClassificationModule):
         self.ensemble_weight = ensemble_weight
         self.calibration = calibration
         self.clip_templates = clip_templates
+        if clip_crop_boxes not in CROP_BOX_RULES:
+            raise ValueError(f"clip_crop_boxes must be one of {CROP_BOX_RULES}, got {clip_crop_boxes!r}")
         self._crop_settings = dict(crop_size=clip_crop_size, logit_scale=clip_logit_scale,
-                                   mask_threshold=mask_threshold)
+                                   mask_threshold=mask_threshold, box_rule=clip_crop_boxes)
 
     def train(self, mode: bool = True) -> ZegFormer:
         """Train mode for everything but the frozen CLIP towers."""
@@ -172,16 +181,16 @@ class ZegFormer(MaskClassificationModule):
         height, width = images.shape[-2:]
         pixels, _ = self.pad_batch(self.normalize(images))
         out = self.model(pixels)
-        masks = F.interpolate(out.mask_logits[-1], size=pixels.shape[-2:], mode="bilinear", align_corners=False)
-        masks = masks[..., :height, :width]
+        padded_masks = F.interpolate(out.mask_logits[-1], size=pixels.shape[-2:], mode="bilinear", align_corners=False)
+        masks = padded_masks[..., :height, :width]
         logits = self.classifier(out.segment_embeddings[-1], text_embeddings)  # (B, N, Q + 1)
         probs = class_probabilities(logits)
         seen = (self.seen_queries(vocabulary) if vocabulary is not None
                 else torch.zeros(len(text_embeddings), dtype=torch.bool, device=self.device))
         if self.clip_classification:
             assert self.clip_image is not None
-            clip_logits = self.crop_classifier()(images, masks, self.clip_text_embeddings(text_embeddings, vocabulary),
-                                                 logits[..., -1])
+            clip_text = self.clip_text_embeddings(text_embeddings, vocabulary)
+            clip_logits = self.crop_classifier()(images, padded_masks, clip_text, logits[..., -1])
             clip_probs = class_probabilities(clip_logits)
             probs = fuse_scores(probs, clip_probs, seen, self.ensemble_weight) if self.ensemble else clip_probs
         offsets = -self.calibration * seen.float() if self.calibration else None
@@ -189,7 +198,8 @@ class ZegFormer(MaskClassificationModule):
 
     def training_loss(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """MaskFormer's set loss on the seen classes, after every decoder layer (section 2)."""
-        pixels, labels = self.pad_batch(self.normalize(to_unit_float(batch["image"])), batch["label"])
+        pixels, labels = self.pad_batch(self.normalize(to_unit_float(batch["image"])), batch["label"],
+                                        fill=self.training_pad_fill())
         targets = self.mask_targets(labels)
         out = self.model(pixels)
         text = self.training_text_embeddings()

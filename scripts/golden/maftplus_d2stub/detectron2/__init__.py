@@ -1,0 +1,1 @@
+"""Stand-in for the pieces of detectron2 that MAFT+ imports (see ../README.md)."""

@@ -1,0 +1,5 @@
+from torch import nn
+
+
+class Backbone(nn.Module):
+    """Base class only."""

@@ -1,0 +1,2 @@
+def retry_if_cuda_oom(func):
+    return func

@@ -36,7 +36,7 @@ from ovseg.datamodules.synthetic.datamodule import SyntheticDataModule
 from ovseg.inference import InferenceSettings, infer_scores, window_starts
 from ovseg.mask_classification import MaskClassificationModule
 from ovseg.methods.simzss import SimZSS
-from ovseg.methods.simzss.concepts import ConceptExtractor
+from ovseg.concepts import ConceptExtractor
 from ovseg.module import MaskPredictions, OVSegModule
 from ovseg.vocabulary import Vocabulary
 
@@ -271,10 +271,11 @@ def _images_per_second(loader, limit: int) -> float:
 
 def bench_loading(count: int, workdir: Path) -> list[tuple[str, float]]:
     """Each DataModule over the synthetic world written in its real on-disk format (512 px)."""
-    from ovseg.datamodules.benchmarks import BenchmarkSpec, EvaluationDataModule
-    from ovseg.datamodules.coco import CocoCaptionsDataModule
-    from ovseg.datamodules.synthetic import make_synthetic
+    from ovseg.datamodules.benchmark_specs import BenchmarkSpec
+    from ovseg.datamodules.benchmarks import EvaluationDataModule
+    from ovseg.datamodules.coco_captions import CocoCaptionsDataModule
     from ovseg.datamodules.webdataset import WebDatasetDataModule
+    from ovseg.prepare.synthetic import make_synthetic
 
     size = 512
     coco = make_synthetic("coco", workdir / "coco", count, None, size, 0, progress=False)
@@ -311,7 +312,7 @@ def bench_predict(model: OVSegModule, workdir: Path, count: int = 100, size: int
     import lightning as L
 
     from ovseg.datamodules.image_folder import ImageFolderDataModule
-    from ovseg.datamodules.synthetic import make_synthetic
+    from ovseg.prepare.synthetic import make_synthetic
     from ovseg.writer import PredictionWriter
 
     root = make_synthetic("mmseg", workdir / f"predict_{count}_{size}", count, None, size, 0, progress=False)
@@ -355,8 +356,9 @@ def bench_cached_training(device: torch.device, repeats: int, workdir: Path) -> 
     """Samples/second of the same SimZSS training step from images and from a feature store."""
     from torch.utils.data import DataLoader
 
-    from ovseg.datamodules.common import collate_samples
-    from ovseg.datamodules.feature_cache import CachedFeaturesDataset, CacheViews, build_feature_cache
+    from ovseg.datamodules.base import collate_samples
+    from ovseg.datamodules.feature_store import CachedFeaturesDataset
+    from ovseg.prepare.feature_cache import CacheViews, build_feature_cache
 
     torch.manual_seed(0)
     model = _vit_s_simzss(device)
@@ -426,7 +428,7 @@ def write_random_store(path: Path, num_images: int, num_patches: int = 256, dim:
 
     import numpy as np
 
-    from ovseg.datamodules.feature_cache import FeatureStoreWriter
+    from ovseg.prepare.feature_cache import FeatureStoreWriter
 
     world = SyntheticWorld(seed=2)
     captions = [world.scene(i).captions for i in range(8)]
@@ -448,8 +450,8 @@ def rss_child(store: str) -> None:
     """One cached training epoch over ``store`` (batch 32); prints the peak RSS (VmHWM) in MiB."""
     from torch.utils.data import DataLoader
 
-    from ovseg.datamodules.common import collate_samples
-    from ovseg.datamodules.feature_cache import CachedFeaturesDataset
+    from ovseg.datamodules.base import collate_samples
+    from ovseg.datamodules.feature_store import CachedFeaturesDataset
     from ovseg.encoders import CLIPTextTransformer, TimmViT
 
     torch.manual_seed(0)

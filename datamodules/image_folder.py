@@ -3,7 +3,7 @@
 Example::
 
     ovseg predict -c configs/experiment/smoke.yaml --ckpt_path runs/smoke/checkpoints/last.ckpt \\
-        --data ovseg.datamodules.image_folder.ImageFolderDataModule \\
+        --data ovseg.datamodules.ImageFolderDataModule \\
         --data.init_args.images photos/ --data.init_args.classes "sky,grass,a red car"
 
 Images: a folder (every image file under it, recursively), a glob (``"photos/*.jpg"``), or a list
@@ -33,7 +33,7 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from ovseg.benchmark import Benchmark
-from ovseg.datamodules.common import collate_samples, evaluation_sampler
+from ovseg.datamodules.base import collate_samples, evaluation_sampler
 from ovseg.datamodules.decode import decode_image
 from ovseg.inference import InferenceSettings
 from ovseg.vocabulary import Vocabulary

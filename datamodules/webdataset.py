@@ -1,4 +1,4 @@
-"""WebDataset shards (img2dataset layout) for training, and the tools that write them.
+"""WebDataset shards (img2dataset layout) for training: the shard reader and its DataModule.
 
 A sample ``<key>`` of a shard holds ``<key>.jpg`` (or ``.jpeg`` / ``.png`` / ``.webp``), ``<key>.txt``
 (caption), ``<key>.json`` (img2dataset metadata; optionally ``captions``, the stored SimZSS
@@ -6,7 +6,7 @@ concepts and ``concept_meta``) and, for segmentation data, ``<key>.seg.png`` (a 
 label map, read as raw values).
 
 Stored concepts in ``<key>.json`` (written by ``ovseg data make-shards --concepts`` or
-``ovseg data extract-concepts --shards``):
+``ovseg data extract-concepts --shards``, see :mod:`ovseg.prepare`):
 
 * ``concept_labels`` [n], ``concept_token_positions`` [n][<=T], ``concept_token_mask`` [n][<=T]:
   the concepts of the ``.txt`` caption (ragged lists; full padded lists are accepted too);
@@ -14,58 +14,41 @@ Stored concepts in ``<key>.json`` (written by ``ovseg data make-shards --concept
 * ``concept_meta``: context length, shape limits and the concept-bank fingerprint.
 
 Reading: :class:`WebDatasetDataModule` (``wds.WebDataset`` of webdataset 1.0.2; bad samples and
-unreadable shard tails are skipped, counted and logged, never fatal). Writing:
-:func:`make_shards_from_coco_captions`, :func:`make_shards_from_coco_stuff`,
-:func:`add_concepts_to_shards` (behind ``ovseg data make-shards`` / ``extract-concepts``).
+unreadable shard tails are skipped, counted and logged, never fatal). Writing shards:
+:mod:`ovseg.prepare.shards` and :mod:`ovseg.prepare.concepts`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
-import multiprocessing as mp
 import os
-import re
-import tarfile
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import webdataset as wds
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from ovseg.datamodules.coco import (
+from ovseg.concepts import (
     CONCEPT_KEYS,
-    CocoStuffDataset,
-    TrainDataModule,
-    check_files_exist,
     concept_meta,
     concepts_from_lists,
-    concepts_to_lists,
     meta_mismatch,
-    read_coco_captions,
 )
-from ovseg.datamodules.common import collate_samples
+from ovseg.datamodules.base import TrainDataModule, collate_samples, default_pin_memory
 from ovseg.datamodules.decode import SkipCounter, decode_image, decode_label
 from ovseg.datamodules.transforms import RandomResizedCrop, Transform
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "LABEL_EXTENSION",
     "BadSample",
     "WebDatasetDataModule",
     "WebDatasetStream",
-    "add_concepts_to_shards",
     "expand_urls",
-    "make_shards_from_coco_captions",
-    "make_shards_from_coco_stuff",
 ]
 
 logger = logging.getLogger("ovseg.data")
@@ -110,7 +93,7 @@ _PROGRAMMING_ERRORS = (TypeError, AttributeError, NameError, ImportError, NotImp
 class WebDatasetStream(IterableDataset):
     """Batches of decoded samples from WebDataset shards (the dataset behind the DataModule).
 
-    Yields collated batches (:func:`~ovseg.datamodules.common.collate_samples`): ``image``
+    Yields collated batches (:func:`~ovseg.datamodules.base.collate_samples`): ``image``
     (B, 3, H, W) uint8 (after ``transform``), ``key`` (list of str), ``caption`` (list of str, with
     captions), ``label`` (B, H, W) int64 (with labels) and the three concept keys when every sample
     of the batch has stored concepts matching ``expected_concept_meta`` (otherwise they are left
@@ -353,14 +336,14 @@ class WebDatasetDataModule(TrainDataModule):
     YAML::
 
         data:
-          class_path: ovseg.datamodules.webdataset.WebDatasetDataModule
+          class_path: ovseg.datamodules.WebDatasetDataModule
           init_args:
             urls: data/coco_shards/{00000..00059}.tar
             epoch_length: 400000      # samples per epoch per process (rank)
             batch_size: 512
             num_workers: 8
             resampled: true           # multi-node: every rank draws shards with replacement
-            eval_data: {class_path: ovseg.datamodules.synthetic.SyntheticDataModule}
+            eval_data: {class_path: ovseg.datamodules.SyntheticDataModule}
 
     Args:
         urls: brace pattern(s) (``"dir/{00000..00009}.tar"``, ``::``-separated) or a list; local
@@ -417,7 +400,7 @@ class WebDatasetDataModule(TrainDataModule):
         self.epoch_length = epoch_length
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.pin_memory = default_pin_memory(pin_memory)
         self.shuffle_buffer = shuffle_buffer
         self.shard_shuffle = shard_shuffle
         self.resampled = resampled
@@ -472,361 +455,3 @@ class WebDatasetDataModule(TrainDataModule):
                 workers = per_rank
         return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
                           persistent_workers=workers > 0)
-
-
-# ==================================================================================== writing
-_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
-
-
-def _tarinfo(name: str, size: int, mtime: float = 1_500_000_000) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = int(mtime)
-    info.mode = 0o644
-    return info
-
-
-def _chmod_default(path: str) -> None:
-    """Give a ``mkstemp`` file (mode 0600) the usual permissions (0666 minus the umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-class _AtomicTar:
-    """A tar written to a temporary file in the target directory, renamed into place on close."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
-
-    def add(self, name: str, data: bytes, info: tarfile.TarInfo | None = None) -> None:
-        if info is None:
-            info = _tarinfo(name, len(data))
-        else:
-            info = _tarinfo(name, len(data), info.mtime)
-        self.tar.addfile(info, io.BytesIO(data))
-
-    def commit(self) -> None:
-        self.tar.close()
-        _chmod_default(self.tmp)
-        os.replace(self.tmp, self.path)
-
-    def abort(self) -> None:
-        self.tar.close()
-        if os.path.exists(self.tmp):
-            os.unlink(self.tmp)
-
-
-def _concept_fields(
-    extractor: Any, main: Sequence[Any] | None, per_caption: Sequence[Sequence[Any]] | None,
-) -> dict[str, Any]:
-    fields: dict[str, Any] = {}
-    if main is not None:
-        fields.update(concepts_to_lists(main))
-    if per_caption is not None:
-        fields["caption_concepts"] = [concepts_to_lists(c) for c in per_caption]
-    fields["concept_meta"] = concept_meta(extractor)
-    return fields
-
-
-def _make_extractor(bank: str | None, context_length: int, max_concepts: int, max_tokens: int) -> Any:
-    from ovseg.methods.simzss.concepts import ConceptExtractor
-
-    return ConceptExtractor(bank, context_length, max_concepts, max_tokens)
-
-
-def _bar(total: int, desc: str, unit: str, progress: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=not progress, dynamic_ncols=True)
-
-
-@dataclass
-class ShardSummary:
-    """What a shard writer did."""
-
-    shards: list[Path]
-    samples: int
-    skipped: int = 0
-
-
-def _shard_key(shard: int, index: int) -> str:
-    return f"{shard:05d}{index:04d}"
-
-
-def make_shards_from_coco_captions(
-    annotations: str | os.PathLike,
-    images: str | os.PathLike,
-    out: str | os.PathLike,
-    shard_size: int = 10_000,
-    concepts: bool = False,
-    per_caption: bool = False,
-    num_workers: int = 0,
-    bank: str | None = None,
-    context_length: int = 77,
-    max_concepts: int = 32,
-    max_tokens_per_concept: int = 16,
-    progress: bool = True,
-) -> ShardSummary:
-    """COCO Captions (JSON + image folder) -> img2dataset-layout shards ``out/{00000..}.tar``.
-
-    One sample per image (``.txt`` = its first caption, ``json["captions"]`` = all of them), or
-    with ``per_caption`` one sample per caption (img2dataset's ``mscoco.parquet`` layout). Image
-    bytes are stored as they are (not re-encoded). With ``concepts`` the SimZSS concepts of every
-    caption are extracted once (``num_workers`` processes) and stored in the JSON. Images whose
-    header cannot be read are skipped (counted, logged). Keys are 9 digits: 5-digit shard id and
-    4-digit index (so ``shard_size <= 10000``).
-    """
-    if not 1 <= shard_size <= 10_000:
-        raise ValueError("shard_size must be in 1..10000 (4-digit index within a shard)")
-    annotations, images, out = Path(annotations), Path(images), Path(out)
-    index = read_coco_captions(annotations)
-    check_files_exist(images, index.file_names, "images", annotations)
-    entries: list[tuple[int, list[int]]] = []  # (image position, caption positions)
-    for i, caps in enumerate(index.captions):
-        if per_caption:
-            entries += [(i, [k]) for k in range(len(caps))]
-        else:
-            entries.append((i, list(range(len(caps)))))
-    extractor = None
-    extracted: dict[tuple[int, int], Any] = {}
-    if concepts:
-        extractor = _make_extractor(bank, context_length, max_concepts, max_tokens_per_concept)
-        flat = [(i, k) for i, caps in enumerate(index.captions) for k in range(len(caps))]
-        results = extractor.extract_many([index.captions[i][k] for i, k in flat], num_workers=num_workers,
-                                         progress=progress)
-        extracted = dict(zip(flat, results))
-    shards: list[Path] = []
-    skipped = written = 0
-    bar = _bar(len(entries), "make-shards", "img", progress)
-    num_shards = (len(entries) + shard_size - 1) // shard_size
-    for shard in range(num_shards):
-        path = out / f"{shard:05d}.tar"
-        tar = _AtomicTar(path)
-        try:
-            for j, (i, ks) in enumerate(entries[shard * shard_size:(shard + 1) * shard_size]):
-                bar.update(1)
-                file = images / index.file_names[i]
-                data = file.read_bytes()
-                try:
-                    with Image.open(io.BytesIO(data)) as im:
-                        width, height = im.size
-                        fmt = (im.format or "").lower()
-                except Exception as exc:  # corrupt header: leave the image out
-                    skipped += 1
-                    logger.warning("make-shards: skipped %s (%s: %s)", file, type(exc).__name__, exc)
-                    continue
-                ext = {"jpeg": "jpg", "png": "png", "webp": "webp"}.get(fmt)
-                if ext is None:
-                    skipped += 1
-                    logger.warning("make-shards: skipped %s (format %r is not jpg/png/webp)", file, fmt)
-                    continue
-                key = _shard_key(shard, j)
-                captions = [index.captions[i][k] for k in ks]
-                meta: dict[str, Any] = {
-                    "url": str(file), "caption": captions[0], "key": key, "status": "success",
-                    "error_message": None, "width": width, "height": height, "original_width": width,
-                    "original_height": height, "exif": None, "md5": hashlib.md5(data).hexdigest(),
-                    "image_id": index.image_ids[i], "file_name": index.file_names[i],
-                    "annotation_ids": [index.annotation_ids[i][k] for k in ks],
-                }
-                if len(captions) > 1:
-                    meta["captions"] = captions
-                if extractor is not None:
-                    per = [extracted[(i, k)] for k in ks] if len(captions) > 1 else None
-                    meta.update(_concept_fields(extractor, extracted[(i, ks[0])], per))
-                tar.add(f"{key}.{ext}", data)
-                tar.add(f"{key}.txt", captions[0].encode("utf-8"))
-                tar.add(f"{key}.json", json.dumps(meta).encode("utf-8"))
-                written += 1
-            tar.commit()
-        except BaseException:
-            tar.abort()
-            raise
-        shards.append(path)
-    bar.close()
-    return ShardSummary(shards, written, skipped)
-
-
-def make_shards_from_coco_stuff(
-    root: str | os.PathLike,
-    out: str | os.PathLike,
-    split: str = "train2017",
-    shard_size: int = 10_000,
-    progress: bool = True,
-) -> ShardSummary:
-    """COCO-Stuff (mmseg layout) -> shards with ``<key>.jpg``, ``<key>.seg.png``, ``<key>.json``.
-
-    Image and label bytes are stored as they are; the JSON holds ``key``, ``file_name``,
-    ``label_file``, ``width`` and ``height``. A missing label file is an error (named).
-    Read them back with ``WebDatasetDataModule(with_labels=True, with_captions=False)``.
-    """
-    if not 1 <= shard_size <= 10_000:
-        raise ValueError("shard_size must be in 1..10000 (4-digit index within a shard)")
-    dataset = CocoStuffDataset(root, split, num_classes=65536)  # pairing and existence checks only
-    out = Path(out)
-    shards: list[Path] = []
-    n = len(dataset)
-    bar = _bar(n, "make-shards", "img", progress)
-    for shard in range((n + shard_size - 1) // shard_size):
-        path = out / f"{shard:05d}.tar"
-        tar = _AtomicTar(path)
-        try:
-            for j, i in enumerate(range(shard * shard_size, min(n, (shard + 1) * shard_size))):
-                bar.update(1)
-                image_file = dataset.image_dir / (dataset.stems[i] + dataset.image_suffix)
-                label_file = dataset.label_path(i)
-                data = image_file.read_bytes()
-                try:
-                    with Image.open(io.BytesIO(data)) as im:
-                        width, height = im.size
-                except Exception as exc:
-                    raise ValueError(f"{image_file}: cannot read the image header ({exc})") from exc
-                key = _shard_key(shard, j)
-                meta = {"key": key, "file_name": image_file.name, "label_file": label_file.name,
-                        "width": width, "height": height}
-                tar.add(f"{key}.jpg", data)
-                tar.add(f"{key}.{LABEL_EXTENSION}", label_file.read_bytes())
-                tar.add(f"{key}.json", json.dumps(meta).encode("utf-8"))
-            tar.commit()
-        except BaseException:
-            tar.abort()
-            raise
-        shards.append(path)
-    bar.close()
-    return ShardSummary(shards, n)
-
-
-# ---------------------------------------------------------------------------- extract-concepts
-_SHARD_EXTRACTOR: Any = None
-
-
-def _shard_worker_init(settings: tuple, nltk_paths: list[str]) -> None:
-    global _SHARD_EXTRACTOR
-    import nltk
-
-    for path in reversed(nltk_paths):
-        if path not in nltk.data.path:
-            nltk.data.path.insert(0, path)
-    _SHARD_EXTRACTOR = _make_extractor(*settings)
-
-
-def add_concepts_to_shard(path: str | os.PathLike, extractor: Any) -> tuple[int, int]:
-    """Rewrite one local shard (atomically) with stored concepts in every sample's JSON.
-
-    The caption is the ``.txt`` entry (else the JSON ``caption``); a JSON ``captions`` list gets
-    ``caption_concepts`` too. Other entries are copied unchanged, in order. A sample without a JSON
-    gets one. Returns (samples, captions processed).
-
-    Raises:
-        ValueError: the shard is unreadable (truncated, not a tar); it is left untouched.
-    """
-    path = Path(path)
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            members = [(m, tar.extractfile(m).read()) for m in tar.getmembers() if m.isreg()]  # type: ignore[union-attr]
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise ValueError(f"{path}: cannot read the shard ({type(exc).__name__}: {exc}); left unchanged") from exc
-    groups: dict[str, dict[str, bytes]] = {}
-    for member, data in members:
-        match = _KEY_RE.match(member.name)
-        if match:
-            groups.setdefault(match.group(1), {})[match.group(2).lower()] = data
-    updated: dict[str, bytes] = {}
-    captions_done = 0
-    for key, entries in groups.items():
-        try:
-            meta = json.loads(entries["json"]) if "json" in entries else {}
-        except ValueError as exc:
-            raise ValueError(f"{path}:{key}.json: invalid JSON ({exc})") from exc
-        caption = entries["txt"].decode("utf-8", "replace").strip() if "txt" in entries else str(meta.get("caption") or "")
-        captions = meta.get("captions") if isinstance(meta.get("captions"), list) else None
-        main = extractor.extract(caption)
-        per = [extractor.extract(str(c)) for c in captions] if captions else None
-        captions_done += 1 + (len(captions) if captions else 0)
-        meta.update(_concept_fields(extractor, main, per))
-        updated[key] = json.dumps(meta).encode("utf-8")
-    out = _AtomicTar(path)
-    try:
-        last_member: dict[str, int] = {}
-        for position, (member, _) in enumerate(members):
-            match = _KEY_RE.match(member.name)
-            if match:
-                last_member[match.group(1)] = position
-        for position, (member, data) in enumerate(members):
-            match = _KEY_RE.match(member.name)
-            key = match.group(1) if match else None
-            if key is not None and match.group(2).lower() == "json":
-                data = updated[key]
-            out.add(member.name, data, member)
-            if key is not None and "json" not in groups[key] and last_member[key] == position:
-                out.add(f"{key}.json", updated[key], member)
-        out.commit()
-    except BaseException:
-        out.abort()
-        raise
-    return len(groups), captions_done
-
-
-def _shard_worker(path: str) -> tuple[str, int, int, str | None]:
-    try:
-        samples, captions = add_concepts_to_shard(path, _SHARD_EXTRACTOR)
-        return path, samples, captions, None
-    except Exception as exc:
-        return path, 0, 0, str(exc)
-
-
-def add_concepts_to_shards(
-    urls: str | Sequence[str],
-    num_workers: int = 0,
-    bank: str | None = None,
-    context_length: int = 77,
-    max_concepts: int = 32,
-    max_tokens_per_concept: int = 16,
-    progress: bool = True,
-) -> tuple[int, list[str]]:
-    """Add stored concepts to existing local shards (each rewritten atomically).
-
-    Args:
-        urls: brace pattern or list of local shard paths.
-        num_workers: processes, one shard at a time each (0: in this process).
-
-    Returns:
-        (samples updated, errors): an error message per shard that could not be processed (those
-        shards are left unchanged).
-    """
-    import nltk
-
-    shards = expand_urls(urls)
-    missing = [s for s in shards if not os.path.isfile(s)]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(shards)} shards are not local files, e.g. {missing[0]}")
-    settings = (bank, context_length, max_concepts, max_tokens_per_concept)
-    errors: list[str] = []
-    total = 0
-    bar = _bar(len(shards), "extract-concepts", "shard", progress)
-    if num_workers <= 0:
-        _shard_worker_init(settings, list(nltk.data.path))
-        results: Any = map(_shard_worker, shards)
-        pool = None
-    else:
-        pool = mp.get_context().Pool(num_workers, initializer=_shard_worker_init,
-                                     initargs=(settings, list(nltk.data.path)))
-        results = pool.imap_unordered(_shard_worker, shards)
-    try:
-        for path, samples, _captions, error in results:
-            bar.update(1)
-            total += samples
-            if error is not None:
-                errors.append(error)
-                logger.warning("extract-concepts: %s", error)
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
-        bar.close()
-    return total, errors

@@ -16,11 +16,8 @@
 
 from __future__ import annotations
 
-import glob
-import io
 import os
 import random
-import tempfile
 from typing import Any
 
 import lightning as L
@@ -29,6 +26,8 @@ import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from ovseg.io import atomic_torch_save
 
 
 class ReseedEveryEpoch(L.Callback):
@@ -74,48 +73,9 @@ def _is_local(path: _PATH) -> bool:
     return "://" not in str(path) or str(path).startswith("file://")
 
 
-def atomic_torch_save(obj: Any, path: _PATH) -> None:
-    """``torch.save(obj, path)`` such that ``path`` holds either its old content or the complete new
-    one, never a part: serialise to memory, write ``.NAME.tmp-<random>`` next to ``path``, fsync,
-    ``os.replace``, fsync the folder. Temporary files of earlier killed saves of ``path`` are removed."""
-    path = os.fspath(path)
-    if path.startswith("file://"):
-        path = path[len("file://"):]
-    folder, name = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    fd, temp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(buffer.getbuffer())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
-    try:
-        dir_fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        pass
-    else:
-        try:
-            os.fsync(dir_fd)
-        except OSError:
-            pass
-        finally:
-            os.close(dir_fd)
-    for stale in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.tmp-*")):
-        try:
-            os.unlink(stale)
-        except OSError:
-            pass
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's ``TorchCheckpointIO`` with :func:`atomic_torch_save` for local paths.
+    """Lightning's ``TorchCheckpointIO`` with :func:`ovseg.io.atomic_torch_save` for local paths
+    (fsynced, and leftovers of killed saves removed).
 
     In a config: ``trainer: {plugins: [ovseg.callbacks.AtomicCheckpointIO]}``; in Python:
     ``Trainer(plugins=[AtomicCheckpointIO()])``.
@@ -126,4 +86,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         get_filesystem(path).makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
-        atomic_torch_save(checkpoint, path)
+        local = os.fspath(path)
+        atomic_torch_save(checkpoint, local.removeprefix("file://"), fsync=True, remove_stale=True)

@@ -8,7 +8,7 @@ Examples::
     ovseg validate -c configs/experiment/smoke.yaml --ckpt_path hf://ORG/NAME   # a model on the Hub
     ovseg data make-synthetic --format coco --out data/synthetic_coco --num-images 200
     ovseg predict -c configs/experiment/smoke.yaml --ckpt_path runs/smoke/checkpoints/last.ckpt \
-        --data ovseg.datamodules.image_folder.ImageFolderDataModule --data.init_args.images photos/ \
+        --data ovseg.datamodules.ImageFolderDataModule --data.init_args.images photos/ \
         --data.init_args.classes "sky,grass,a red car" --writer.output_dir runs/photos
     ovseg app --ckpt_path runs/smoke/checkpoints/last.ckpt
     ovseg convert cdt maftplus.pth runs/maftplus.ckpt -c configs/cdt/coco_stuff_convnext_l.yaml
@@ -118,7 +118,7 @@ def run(args: Sequence[str] | None = None) -> OVSegCLI | None:
     """
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == "data":
-        from ovseg.data_cli import main as data_main
+        from ovseg.prepare.cli import main as data_main
 
         data_main(argv[1:])
         return None

@@ -17,19 +17,12 @@ from lightning import LightningDataModule
 from PIL import Image
 
 from ovseg.cli import run
-from ovseg.datamodules.benchmarks import (
-    CAPTION_BENCHMARKS,
-    MASK_BENCHMARKS,
-    PRESETS,
-    BenchmarkSpec,
-    DataError,
-    EvaluationDataModule,
-    LabelDecoder,
-    preset,
-)
-from ovseg.datamodules.check import check_benchmark, load_data_config, spec_from_dict
+from ovseg.datamodules.benchmark_specs import CAPTION_BENCHMARKS, MASK_BENCHMARKS, PRESETS, BenchmarkSpec, preset
+from ovseg.datamodules.benchmarks import DataError, EvaluationDataModule, LabelDecoder
 from ovseg.datamodules.decode import DecodeError, decode_image, decode_label
-from ovseg.datamodules.synthetic import SyntheticWorld, write_mmseg
+from ovseg.datamodules.synthetic import SyntheticWorld
+from ovseg.prepare.check import check_benchmark, load_data_config, spec_from_dict
+from ovseg.prepare.synthetic import write_mmseg
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_CONFIGS = sorted((REPO / "configs" / "data").glob("*.yaml"))
@@ -509,7 +502,7 @@ def test_label_decoder_accepts_decoded_int64_labels():
 # ------------------------------------------------------------------------------------------ ovseg data check
 def synthetic_yaml(path: Path, root: Path, **spec) -> Path:
     entry = {"name": "synthetic", "class_names": "class_names.txt", **spec}
-    config = {"class_path": "ovseg.datamodules.benchmarks.EvaluationDataModule",
+    config = {"class_path": "ovseg.datamodules.EvaluationDataModule",
               "init_args": {"root": str(root), "batch_size": 2, "benchmarks": [entry]}}
     path.write_text(yaml.safe_dump(config))
     return path
@@ -557,7 +550,7 @@ def test_validate_end_to_end_with_two_benchmarks(tmp_path, monkeypatch, world):
     write_mmseg(world, tmp_path / "data/small", num_images=2, progress=False)
     config = tmp_path / "eval.yaml"
     config.write_text(yaml.safe_dump({
-        "class_path": "ovseg.datamodules.benchmarks.EvaluationDataModule",
+        "class_path": "ovseg.datamodules.EvaluationDataModule",
         "init_args": {"root": str(tmp_path / "data"), "batch_size": 2, "benchmarks": [
             {"name": "synthetic_eval", "data_root": "synthetic_mmseg", "class_names": "class_names.txt",
              "unseen_classes": ["sand", "kite"]},

@@ -28,7 +28,7 @@ def synthetic_data_args(tmp_path: Path) -> list[str]:
 
 def _synthetic_eval_args() -> list[str]:
     """Training DataModules evaluate on a tiny synthetic benchmark (their ``eval_data``)."""
-    return ["--data.init_args.eval_data", "ovseg.datamodules.synthetic.SyntheticDataModule",
+    return ["--data.init_args.eval_data", "ovseg.datamodules.SyntheticDataModule",
             "--data.init_args.eval_data.init_args.num_train", "0",
             "--data.init_args.eval_data.init_args.num_val", "2",
             "--data.init_args.eval_data.init_args.eval_batch_size", "2"]
@@ -40,7 +40,7 @@ def _small_crop_args(size: int = 56) -> list[str]:
 
 
 def coco_captions_data_args(tmp_path: Path) -> list[str]:
-    from ovseg.datamodules.synthetic import make_synthetic
+    from ovseg.prepare.synthetic import make_synthetic
 
     root = make_synthetic("coco", tmp_path / "coco", num_images=8, image_size=56, progress=False)
     return ["--data.init_args.root", str(root),
@@ -51,7 +51,7 @@ def coco_captions_data_args(tmp_path: Path) -> list[str]:
 
 
 def coco_stuff_data_args(tmp_path: Path) -> list[str]:
-    from ovseg.datamodules.synthetic import make_synthetic
+    from ovseg.prepare.synthetic import make_synthetic
 
     root = make_synthetic("coco-stuff", tmp_path / "coco_stuff", num_images=4, image_size=56, progress=False)
     make_synthetic("coco-stuff", root, num_images=2, split="val2017", image_size=56, progress=False)
@@ -63,7 +63,7 @@ def coco_stuff_data_args(tmp_path: Path) -> list[str]:
 
 
 def webdataset_data_args(tmp_path: Path) -> list[str]:
-    from ovseg.datamodules.synthetic import make_synthetic
+    from ovseg.prepare.synthetic import make_synthetic
 
     root = make_synthetic("wds", tmp_path / "wds", num_images=8, image_size=56, progress=False)
     return ["--data.init_args.urls", str(root / "00000.tar"), "--data.init_args.epoch_length", "8",
@@ -74,7 +74,7 @@ def webdataset_data_args(tmp_path: Path) -> list[str]:
 def cached_features_data_args(tmp_path: Path) -> list[str]:
     """A tiny feature store built by the fast-mode SimZSS backbone (tests/fast/simzss.yaml) over 8
     synthetic scenes, so the cached config trains on features of the model's own shapes."""
-    from ovseg.datamodules.feature_cache import CacheViews, build_feature_cache
+    from ovseg.prepare.feature_cache import CacheViews, build_feature_cache
     from ovseg.datamodules.synthetic import SyntheticDataModule
     from ovseg.encoders import TimmViT
 
@@ -90,11 +90,11 @@ def cached_features_data_args(tmp_path: Path) -> list[str]:
 # Fast-mode data settings per DataModule class: a new DataModule needs an entry here, so no
 # shipped config can escape this test.
 DATA_OVERLAYS: dict[str, Callable[[Path], list[str]]] = {
-    "ovseg.datamodules.synthetic.SyntheticDataModule": synthetic_data_args,
-    "ovseg.datamodules.coco.CocoCaptionsDataModule": coco_captions_data_args,
-    "ovseg.datamodules.coco.CocoStuffDataModule": coco_stuff_data_args,
-    "ovseg.datamodules.webdataset.WebDatasetDataModule": webdataset_data_args,
-    "ovseg.datamodules.feature_cache.CachedFeaturesDataModule": cached_features_data_args,
+    "ovseg.datamodules.SyntheticDataModule": synthetic_data_args,
+    "ovseg.datamodules.CocoCaptionsDataModule": coco_captions_data_args,
+    "ovseg.datamodules.CocoStuffDataModule": coco_stuff_data_args,
+    "ovseg.datamodules.WebDatasetDataModule": webdataset_data_args,
+    "ovseg.datamodules.CachedFeaturesDataModule": cached_features_data_args,
 }
 
 
@@ -213,7 +213,7 @@ def test_synthetic_configs_of_all_methods_validate_on_the_same_scenes():
     methods additionally ignore unseen pixels in training, which is their zero-shot protocol)."""
     configs = {name: yaml.safe_load((REPO / f"configs/{name}/synthetic.yaml").read_text())["data"]
                for name in ("simzss", "zegformer", "cdt")}
-    assert {c["class_path"] for c in configs.values()} == {"ovseg.datamodules.synthetic.SyntheticDataModule"}
+    assert {c["class_path"] for c in configs.values()} == {"ovseg.datamodules.SyntheticDataModule"}
     validation_keys = ("num_val", "image_size", "seed", "use_synonyms")
     settings = {name: {key: config["init_args"].get(key) for key in validation_keys}
                 for name, config in configs.items()}
@@ -229,7 +229,8 @@ def test_mask_method_checkpoint_validates_the_same_and_on_the_evaluation_datamod
     """A mask method's checkpoint carries its training classes: ``validate --ckpt_path`` on the
     training DataModule reproduces the fit's metrics (the seen/unseen split included), and the
     same checkpoint evaluates on benchmark folders through EvaluationDataModule (cross-dataset use)."""
-    from ovseg.datamodules.synthetic import SyntheticWorld, write_mmseg
+    from ovseg.datamodules.synthetic import SyntheticWorld
+    from ovseg.prepare.synthetic import write_mmseg
 
     monkeypatch.chdir(tmp_path)
     config = REPO / f"configs/{method}/synthetic.yaml"

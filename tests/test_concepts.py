@@ -1,4 +1,4 @@
-"""Tests for SimZSS concept extraction (ovseg.methods.simzss.concepts)."""
+"""Tests for SimZSS concept extraction (ovseg.concepts)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import default_collate  # noqa: E402
 
-from ovseg.methods.simzss.concepts import (  # noqa: E402
+from ovseg.concepts import (  # noqa: E402
     Concept,
     ConceptBank,
     ConceptExtractor,
@@ -252,5 +252,6 @@ def test_pickle_round_trip(extractor: ConceptExtractor) -> None:
 
 def test_missing_tagger_message(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
+    monkeypatch.setattr(nltk, "download", lambda *args, **kwargs: False)  # offline: no real download in tests
     with pytest.raises(LookupError, match="averaged_perceptron_tagger_eng"):
         _load_tagger()

@@ -161,7 +161,7 @@ def test_own_checkpoint_still_loads(smoke_checkpoint):
 def _eval_data(tmp_path: Path, class_names: Path) -> Path:
     config = tmp_path / "eval.yaml"
     config.write_text(
-        "class_path: ovseg.datamodules.benchmarks.EvaluationDataModule\n"
+        "class_path: ovseg.datamodules.EvaluationDataModule\n"
         f"init_args:\n  root: {tmp_path}\n  benchmarks:\n"
         f"    - {{name: mine, data_root: ., class_names: {class_names}}}\n")
     return config

@@ -17,21 +17,11 @@ import torch
 from PIL import Image
 
 from ovseg.cli import run
-from ovseg.datamodules.coco import (
-    COCO_STUFF_UNSEEN,
-    CocoCaptionsDataModule,
-    CocoStuffDataModule,
-    ConceptCache,
-    concept_meta,
-    read_coco_captions,
-)
+from ovseg.concepts import ConceptCache, ConceptExtractor, concept_meta
+from ovseg.datamodules.coco_captions import CocoCaptionsDataModule, read_coco_captions
+from ovseg.datamodules.coco_stuff import COCO_STUFF_UNSEEN, CocoStuffDataModule
 from ovseg.datamodules.decode import DecodeError, SkipCounter, decode_image, decode_label
-from ovseg.datamodules.synthetic import (
-    SyntheticWorld,
-    write_coco_captions,
-    write_coco_stuff,
-    write_webdataset,
-)
+from ovseg.datamodules.synthetic import SyntheticWorld
 from ovseg.datamodules.transforms import (
     Compose,
     RandomCrop,
@@ -40,7 +30,7 @@ from ovseg.datamodules.transforms import (
     ResizeShortSide,
 )
 from ovseg.datamodules.webdataset import WebDatasetDataModule, WebDatasetStream
-from ovseg.methods.simzss.concepts import ConceptExtractor
+from ovseg.prepare.synthetic import write_coco_captions, write_coco_stuff, write_webdataset
 from ovseg.vocabulary import Vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -488,7 +478,7 @@ def test_make_shards_concepts_and_simzss_steps(data, tmp_path, monkeypatch, extr
                "--data.init_args.num_workers", "0",
                "--data.init_args.transform", "ovseg.datamodules.transforms.RandomResizedCrop",
                "--data.init_args.transform.init_args.size", "56",
-               "--data.init_args.eval_data", "ovseg.datamodules.synthetic.SyntheticDataModule",
+               "--data.init_args.eval_data", "ovseg.datamodules.SyntheticDataModule",
                "--data.init_args.eval_data.init_args.num_train", "0",
                "--data.init_args.eval_data.init_args.num_val", "2"])
     assert cli.trainer.global_step == 2 and "val/mIoU" in cli.trainer.callback_metrics

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from ovseg.datamodules.common import UnpaddedDistributedSampler, evaluation_sampler
+from ovseg.datamodules.base import UnpaddedDistributedSampler, evaluation_sampler
 from spawn_ranks import free_port, run_ranks  # tests/spawn_ranks.py
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +54,8 @@ def _datamodules(data_root: str):
     """Two evaluation DataModules on 5 images: the synthetic world (batches of 2: 3 images in 2
     batches on rank 0, 2 images in 1 batch on rank 1) and the same scenes written as an mmseg
     folder, read by EvaluationDataModule (batches of 1)."""
-    from ovseg.datamodules.benchmarks import BenchmarkSpec, EvaluationDataModule
+    from ovseg.datamodules.benchmark_specs import BenchmarkSpec
+    from ovseg.datamodules.benchmarks import EvaluationDataModule
     from ovseg.datamodules.synthetic import SyntheticDataModule
 
     spec = yaml.safe_load((REPO / "configs/data/eval_synthetic.yaml").read_text())["init_args"]["benchmarks"][0]
@@ -117,7 +118,7 @@ def _run_two_processes(out_dir: str, data_root: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from ovseg.datamodules.synthetic import make_synthetic
+    from ovseg.prepare.synthetic import make_synthetic
 
     data_root = tmp_path_factory.mktemp("eval_data")
     make_synthetic("mmseg", data_root / "synthetic_mmseg", num_images=NUM_VAL, image_size=56, progress=False)

@@ -10,14 +10,9 @@ import pytest
 import torch
 
 from ovseg.cli import run
-from ovseg.datamodules.common import collate_samples
-from ovseg.datamodules.feature_cache import (
-    CachedFeaturesDataModule,
-    CachedFeaturesDataset,
-    CacheViews,
-    build_feature_cache,
-    read_index,
-)
+from ovseg.datamodules.base import collate_samples
+from ovseg.datamodules.feature_store import CachedFeaturesDataModule, CachedFeaturesDataset, read_index
+from ovseg.prepare.feature_cache import CacheViews, build_feature_cache
 from ovseg.encoders import CLIPTextTransformer, TimmViT
 from ovseg.methods.simzss import SimZSS
 from ovseg.vocabulary import Vocabulary

@@ -25,7 +25,7 @@ TIMEOUT_S = 90
 def _write_store(path) -> None:
     """Image i: pooled feature = the i-th unit vector, caption "image i"; 3 shards of <= 5 images,
     2 views (the DataModule draws one per visit)."""
-    from ovseg.datamodules.feature_cache import FeatureStoreWriter
+    from ovseg.prepare.feature_cache import FeatureStoreWriter
 
     writer = FeatureStoreWriter(path, NUM_IMAGES, num_views=2, num_patches=4, dim=DIM, grid=(2, 2),
                                 shard_size=5, meta={"encoder": "test", "views": {"mode": "rrc"}})
@@ -43,7 +43,7 @@ def _worker(rank: int, port: int, out_dir: str, store: str) -> None:
     import torch.distributed as dist
     from lightning.pytorch.strategies import DDPStrategy
 
-    from ovseg.datamodules.feature_cache import CachedFeaturesDataModule
+    from ovseg.datamodules.feature_store import CachedFeaturesDataModule
 
     class Reader(L.LightningModule):
         """Records which images each training batch holds, and checks their features."""

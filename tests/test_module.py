@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ovseg.benchmark import Benchmark
-from ovseg.datamodules.common import collate_samples
+from ovseg.datamodules.base import collate_samples
 from ovseg.inference import InferenceSettings
 from ovseg.metrics import confusion_matrix, metrics_from_confusion
 from ovseg.module import MaskPredictions, OVSegModule

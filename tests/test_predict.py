@@ -166,7 +166,7 @@ def smoke_checkpoint(tmp_path_factory):
 
 def predict_folder(checkpoint: Path, images: Path, out: Path, *extra: str) -> None:
     run(["predict", "-c", str(SMOKE), "--ckpt_path", str(checkpoint), "--trainer.logger", "false",
-         "--data", "ovseg.datamodules.image_folder.ImageFolderDataModule", "--data.init_args.images", str(images),
+         "--data", "ovseg.datamodules.ImageFolderDataModule", "--data.init_args.images", str(images),
          "--data.init_args.classes", CLASSES, "--data.init_args.batch_size", "2",
          "--writer.output_dir", str(out), *extra])
 
@@ -262,7 +262,7 @@ def test_two_process_predict_writes_each_image_once(tmp_path):
 
 
 def test_simzss_checkpoint_loads_segments_and_validates_without_the_tagger(smoke_checkpoint, monkeypatch, tmp_path):
-    from ovseg.methods.simzss import concepts
+    from ovseg import concepts
 
     def no_tagger():
         raise AssertionError("inference must not load NLTK's tagger")

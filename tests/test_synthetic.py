@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ovseg.datamodules.common import collate_samples
+from ovseg.datamodules.base import collate_samples
 
 from ovseg.datamodules.synthetic import (
     CATEGORIES,
@@ -24,8 +24,10 @@ from ovseg.datamodules.synthetic import (
     SyntheticDataset,
     SyntheticWorld,
     caption_choice,
-    make_synthetic,
     plural,
+)
+from ovseg.prepare.synthetic import (
+    make_synthetic,
     write_coco_captions,
     write_coco_stuff,
     write_mmseg,

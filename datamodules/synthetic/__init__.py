@@ -1,31 +1,22 @@
-"""The synthetic world: procedurally generated scenes, captions and label maps."""
+"""The synthetic world: procedurally generated scenes, captions and label maps (written to disk in
+the real formats by :mod:`ovseg.prepare.synthetic`)."""
 
-from .datamodule import SyntheticDataModule
-from .dataset import SyntheticDataset
-from .world import (
+from .captions import plural
+from .categories import (
     CATEGORIES,
     IGNORE_INDEX,
     Category,
     Scene,
-    SyntheticWorld,
     canonical_split,
     caption_choice,
-    plural,
     split_id,
 )
-from .writers import (
-    FORMATS,
-    make_synthetic,
-    write_coco_captions,
-    write_coco_stuff,
-    write_mmseg,
-    write_vocabulary,
-    write_webdataset,
-)
+from .datamodule import SyntheticDataModule
+from .dataset import SyntheticDataset
+from .world import SyntheticWorld
 
 __all__ = [
     "CATEGORIES",
-    "FORMATS",
     "IGNORE_INDEX",
     "Category",
     "Scene",
@@ -34,12 +25,6 @@ __all__ = [
     "SyntheticWorld",
     "canonical_split",
     "caption_choice",
-    "make_synthetic",
     "plural",
     "split_id",
-    "write_coco_captions",
-    "write_coco_stuff",
-    "write_mmseg",
-    "write_vocabulary",
-    "write_webdataset",
 ]

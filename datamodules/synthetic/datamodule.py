@@ -9,9 +9,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ovseg.benchmark import AbsentPolicy, Benchmark, TrainingClasses
-from ovseg.datamodules.common import collate_samples, evaluation_sampler
+from ovseg.datamodules.base import collate_samples, evaluation_sampler
+from ovseg.datamodules.synthetic.categories import CATEGORIES
 from ovseg.datamodules.synthetic.dataset import SyntheticDataset
-from ovseg.datamodules.synthetic.world import CATEGORIES, SyntheticWorld
+from ovseg.datamodules.synthetic.world import SyntheticWorld
 from ovseg.inference import InferenceSettings
 from ovseg.vocabulary import Vocabulary
 

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .world import SyntheticWorld, canonical_split
+from .categories import canonical_split
+from .world import SyntheticWorld
 
 
 class SyntheticDataset(Dataset):

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ovseg.concepts import ConceptBank, ConceptExtractor
 from ovseg.encoders.base import ImageEncoder, TextEncoder
-from ovseg.methods.simzss.concepts import ConceptBank, ConceptExtractor
 from ovseg.methods.simzss.loss import ConceptLoss, GlobalContrastiveLoss
 from ovseg.methods.simzss.model import FrozenImageFeatures, SimZSSModel
 from ovseg.module import OVSegModule, to_unit_float
@@ -134,7 +134,7 @@ class SimZSS(OVSegModule):
 
     def frozen_features(self, batch: Mapping[str, Any]) -> FrozenImageFeatures:
         """The backbone's features of a batch: read from ``batch["patches"]`` / ``batch["pooled"]``
-        when present (a feature store, see :mod:`ovseg.datamodules.feature_cache`; no image
+        when present (a feature store, see :mod:`ovseg.datamodules.feature_store`; no image
         needed), else computed from ``batch["image"]``."""
         if "patches" in batch and "pooled" in batch:
             patches = F.normalize(batch["patches"].to(self.device, torch.float32), dim=-1)

@@ -1,19 +1,10 @@
-"""Frozen-feature caching for SimZSS: run the frozen backbone once, train from stored features.
+"""``ovseg data cache-features``: run SimZSS's frozen backbone once and write a feature store.
 
-SimZSS never updates its vision backbone, so its patch tokens and global feature of a given view of
-an image never change. :func:`build_feature_cache` runs the backbone once over the training images
-for a fixed set of views per image and writes the L2-normalised outputs to a memory-mapped store::
-
-    STORE/index.json              shapes, dtype, encoder name + fingerprint, views, images done
-    STORE/patches_00000.npy ...   float16 (shard_size, V, N, D) normalised patch tokens
-    STORE/pooled_00000.npy ...    float16 (shard_size, V, D) normalised global features
-    STORE/captions.jsonl          one JSON list of captions per image, in store order
-
-Building is resumable: ``index.json`` is rewritten (atomically) after every batch, and a second
-run with the same encoder and views continues where the first stopped. :class:`CachedFeaturesDataModule`
-then yields ``patches``, ``pooled`` and ``caption`` per sample, read through ``np.memmap`` (pages
-are released from the process every few hundred reads, so the resident memory does not grow with
-the store), and :class:`~ovseg.methods.simzss.SimZSS` trains from them without an image.
+:func:`build_feature_cache` runs the frozen image encoder over the training images for the fixed
+:class:`CacheViews` and appends the L2-normalised features to a store (:class:`FeatureStoreWriter`;
+the format and its reader are in :mod:`ovseg.datamodules.feature_store`). Building is resumable:
+``index.json`` is rewritten (atomically) after every batch, and a second run with the same encoder
+and views continues where the first stopped.
 
 Command line::
 
@@ -25,9 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,12 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ovseg.datamodules.common import collate_samples
-from ovseg.datamodules.transforms import RandomResizedCrop, resize_image
+from ovseg.datamodules.feature_store import CAPTIONS, FORMAT_VERSION, INDEX
+from ovseg.datamodules.transforms import Compose, RandomResizedCrop, resize_image
+from ovseg.io import atomic_write_json
 
-INDEX = "index.json"
-CAPTIONS = "captions.jsonl"
-FORMAT_VERSION = 1
+__all__ = ["CacheViews", "FeatureStoreWriter", "build_feature_cache", "center_view", "encoder_fingerprint",
+           "frozen_features", "train_dataset_of"]
 
 
 @dataclass(frozen=True)
@@ -124,21 +114,6 @@ def frozen_features(encoder: torch.nn.Module, images: Tensor) -> tuple[Tensor, T
             (height, width))
 
 
-# ------------------------------------------------------------------------------------ store
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
-def read_index(store: str | os.PathLike) -> dict[str, Any]:
-    """The store's ``index.json``."""
-    path = Path(store) / INDEX
-    if not path.exists():
-        raise FileNotFoundError(f"no feature store at {store} ({INDEX} missing)")
-    return json.loads(path.read_text())
-
-
 class FeatureStoreWriter:
     """Appends per-image features to a sharded fp16 store; resumable.
 
@@ -172,7 +147,7 @@ class FeatureStoreWriter:
         self.index = index
         self._truncate_captions(index["num_done"])
         self._shards: dict[int, tuple[np.memmap, np.memmap]] = {}
-        _write_json_atomic(path, index)
+        atomic_write_json(path, index, indent=1)
 
     @property
     def num_done(self) -> int:
@@ -219,7 +194,7 @@ class FeatureStoreWriter:
         with open(self.root / CAPTIONS, "a") as file:
             file.writelines(json.dumps(list(c)) + "\n" for c in captions)
         self.index["num_done"] = start + len(captions)
-        _write_json_atomic(self.root / INDEX, self.index)
+        atomic_write_json(self.root / INDEX, self.index, indent=1)
 
 
 def _sample_captions(dataset: Dataset, index: int, sample: Mapping[str, Any]) -> list[str]:
@@ -306,165 +281,9 @@ def train_dataset_of(datamodule: L.LightningDataModule) -> Dataset:
     if hasattr(datamodule, "train_dataset"):
         return datamodule.train_dataset()  # type: ignore[operator]
     if hasattr(datamodule, "transform"):
-        from ovseg.datamodules.transforms import Compose
-
         datamodule.transform = Compose([])  # type: ignore[attr-defined]
     datamodule.setup("fit")
     dataset = getattr(datamodule, "train_set", None)
     if dataset is None:
         raise TypeError(f"{type(datamodule).__name__} has no map-style training dataset to cache")
     return dataset
-
-
-# ------------------------------------------------------------------------------------ reading
-class CachedFeaturesDataset(Dataset):
-    """Samples of a feature store: ``patches`` (N, D) and ``pooled`` (D) float16, ``caption``.
-
-    Arrays are ``np.memmap`` views opened lazily (once per worker). After each read the pages
-    mapped around the sample are dropped from the process (``MADV_DONTNEED``; they stay in the
-    page cache), and every ``release_every`` reads the whole mapping, so the resident memory stays
-    flat whatever the store size.
-
-    Args:
-        store: the store directory.
-        view: always this view; None draws one of the cached views per visit (torch RNG).
-        random_caption: draw one of the image's captions per visit (else the first).
-        release_every: reads between releases of the whole mapping (0: never release pages).
-    """
-
-    def __init__(self, store: str | os.PathLike, view: int | None = None, random_caption: bool = True,
-                 release_every: int = 64) -> None:
-        self.root = Path(store)
-        self.index = read_index(self.root)
-        if view is not None and not 0 <= view < self.index["num_views"]:
-            raise ValueError(f"view {view} out of range: the store has {self.index['num_views']} views")
-        self.view = view
-        self.random_caption = random_caption
-        self.release_every = release_every
-        with open(self.root / CAPTIONS) as file:
-            self.captions = [json.loads(line) for _, line in zip(range(self.index["num_done"]), file)]
-        self._arrays: list[tuple[np.memmap, np.memmap]] | None = None
-        self._reads = 0
-
-    def __len__(self) -> int:
-        return int(self.index["num_done"])
-
-    @property
-    def arrays(self) -> list[tuple[np.memmap, np.memmap]]:
-        """Per shard: (patches, pooled) memmaps, opened on first use."""
-        if self._arrays is None:
-            self._arrays = [tuple(np.load(self.root / name.format(kind), mmap_mode="r")  # type: ignore[misc]
-                                  for kind in ("patches", "pooled")) for name in self.index["shards"]]
-            for pair in self._arrays:  # shuffled reads: no read-around of neighbouring samples
-                for array in pair:
-                    handle = getattr(array, "_mmap", None)
-                    if handle is not None and hasattr(mmap, "MADV_RANDOM"):
-                        handle.madvise(mmap.MADV_RANDOM)
-        return self._arrays
-
-    def release(self) -> None:
-        """Drop the mapped pages from this process's resident set."""
-        for pair in self._arrays or []:
-            for array in pair:
-                handle = getattr(array, "_mmap", None)
-                if handle is not None and hasattr(handle, "madvise"):
-                    handle.madvise(mmap.MADV_DONTNEED)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        number, row = divmod(index, self.index["shard_size"])
-        patches, pooled = self.arrays[number]
-        view = self.view if self.view is not None else (
-            int(torch.randint(self.index["num_views"], ())) if self.index["num_views"] > 1 else 0)
-        captions = self.captions[index]
-        k = int(torch.randint(len(captions), ())) if self.random_caption and len(captions) > 1 else 0
-        sample = {"patches": torch.from_numpy(np.array(patches[row, view])),
-                  "pooled": torch.from_numpy(np.array(pooled[row, view])),
-                  "caption": captions[k]}
-        if self.release_every:
-            _release_rows(patches, row)
-            self._reads += 1
-            if self._reads % self.release_every == 0:
-                self.release()
-        return sample
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_arrays"] = None  # workers open their own maps
-        return state
-
-
-_SPAN = 2 << 20  # the page cache maps large folios (up to 2 MiB) around a faulting read
-
-
-def _release_rows(array: np.memmap, row: int) -> None:
-    """Drop the pages mapped around ``array[row]`` (plus the kernel's read-around) from the RSS."""
-    handle = getattr(array, "_mmap", None)
-    if handle is None or not hasattr(handle, "madvise"):
-        return
-    row_bytes = array.strides[0]
-    start = array.offset % mmap.ALLOCATIONGRANULARITY + row * row_bytes
-    low = max(0, (start - _SPAN) // mmap.PAGESIZE * mmap.PAGESIZE)
-    high = min(len(handle), start + row_bytes + _SPAN)
-    handle.madvise(mmap.MADV_DONTNEED, low, high - low)
-
-
-class CachedFeaturesDataModule(L.LightningDataModule):
-    """Training from a feature store (:func:`build_feature_cache`) instead of images.
-
-    Batches hold ``patches`` (B, N, D), ``pooled`` (B, D) (float16, normalised) and ``caption``;
-    SimZSS extracts concepts on the fly (cached per caption). Evaluation comes from ``eval_data``.
-
-    Args:
-        store: the store directory.
-        batch_size: per process.
-        num_workers: DataLoader workers.
-        view: a fixed cached view, or None for a random one per visit.
-        random_caption: a random caption of the image per visit.
-        eval_data: DataModule providing ``benchmarks`` and the evaluation loaders.
-    """
-
-    def __init__(self, store: str, batch_size: int = 32, num_workers: int = 0, view: int | None = None,
-                 random_caption: bool = True, eval_data: L.LightningDataModule | None = None) -> None:
-        super().__init__()
-        self.store = store
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.view = view
-        self.random_caption = random_caption
-        self.eval_data = eval_data
-        self.train_set: CachedFeaturesDataset | None = None
-
-    @property
-    def benchmarks(self) -> list:
-        return list(getattr(self.eval_data, "benchmarks", []))
-
-    def setup(self, stage: str) -> None:
-        if self.eval_data is not None:
-            self.eval_data.trainer = self.trainer
-            self.eval_data.setup(stage)
-        if stage == "fit" and self.train_set is None:
-            self.train_set = CachedFeaturesDataset(self.store, self.view, self.random_caption)
-
-    def train_dataloader(self) -> DataLoader:
-        if self.train_set is None:
-            self.setup("fit")
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          collate_fn=collate_samples)
-
-    def val_dataloader(self) -> Any:
-        return self.eval_data.val_dataloader() if self.eval_data is not None else []
-
-    def test_dataloader(self) -> Any:
-        return self.eval_data.test_dataloader() if self.eval_data is not None else []
-
-
-def iter_store(store: str | os.PathLike) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(patches (V, N, D), pooled (V, D)) memmap views of each image, in order."""
-    dataset = CachedFeaturesDataset(store)
-    for index in range(len(dataset)):
-        number, row = divmod(index, dataset.index["shard_size"])
-        patches, pooled = dataset.arrays[number]
-        yield patches[row], pooled[row]

@@ -1,4 +1,4 @@
-"""``ovseg data``: data preparation commands.
+"""``ovseg data``: data preparation commands (the tools of :mod:`ovseg.prepare`).
 
 Example::
 
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the training images of its data module (data) for fixed views, and write fp16 patch tokens "
         "and global features to a sharded, memory-mapped store (OUT/index.json). Re-running "
         "continues an unfinished store. Train from it with "
-        "ovseg.datamodules.feature_cache.CachedFeaturesDataModule.",
+        "ovseg.datamodules.CachedFeaturesDataModule.",
     )
     cache.add_argument("--config", required=True, help="a SimZSS config, e.g. configs/simzss/coco_vitb14.yaml")
     cache.add_argument("--out", required=True, help="store directory")
@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "cache-features":
         cache_features(args)
     if args.command == "make-synthetic":
-        from ovseg.datamodules.synthetic.writers import make_synthetic
+        from ovseg.prepare.synthetic import make_synthetic
 
         if args.num_images < 1:
             raise SystemExit("ovseg data make-synthetic: --num-images must be at least 1")
@@ -144,7 +144,7 @@ def check_data(args: argparse.Namespace) -> None:
 
         ovseg data check --data configs/data/eval_caption8.yaml --root data
     """
-    from ovseg.datamodules.check import run_check
+    from ovseg.prepare.check import run_check
 
     try:
         code = run_check(args.data, root=args.root, benchmarks=args.benchmarks,
@@ -163,7 +163,10 @@ def make_shards(args: argparse.Namespace) -> None:
             --images data/coco/train2017 --out data/coco_shards --concepts --num-workers 8
         ovseg data make-shards --coco-stuff data/coco_stuff164k --split train2017 --out data/cs_shards
     """
-    from ovseg.datamodules.webdataset import make_shards_from_coco_captions, make_shards_from_coco_stuff
+    from ovseg.prepare.shards import (
+        make_shards_from_coco_captions,
+        make_shards_from_coco_stuff,
+    )
 
     progress = not args.no_progress
     try:
@@ -196,12 +199,12 @@ def extract_concepts(args: argparse.Namespace) -> None:
                    progress=not args.no_progress)
     try:
         if args.coco:
-            from ovseg.datamodules.coco import extract_coco_concepts
+            from ovseg.prepare.concepts import extract_coco_concepts
 
             path = extract_coco_concepts(args.coco, args.out, **options)
             print(f"wrote the concepts of {args.coco} to {path}")
             return
-        from ovseg.datamodules.webdataset import add_concepts_to_shards
+        from ovseg.prepare.concepts import add_concepts_to_shards
 
         samples, errors = add_concepts_to_shards(args.shards, **options)
     except (OSError, ValueError, LookupError) as error:
@@ -222,8 +225,13 @@ def cache_features(args: argparse.Namespace) -> None:
     from jsonargparse import ArgumentParser
     from lightning import LightningDataModule
 
-    from ovseg.datamodules.feature_cache import CacheViews, build_feature_cache, train_dataset_of
+    from ovseg.datamodules.feature_store import read_index
     from ovseg.encoders.base import ImageEncoder
+    from ovseg.prepare.feature_cache import (
+        CacheViews,
+        build_feature_cache,
+        train_dataset_of,
+    )
 
     try:
         config = yaml.safe_load(open(args.config))
@@ -244,8 +252,6 @@ def cache_features(args: argparse.Namespace) -> None:
                                     progress=not args.no_progress)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise SystemExit(f"ovseg data cache-features: {error}") from None
-    from ovseg.datamodules.feature_cache import read_index
-
     index = read_index(store)
     print(f"cached {index['num_done']}/{index['num_images']} images x {index['num_views']} views "
           f"({index['num_patches']} patches x {index['dim']}) in {store}")

@@ -1,6 +1,6 @@
 """``ovseg data check``: verify a data root against the benchmarks of a data config.
 
-For every benchmark of an :class:`~ovseg.datamodules.benchmarks.EvaluationDataModule` config it
+For every benchmark of an :class:`~ovseg.datamodules.EvaluationDataModule` config it
 lists the samples as the DataModule would, then reads every label (and image) and reports, with
 file names: missing folders, split files and class-name files, images without a label (and
 labels without an image), unreadable files, label values outside the benchmark's classes, and
@@ -26,11 +26,12 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from ovseg.datamodules.benchmarks import BenchmarkSpec, LabelDecoder, Sample, find_samples
+from ovseg.datamodules.benchmark_specs import BenchmarkSpec
+from ovseg.datamodules.benchmarks import LabelDecoder, Sample, find_samples
 from ovseg.datamodules.decode import DecodeError, decode_image, decode_label, image_size
 from ovseg.inference import InferenceSettings
 
-DATAMODULE = "ovseg.datamodules.benchmarks.EvaluationDataModule"
+DATAMODULE = "ovseg.datamodules.EvaluationDataModule"
 
 
 @dataclass
@@ -148,7 +149,7 @@ def load_data_config(path: str | Path) -> dict[str, Any]:
     if isinstance(content, dict) and "data" in content and "class_path" not in content:
         content = content["data"]
     class_path = content.get("class_path") if isinstance(content, dict) else None
-    if class_path not in (DATAMODULE, "EvaluationDataModule"):
+    if class_path not in (DATAMODULE, "ovseg.datamodules.benchmarks.EvaluationDataModule", "EvaluationDataModule"):
         raise ValueError(f"{path}: expected a data config with class_path: {DATAMODULE}, "
                          f"got {class_path!r}")
     return dict(content.get("init_args") or {})

@@ -9,23 +9,26 @@ next to the data so the loaders know the vocabulary.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import hashlib
 import io
 import json
 import os
-import tarfile
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
-from .world import IGNORE_INDEX, SyntheticWorld, canonical_split, caption_choice
+from ovseg.datamodules.synthetic import (
+    IGNORE_INDEX,
+    SyntheticWorld,
+    canonical_split,
+    caption_choice,
+)
+from ovseg.io import atomic_write_bytes
+from ovseg.prepare.shards import open_shard, progress_bar
 
 JPEG_QUALITY = 95
 FORMATS = ("coco", "coco-stuff", "mmseg", "wds")
@@ -49,21 +52,6 @@ def encode_png(label: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write ``data`` to a temporary file next to ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def coco_image_id(index: int, split: str) -> int:
     """The COCO-style image id of scene ``index`` of ``split`` (1-based, offset per stream)."""
     return _ID_OFFSET[canonical_split(split)] + index + 1
@@ -72,7 +60,7 @@ def coco_image_id(index: int, split: str) -> int:
 def write_vocabulary(world: SyntheticWorld, root: str | os.PathLike) -> None:
     """``root/class_names.txt`` (name, synonyms...) and ``root/split.json`` (seen/unseen names)."""
     root = Path(root)
-    atomic_write(root / "class_names.txt", "\n".join(world.vocabulary_lines()) + "\n")
+    atomic_write_bytes(root / "class_names.txt", "\n".join(world.vocabulary_lines()) + "\n")
     cats = world.categories
     meta = {
         "seen": [c.name for c in cats if c.seen],
@@ -84,11 +72,7 @@ def write_vocabulary(world: SyntheticWorld, root: str | os.PathLike) -> None:
         "image_size": [world.height, world.width],
         "seed": world.seed,
     }
-    atomic_write(root / "split.json", json.dumps(meta, indent=2) + "\n")
-
-
-def _bar(n: int, desc: str, progress: bool) -> tqdm:
-    return tqdm(range(n), desc=desc, unit="img", disable=not progress, leave=False, dynamic_ncols=True)
+    atomic_write_bytes(root / "split.json", json.dumps(meta, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------ writers
@@ -107,11 +91,11 @@ def write_coco_captions(
     root = Path(root)
     (root / split).mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
-    for i in _bar(num_images, f"coco captions {split}", progress):
+    for i in progress_bar(num_images, f"coco captions {split}", "img", progress, leave=False):
         scene = world.scene(i, split)
         image_id = coco_image_id(i, split)
         file_name = f"{image_id:012d}.jpg"
-        atomic_write(root / split / file_name, encode_jpeg(scene.image))
+        atomic_write_bytes(root / split / file_name, encode_jpeg(scene.image))
         images.append(
             {
                 "license": 1,
@@ -139,7 +123,7 @@ def write_coco_captions(
         "images": images,
         "annotations": annotations,
     }
-    atomic_write(root / "annotations" / f"captions_{split}.json", json.dumps(doc))
+    atomic_write_bytes(root / "annotations" / f"captions_{split}.json", json.dumps(doc))
     write_vocabulary(world, root)
     return root
 
@@ -182,20 +166,12 @@ def _write_image_label_folders(world: SyntheticWorld, root: Path, split: str, nu
                                label_suffix: str) -> Path:
     """``root/images/{split}/STEM.jpg`` + ``root/annotations/{split}/STEM{label_suffix}``, plus
     the class names and split files."""
-    for i in _bar(num_images, f"{what} {split}", progress):
+    for i in progress_bar(num_images, f"{what} {split}", "img", progress, leave=False):
         scene = world.scene(i, split)
-        atomic_write(root / "images" / split / f"{stem(i)}.jpg", encode_jpeg(scene.image))
-        atomic_write(root / "annotations" / split / f"{stem(i)}{label_suffix}", encode_png(scene.label))
+        atomic_write_bytes(root / "images" / split / f"{stem(i)}.jpg", encode_jpeg(scene.image))
+        atomic_write_bytes(root / "annotations" / split / f"{stem(i)}{label_suffix}", encode_png(scene.label))
     write_vocabulary(world, root)
     return root
-
-
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = int(mtime)
-    info.mode = 0o644
-    tar.addfile(info, io.BytesIO(data))
 
 
 def write_webdataset(
@@ -221,46 +197,37 @@ def write_webdataset(
     root.mkdir(parents=True, exist_ok=True)
     stream = canonical_split(split)
     num_shards = (num_images + shard_size - 1) // shard_size
-    bar = _bar(num_images, f"webdataset {split}", progress)
+    bar = progress_bar(num_images, f"webdataset {split}", "img", progress, leave=False)
     it = iter(bar)
     for shard in range(num_shards):
         start_time = time.time()
-        fd, tmp = tempfile.mkstemp(prefix=f".{shard:05d}.", suffix=".tar.tmp", dir=root)
-        os.close(fd)
         n = min(shard_size, num_images - shard * shard_size)
-        try:
-            with tarfile.open(tmp, "w") as tar:
-                for j in range(n):
-                    i = next(it)
-                    scene = world.scene(i, split)
-                    key = f"{shard:05d}{j:04d}"
-                    caption = scene.captions[caption_choice(world, i, split)]
-                    jpg = encode_jpeg(scene.image)
-                    meta = {
-                        "url": f"synthetic://{stream}/{i}",
-                        "caption": caption,
-                        "key": key,
-                        "status": "success",
-                        "error_message": None,
-                        "width": world.width,
-                        "height": world.height,
-                        "original_width": world.width,
-                        "original_height": world.height,
-                        "exif": None,
-                        "md5": hashlib.md5(jpg).hexdigest(),
-                        "captions": scene.captions,
-                        "index": i,
-                    }
-                    mtime = 1_500_000_000
-                    _tar_add(tar, f"{key}.jpg", jpg, mtime)
-                    _tar_add(tar, f"{key}.txt", caption.encode(), mtime)
-                    _tar_add(tar, f"{key}.json", json.dumps(meta).encode(), mtime)
-                    _tar_add(tar, f"{key}.seg.png", encode_png(scene.label), mtime)
-            os.replace(tmp, root / f"{shard:05d}.tar")
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with open_shard(root / f"{shard:05d}.tar") as tar:
+            for j in range(n):
+                i = next(it)
+                scene = world.scene(i, split)
+                key = f"{shard:05d}{j:04d}"
+                caption = scene.captions[caption_choice(world, i, split)]
+                jpg = encode_jpeg(scene.image)
+                meta = {
+                    "url": f"synthetic://{stream}/{i}",
+                    "caption": caption,
+                    "key": key,
+                    "status": "success",
+                    "error_message": None,
+                    "width": world.width,
+                    "height": world.height,
+                    "original_width": world.width,
+                    "original_height": world.height,
+                    "exif": None,
+                    "md5": hashlib.md5(jpg).hexdigest(),
+                    "captions": scene.captions,
+                    "index": i,
+                }
+                tar.add(f"{key}.jpg", jpg)
+                tar.add(f"{key}.txt", caption.encode())
+                tar.add(f"{key}.json", json.dumps(meta).encode())
+                tar.add(f"{key}.seg.png", encode_png(scene.label))
         stats = {
             "count": n,
             "successes": n,
@@ -271,7 +238,7 @@ def write_webdataset(
             "end_time": time.time(),
             "status_dict": {"success": n},
         }
-        atomic_write(root / f"{shard:05d}_stats.json", json.dumps(stats, indent=4))
+        atomic_write_bytes(root / f"{shard:05d}_stats.json", json.dumps(stats, indent=4))
     bar.close()
     write_vocabulary(world, root)
     return root

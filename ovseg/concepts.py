@@ -37,22 +37,38 @@ head-only concept uses only the head's tokens. Positions are always of the surfa
 from __future__ import annotations
 
 import bisect
+import hashlib
 import importlib.resources
 import multiprocessing as mp
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import regex
 import torch
+from torch import Tensor
+
+from ovseg.io import atomic_torch_save
 
 __all__ = [
+    "CONCEPT_KEYS",
     "Concept",
     "ConceptBank",
+    "ConceptCache",
     "ConceptExtractor",
     "DEFAULT_BANK_RESOURCE",
     "NP_GRAMMAR",
+    "bank_fingerprint",
+    "concept_meta",
+    "concepts_from_lists",
+    "concepts_to_lists",
+    "default_concepts_path",
+    "meta_mismatch",
+    "stored_concept_fields",
+    "use_nltk_paths",
 ]
 
 #: Packaged default concept bank, relative to package ``ovseg``.
@@ -83,11 +99,16 @@ _WORD_RE = regex.compile(
 
 _HAS_ALNUM = regex.compile(r"[\p{L}\p{N}]")
 
+#: NLTK's resource name of the English part-of-speech tagger
+TAGGER_RESOURCE = "averaged_perceptron_tagger_eng"
+#: seconds the one automatic download of the tagger may take
+TAGGER_DOWNLOAD_TIMEOUT_S = 60.0
+
 _TAGGER_HELP = (
-    "NLTK's English POS tagger data ('averaged_perceptron_tagger_eng') was not found. "
-    "Run `python -c \"import nltk; nltk.download('averaged_perceptron_tagger_eng')\"` "
-    "or set NLTK_DATA to a directory containing taggers/averaged_perceptron_tagger_eng.zip "
-    "(this repository's CI uses shared/nltk_data)."
+    "NLTK's English part-of-speech tagger ('averaged_perceptron_tagger_eng'), needed to extract SimZSS "
+    "concepts from captions, is not installed{reason}: run "
+    "`python -c \"import nltk; nltk.download('averaged_perceptron_tagger_eng')\"` on a machine with network "
+    "access, or set NLTK_DATA to a folder holding taggers/averaged_perceptron_tagger_eng (searched: {searched})"
 )
 
 
@@ -172,14 +193,66 @@ class ConceptBank:
 # --------------------------------------------------------------------------- cached tools
 
 
+class TaggerNotFoundError(LookupError):
+    """NLTK's tagger is missing and could not be downloaded; the message (one line) says what to do."""
+
+
+_DOWNLOAD_TRIED = False
+
+
+def download_tagger(timeout_s: float = TAGGER_DOWNLOAD_TIMEOUT_S) -> str | None:
+    """Try once per process to download the tagger with ``nltk.download``, quietly (NLTK's own
+    messages are swallowed), for at most ``timeout_s`` seconds. Returns None on success, else why not."""
+    global _DOWNLOAD_TRIED
+    if _DOWNLOAD_TRIED:
+        return "and the automatic download already failed in this process"
+    _DOWNLOAD_TRIED = True
+    import contextlib
+    import io
+    import threading
+
+    import nltk
+
+    outcome: list[object] = []
+    sink = io.StringIO()
+
+    def fetch() -> None:
+        try:
+            outcome.append(bool(nltk.download(TAGGER_RESOURCE, quiet=True, raise_on_error=True, print_error_to=sink)))
+        except Exception as error:  # noqa: BLE001 - no network, a refused proxy, a full disk: all reported
+            outcome.append(error)
+
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        thread = threading.Thread(target=fetch, name="ovseg-nltk-download", daemon=True)
+        thread.start()
+        thread.join(timeout_s)
+    if not outcome:
+        return f"and the automatic download did not finish within {timeout_s:.0f} s"
+    if outcome[0] is True:
+        return None
+    detail = " ".join(str(outcome[0]).split())[:200] if isinstance(outcome[0], Exception) else "nltk.download failed"
+    return f"and the automatic download failed ({detail})"
+
+
 def _load_tagger() -> Any:
-    """Loads NLTK's English averaged perceptron tagger, with a helpful error if missing."""
+    """NLTK's English averaged perceptron tagger; if missing, one quiet download attempt, then
+    :class:`TaggerNotFoundError` with a one-line message naming the command and NLTK_DATA."""
     from nltk.tag.perceptron import PerceptronTagger
 
     try:
         return PerceptronTagger(lang="eng")
-    except LookupError as err:
-        raise LookupError(_TAGGER_HELP) from err
+    except LookupError:
+        pass
+    reason = download_tagger()
+    if reason is None:
+        try:
+            return PerceptronTagger(lang="eng")
+        except LookupError:
+            reason = "and the downloaded copy cannot be read"
+    import nltk
+
+    searched = ", ".join(nltk.data.path[:3]) + (", ..." if len(nltk.data.path) > 3 else "")
+    raise TaggerNotFoundError(_TAGGER_HELP.format(reason=f" {reason}" if reason else "", searched=searched))
 
 
 @lru_cache(maxsize=1)
@@ -470,11 +543,7 @@ _WORKER_EXTRACTOR: ConceptExtractor | None = None
 def _worker_init(state: dict[str, Any], nltk_paths: list[str]) -> None:
     """Pool initializer: one extractor per process (NLTK search paths copied over)."""
     global _WORKER_EXTRACTOR
-    import nltk
-
-    for path in reversed(nltk_paths):
-        if path not in nltk.data.path:
-            nltk.data.path.insert(0, path)
+    use_nltk_paths(nltk_paths)
     extractor = ConceptExtractor.__new__(ConceptExtractor)
     extractor.__setstate__(state)
     _WORKER_EXTRACTOR = extractor
@@ -483,3 +552,237 @@ def _worker_init(state: dict[str, Any], nltk_paths: list[str]) -> None:
 def _worker_extract(caption: str) -> list[Concept]:
     assert _WORKER_EXTRACTOR is not None, "worker not initialised"
     return _WORKER_EXTRACTOR.extract(caption)
+
+
+def use_nltk_paths(nltk_paths: Sequence[str]) -> None:
+    """Put the parent process's NLTK search paths first in this (worker) process."""
+    import nltk
+
+    for path in reversed(nltk_paths):
+        if path not in nltk.data.path:
+            nltk.data.path.insert(0, path)
+
+
+# ================================================================================ stored concepts
+#: The batch keys of precomputed concepts, as ``ConceptExtractor.encode`` names them.
+CONCEPT_KEYS = ("concept_labels", "concept_token_positions", "concept_token_mask")
+
+
+def bank_fingerprint(names: Sequence[str]) -> str:
+    """SHA-1 of the bank's sorted names: labels are only comparable between equal banks."""
+    return hashlib.sha1("\n".join(names).encode("utf-8")).hexdigest()
+
+
+def concept_meta(extractor: Any) -> dict[str, Any]:
+    """What stored concepts depend on: context length, shape limits and the bank."""
+    return {
+        "context_length": int(extractor.context_length),
+        "max_concepts": int(extractor.max_concepts),
+        "max_tokens_per_concept": int(extractor.max_tokens_per_concept),
+        "bank_size": len(extractor.bank),
+        "bank_sha1": bank_fingerprint(list(extractor.bank.names)),
+    }
+
+
+def meta_mismatch(stored: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
+    """Human-readable differences between two :func:`concept_meta` dicts."""
+    return [
+        f"{key}: stored {stored.get(key)!r}, model {expected[key]!r}"
+        for key in expected
+        if stored.get(key) != expected[key]
+    ]
+
+
+def concepts_to_lists(concepts: Sequence[Concept]) -> dict[str, list]:
+    """Concepts -> JSON-friendly ragged lists (only real concepts and tokens are stored).
+
+    ``concept_labels``: [n], ``concept_token_positions``: n rows of token positions,
+    ``concept_token_mask``: n rows of 1s. :func:`concepts_from_lists` pads them back.
+    """
+    return {
+        "concept_labels": [int(c.label) for c in concepts],
+        "concept_token_positions": [[int(p) for p in c.token_positions] for c in concepts],
+        "concept_token_mask": [[1] * len(c.token_positions) for c in concepts],
+    }
+
+
+def concepts_from_lists(stored: Mapping[str, Any], max_concepts: int, max_tokens: int) -> dict[str, Tensor]:
+    """Stored concept lists -> the fixed-shape tensors of ``ConceptExtractor.encode``.
+
+    Accepts ragged lists (:func:`concepts_to_lists`) or full padded lists (``encode(...)`` as
+    ``.tolist()``): label -1 rows are padding, ``concept_token_mask`` (optional for ragged rows)
+    selects the real positions.
+
+    Returns:
+        ``concept_labels`` (max_concepts,) int64, -1 padded; ``concept_token_positions``
+        (max_concepts, max_tokens) int64, 0 padded; ``concept_token_mask`` same shape, bool.
+
+    Raises:
+        ValueError: malformed lists, or more concepts / tokens than the shapes allow.
+    """
+    labels_in = stored["concept_labels"]
+    positions_in = stored["concept_token_positions"]
+    masks_in = stored.get("concept_token_mask")
+    if len(positions_in) != len(labels_in) or (masks_in is not None and len(masks_in) != len(labels_in)):
+        raise ValueError("stored concepts: concept_labels, concept_token_positions and "
+                         "concept_token_mask have different lengths")
+    labels = torch.full((max_concepts,), -1, dtype=torch.long)
+    positions = torch.zeros((max_concepts, max_tokens), dtype=torch.long)
+    mask = torch.zeros((max_concepts, max_tokens), dtype=torch.bool)
+    n = 0
+    for i, label in enumerate(labels_in):
+        if int(label) < 0:
+            continue
+        row = positions_in[i]
+        if masks_in is not None:
+            row = [int(p) for p, m in zip(row, masks_in[i]) if m]
+        if n >= max_concepts or len(row) > max_tokens:
+            raise ValueError(f"stored concepts exceed the shape ({max_concepts}, {max_tokens})")
+        labels[n] = int(label)
+        if row:
+            positions[n, : len(row)] = torch.tensor([int(p) for p in row], dtype=torch.long)
+            mask[n, : len(row)] = True
+        n += 1
+    return {"concept_labels": labels, "concept_token_positions": positions, "concept_token_mask": mask}
+
+
+class ConceptCache:
+    """Precomputed concepts of every caption of a COCO Captions file, keyed by annotation id.
+
+    Stored compactly (CSR): ``annotation_ids`` (N,) sorted, ``offsets`` (N+1,), and per concept
+    ``labels`` (M,), ``token_positions`` (M, T) and ``token_counts`` (M,); :meth:`lookup` expands
+    one caption to the fixed shapes of ``ConceptExtractor.encode``. ``meta`` is
+    :func:`concept_meta` of the extractor that made it.
+    """
+
+    FORMAT = "ovseg-coco-concepts-v1"
+
+    def __init__(self, annotation_ids: Tensor, offsets: Tensor, labels: Tensor, token_positions: Tensor,
+                 token_counts: Tensor, meta: Mapping[str, Any], source: str = "<memory>") -> None:
+        self.annotation_ids = annotation_ids
+        self.offsets = offsets
+        self.labels = labels
+        self.token_positions = token_positions
+        self.token_counts = token_counts
+        self.meta = dict(meta)
+        self.source = source
+
+    @classmethod
+    def build(cls, annotation_ids: Sequence[int], concepts: Sequence[Sequence[Concept]],
+              meta: Mapping[str, Any]) -> ConceptCache:
+        """From per-annotation concept lists (as ``ConceptExtractor.extract`` returns them)."""
+        if len(annotation_ids) != len(concepts):
+            raise ValueError("annotation_ids and concepts differ in length")
+        order = sorted(range(len(annotation_ids)), key=lambda i: annotation_ids[i])
+        ids = torch.tensor([annotation_ids[i] for i in order], dtype=torch.long)
+        if len(ids) > 1 and bool((ids[1:] == ids[:-1]).any()):
+            raise ValueError("duplicated annotation ids")
+        max_tokens = int(meta["max_tokens_per_concept"])
+        counts = [len(concepts[i]) for i in order]
+        offsets = torch.zeros(len(ids) + 1, dtype=torch.long)
+        offsets[1:] = torch.tensor(counts, dtype=torch.long).cumsum(0) if counts else offsets[1:]
+        flat = [c for i in order for c in concepts[i]]
+        labels = torch.tensor([c.label for c in flat], dtype=torch.int32)
+        positions = torch.zeros((len(flat), max_tokens), dtype=torch.int16)
+        token_counts = torch.zeros(len(flat), dtype=torch.int16)
+        for k, concept in enumerate(flat):
+            pos = concept.token_positions[:max_tokens]
+            positions[k, : len(pos)] = torch.tensor(pos, dtype=torch.int16)
+            token_counts[k] = len(pos)
+        return cls(ids, offsets, labels, positions, token_counts, meta)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write to ``path`` atomically (``torch.save`` of plain tensors and a meta dict)."""
+        path = Path(path)
+        atomic_torch_save({
+            "format": self.FORMAT, "meta": self.meta, "annotation_ids": self.annotation_ids,
+            "offsets": self.offsets, "labels": self.labels, "token_positions": self.token_positions,
+            "token_counts": self.token_counts,
+        }, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ConceptCache:
+        """Read a cache written by :meth:`save`; errors name the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"concepts file {path} does not exist; create it with "
+                "`ovseg data extract-concepts --coco ANNOTATIONS.json`"
+            )
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"{path}: cannot read the concepts file ({exc})") from exc
+        if not isinstance(data, dict) or data.get("format") != cls.FORMAT:
+            raise ValueError(f"{path}: not an ovseg concepts file (expected format {cls.FORMAT!r})")
+        return cls(data["annotation_ids"], data["offsets"], data["labels"], data["token_positions"],
+                   data["token_counts"], data["meta"], source=str(path))
+
+    def __len__(self) -> int:
+        return len(self.annotation_ids)
+
+    def _row(self, annotation_id: int) -> int | None:
+        row = int(torch.searchsorted(self.annotation_ids, torch.tensor(int(annotation_id))))
+        if row < len(self.annotation_ids) and int(self.annotation_ids[row]) == int(annotation_id):
+            return row
+        return None
+
+    def missing(self, annotation_ids: Sequence[int]) -> list[int]:
+        """The ids of ``annotation_ids`` that are not in the cache (vectorised)."""
+        if not len(annotation_ids):
+            return []
+        ids = torch.tensor(list(annotation_ids), dtype=torch.long)
+        rows = torch.searchsorted(self.annotation_ids, ids).clamp_(max=max(len(self.annotation_ids) - 1, 0))
+        found = self.annotation_ids[rows] == ids if len(self.annotation_ids) else torch.zeros_like(ids, dtype=torch.bool)
+        return ids[~found].tolist()
+
+    def __contains__(self, annotation_id: object) -> bool:
+        return isinstance(annotation_id, int) and self._row(annotation_id) is not None
+
+    def lookup(self, annotation_id: int) -> dict[str, Tensor]:
+        """The concepts of one caption as fixed-shape tensors (see :func:`concepts_from_lists`)."""
+        row = self._row(annotation_id)
+        if row is None:
+            raise KeyError(f"annotation id {annotation_id} is not in the concepts file {self.source}")
+        n_max, t_max = int(self.meta["max_concepts"]), int(self.meta["max_tokens_per_concept"])
+        start, stop = int(self.offsets[row]), int(self.offsets[row + 1])
+        n = min(stop - start, n_max)
+        labels = torch.full((n_max,), -1, dtype=torch.long)
+        positions = torch.zeros((n_max, t_max), dtype=torch.long)
+        labels[:n] = self.labels[start:start + n].long()
+        positions[:n] = self.token_positions[start:start + n].long()
+        counts = self.token_counts[start:start + n].long()
+        mask = torch.zeros((n_max, t_max), dtype=torch.bool)
+        mask[:n] = torch.arange(t_max)[None, :] < counts[:, None]
+        return {"concept_labels": labels, "concept_token_positions": positions, "concept_token_mask": mask}
+
+    def check_compatible(self, extractor: Any) -> None:
+        """Raise if the cache was made for another context length, shape or concept bank."""
+        problems = meta_mismatch(self.meta, concept_meta(extractor))
+        if problems:
+            raise ValueError(
+                f"concepts file {self.source} does not match the model's concept extractor ("
+                + "; ".join(problems) + "). Re-create it with `ovseg data extract-concepts` and the "
+                "model's --context-length / --bank."
+            )
+
+
+def default_concepts_path(annotations: str | os.PathLike) -> Path:
+    """``annotations/captions_train2017.json`` -> ``annotations/captions_train2017.concepts.pt``."""
+    annotations = Path(annotations)
+    return annotations.with_name(annotations.stem + ".concepts.pt")
+
+
+def stored_concept_fields(
+    extractor: Any, main: Sequence[Concept] | None, per_caption: Sequence[Sequence[Concept]] | None,
+) -> dict[str, Any]:
+    """The JSON fields that store concepts in a shard sample: the main caption's lists
+    (:func:`concepts_to_lists`), ``caption_concepts`` (one per caption) and ``concept_meta``."""
+    fields: dict[str, Any] = {}
+    if main is not None:
+        fields.update(concepts_to_lists(main))
+    if per_caption is not None:
+        fields["caption_concepts"] = [concepts_to_lists(c) for c in per_caption]
+    fields["concept_meta"] = concept_meta(extractor)
+    return fields

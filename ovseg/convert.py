@@ -59,6 +59,7 @@ class KeyReport:
     dropped: dict[str, str] = field(default_factory=dict)
     filled: dict[str, str] = field(default_factory=dict)
     hparams_updates: dict[str, Any] = field(default_factory=dict)
+    training_classes: str | None = None
 
     def map(self, official_key: str, ovseg_key: str) -> None:
         """Record that ``official_key`` became ``ovseg_key``."""
@@ -87,6 +88,8 @@ class KeyReport:
     def summary(self, examples: int = 2) -> str:
         """A few lines: counts, then each drop or fill reason with its count and example keys."""
         lines = [f"mapped {len(self.mapped)} key(s), dropped {len(self.dropped)}, filled {len(self.filled)}"]
+        if self.training_classes:
+            lines.append(f"  training classes: {self.training_classes}")
         for verb, entries in (("dropped", self.dropped), ("filled", self.filled)):
             by_reason: dict[str, list[str]] = defaultdict(list)
             for key, reason in entries.items():
@@ -199,6 +202,26 @@ def build_model(config: str | Path, overrides: Sequence[str] = ()) -> Any:
         return parser.instantiate_classes(cfg).model
 
 
+def training_classes_of(config: str | Path) -> Any:
+    """The ``training_classes`` (:class:`~ovseg.benchmark.TrainingClasses`) of ``config``'s ``data``
+    section, or None when it has none; raises :class:`ConversionError` if the section cannot be built."""
+    import yaml
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch import LightningDataModule
+
+    section = (yaml.safe_load(Path(config).read_text()) or {}).get("data")
+    if not isinstance(section, Mapping):
+        return None
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(LightningDataModule, "data", required=True, fail_untyped=False)
+    try:
+        datamodule = parser.instantiate_classes(parser.parse_object({"data": section})).data
+    except Exception as error:  # any failure of the user's data section, reported with the config's name
+        raise ConversionError(f"config {config}: its `data:` section (which gives the training classes the "
+                              f"checkpoint must record) cannot be built: {error}") from None
+    return getattr(datamodule, "training_classes", None)
+
+
 def save_converted(model: Any, destination: str | Path, source: str | Path, report: KeyReport) -> Path:
     """Write ``model`` as a Lightning checkpoint at ``destination`` (atomically) and return the path;
     the recorded hyper-parameters are the model's with ``report.hparams_updates`` applied."""
@@ -271,6 +294,16 @@ def convert(method: str, source: str | Path, destination: str | Path, config: st
         raise ConversionError(f"{source} does not fit the model of {config} ({details}); is the config the "
                               "checkpoint's size?")
     model.load_state_dict(state_dict, strict=True)
+    if hasattr(model, "set_training_classes"):
+        # mask-classification methods record their training label space (seen classes: fusion,
+        # calibration, seen/unseen metrics), as a checkpoint of `ovseg fit` does
+        classes = training_classes_of(config)
+        if classes is None:
+            report.training_classes = ("none in the config's data section: evaluation takes the seen classes "
+                                       "from its DataModule's split (give the training config to record them)")
+        else:
+            model.set_training_classes(classes)
+            report.training_classes = f"{len(classes.seen_indices)} seen of {len(classes.vocabulary)} classes"
     save_converted(model, destination, source, report)
     return report
 

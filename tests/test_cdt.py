@@ -309,3 +309,18 @@ def test_reduce_synonym_logits_takes_the_max_per_class_and_keeps_void():
     reduced = reduce_synonym_logits(logits, torch.tensor([0, 1, 1, 0]))
     assert torch.equal(reduced, torch.tensor([[3.0, 5.0, -1.0]]))
     assert reduce_synonym_logits(logits, None) is logits
+
+
+def test_packaged_maftplus_training_names_follow_the_coco_stuff_label_order() -> None:
+    """MAFT+'s synonym list (the paper configs' training names) is in COCO-Stuff's label order:
+    each line's first name is ovseg's COCO-Stuff name up to spaces and hyphens."""
+    from ovseg.vocabulary import Vocabulary
+
+    maftplus = Vocabulary.from_file("packaged:coco_stuff_maftplus")
+    coco = Vocabulary.from_file("packaged:coco_stuff")
+    assert len(maftplus) == len(coco) == 171
+    squash = str.maketrans("", "", " -")
+    differing = [k for k in range(171)
+                 if maftplus.classes[k][0].translate(squash) != coco.classes[k][0].translate(squash)]
+    assert differing == [84]  # "building" for "building-other"
+    assert maftplus.classes[0][:3] == ("person", "child", "girl")

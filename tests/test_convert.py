@@ -139,3 +139,18 @@ def test_cli_errors_are_one_line(official_file, tmp_path: Path, capsys: pytest.C
         run(["convert", "simzss", str(tmp_path / "absent.pth"), str(tmp_path / "x.ckpt"), "-c", str(SMOKE)])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_mask_methods_record_the_training_classes_of_the_config(tmp_path: Path) -> None:
+    """A converted ZegFormer knows its seen classes as a trained one does (fusion, calibration)."""
+    from ovseg.convert import save_converted, training_classes_of
+    from ovseg.methods.zegformer import ZegFormer
+
+    config = REPO / "configs" / "zegformer" / "synthetic.yaml"
+    classes = training_classes_of(config)
+    assert classes is not None and 0 < len(classes.seen_indices) < len(classes.vocabulary)
+    model = build_model(config)
+    model.set_training_classes(classes)
+    destination = save_converted(model, tmp_path / "z.ckpt", "official.pth", KeyReport())
+    loaded = ZegFormer.load_from_checkpoint(destination, map_location="cpu")
+    assert loaded.training_classes.seen_names == classes.seen_names

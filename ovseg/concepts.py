@@ -113,11 +113,16 @@ _WORD_RE = regex.compile(
 
 _HAS_ALNUM = regex.compile(r"[\p{L}\p{N}]")
 
+#: NLTK's resource name of the English part-of-speech tagger
+TAGGER_RESOURCE = "averaged_perceptron_tagger_eng"
+#: seconds the one automatic download of the tagger may take
+TAGGER_DOWNLOAD_TIMEOUT_S = 60.0
+
 _TAGGER_HELP = (
-    "NLTK's English POS tagger data ('averaged_perceptron_tagger_eng') was not found. "
-    "Run `python -c \"import nltk; nltk.download('averaged_perceptron_tagger_eng')\"` "
-    "or set NLTK_DATA to a directory containing taggers/averaged_perceptron_tagger_eng.zip "
-    "(this repository's CI uses shared/nltk_data)."
+    "NLTK's English part-of-speech tagger ('averaged_perceptron_tagger_eng'), needed to extract SimZSS "
+    "concepts from captions, is not installed{reason}: run "
+    "`python -c \"import nltk; nltk.download('averaged_perceptron_tagger_eng')\"` on a machine with network "
+    "access, or set NLTK_DATA to a folder holding taggers/averaged_perceptron_tagger_eng (searched: {searched})"
 )
 
 
@@ -217,14 +222,66 @@ class ConceptBank:
 # --------------------------------------------------------------------------- cached tools
 
 
+class TaggerNotFoundError(LookupError):
+    """NLTK's tagger is missing and could not be downloaded; the message (one line) says what to do."""
+
+
+_DOWNLOAD_TRIED = False
+
+
+def download_tagger(timeout_s: float = TAGGER_DOWNLOAD_TIMEOUT_S) -> str | None:
+    """Try once per process to download the tagger with ``nltk.download``, quietly (NLTK's own
+    messages are swallowed), for at most ``timeout_s`` seconds. Returns None on success, else why not."""
+    global _DOWNLOAD_TRIED
+    if _DOWNLOAD_TRIED:
+        return "and the automatic download already failed in this process"
+    _DOWNLOAD_TRIED = True
+    import contextlib
+    import io
+    import threading
+
+    import nltk
+
+    outcome: list[object] = []
+    sink = io.StringIO()
+
+    def fetch() -> None:
+        try:
+            outcome.append(bool(nltk.download(TAGGER_RESOURCE, quiet=True, raise_on_error=True, print_error_to=sink)))
+        except Exception as error:  # noqa: BLE001 - no network, a refused proxy, a full disk: all reported
+            outcome.append(error)
+
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        thread = threading.Thread(target=fetch, name="ovseg-nltk-download", daemon=True)
+        thread.start()
+        thread.join(timeout_s)
+    if not outcome:
+        return f"and the automatic download did not finish within {timeout_s:.0f} s"
+    if outcome[0] is True:
+        return None
+    detail = " ".join(str(outcome[0]).split())[:200] if isinstance(outcome[0], Exception) else "nltk.download failed"
+    return f"and the automatic download failed ({detail})"
+
+
 def _load_tagger() -> Any:
-    """Loads NLTK's English averaged perceptron tagger, with a helpful error if missing."""
+    """NLTK's English averaged perceptron tagger; if missing, one quiet download attempt, then
+    :class:`TaggerNotFoundError` with a one-line message naming the command and NLTK_DATA."""
     from nltk.tag.perceptron import PerceptronTagger
 
     try:
         return PerceptronTagger(lang="eng")
-    except LookupError as err:
-        raise LookupError(_TAGGER_HELP) from err
+    except LookupError:
+        pass
+    reason = download_tagger()
+    if reason is None:
+        try:
+            return PerceptronTagger(lang="eng")
+        except LookupError:
+            reason = "and the downloaded copy cannot be read"
+    import nltk
+
+    searched = ", ".join(nltk.data.path[:3]) + (", ..." if len(nltk.data.path) > 3 else "")
+    raise TaggerNotFoundError(_TAGGER_HELP.format(reason=f" {reason}" if reason else "", searched=searched))
 
 
 @lru_cache(maxsize=1)

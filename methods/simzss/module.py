@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ovseg.concepts import ConceptExtractor
+from ovseg.concepts import ConceptBank, ConceptExtractor
 from ovseg.encoders.base import ImageEncoder, TextEncoder
 from ovseg.methods.simzss.loss import ConceptLoss, GlobalContrastiveLoss
 from ovseg.methods.simzss.model import FrozenImageFeatures, SimZSSModel
@@ -76,9 +76,18 @@ class SimZSS(OVSegModule):
         if class_embedding not in ("eot", "concept"):
             raise ValueError(f"class_embedding must be 'eot' or 'concept', got {class_embedding!r}")
         self.class_embedding = class_embedding
-        self.concepts = ConceptExtractor(concept_bank, context_length=text_encoder.context_length,
-                                         rules=concept_rules)
+        self.concept_bank = ConceptBank(concept_bank)  # read now: a wrong path fails at once
+        self.concept_rules = concept_rules
+        self._concepts: ConceptExtractor | None = None  # built on first use: inference needs no NLTK
         self._concept_cache: dict[str, dict[str, Tensor]] = {}
+
+    @property
+    def concepts(self) -> ConceptExtractor:
+        """The caption concept extractor (NLTK's tagger), built when training first needs it."""
+        if self._concepts is None:
+            self._concepts = ConceptExtractor(self.concept_bank, context_length=self.model.text_encoder.context_length,
+                                              rules=self.concept_rules)
+        return self._concepts
 
     # ---------------------------------------------------------------- hooks
     def encode_text(self, texts: list[str]) -> Tensor:

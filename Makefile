@@ -20,7 +20,7 @@ $(BIN)/ovseg: pyproject.toml
 	$(BIN)/pip install --upgrade pip
 	# torch/torchvision come from the local wheel cache where the machine has one (pinned pair)
 	$(BIN)/pip install "torch==2.14.1" "torchvision==0.29.1" || $(BIN)/pip install torch torchvision
-	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install -e ".[dev,app]"
 	touch $@
 
 test: check-nltk-data install

@@ -304,6 +304,44 @@ def bench_loading(count: int, workdir: Path) -> list[tuple[str, float]]:
     return rows
 
 
+def bench_predict(model: OVSegModule, workdir: Path, count: int = 100, size: int = 112,
+                  batch_size: int = 8) -> list[tuple[str, float]]:
+    """``ovseg predict`` end to end on a folder of ``count`` synthetic JPEGs (``ImageFolderDataModule``,
+    the synthetic world's class names), without and with the prediction writer (label PNG, overlay
+    with legend, JSON line per image): images/second of ``trainer.predict`` and its peak memory."""
+    import lightning as L
+
+    from ovseg.datamodules.image_folder import ImageFolderDataModule
+    from ovseg.prepare.synthetic import make_synthetic
+    from ovseg.writer import PredictionWriter
+
+    root = make_synthetic("mmseg", workdir / f"predict_{count}_{size}", count, None, size, 0, progress=False)
+    images = root / "images" / "validation"
+    accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+
+    def predict(writer: bool, folder: Path = images) -> float:
+        callbacks = [PredictionWriter(output_dir=str(workdir / "predictions"))] if writer else []
+        trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, callbacks=callbacks,
+                            enable_progress_bar=False, enable_model_summary=False)
+        datamodule = ImageFolderDataModule(str(folder), str(root / "class_names.txt"), batch_size=batch_size)
+        start = time.perf_counter()
+        trainer.predict(model, datamodule=datamodule, return_predictions=False)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    predict(True, images)  # warm-up (allocator, text embeddings, lazy imports)
+    rows = []
+    for writer, label in ((False, "writer off"), (True, "writer on: label PNG + overlay + JSON line")):
+        seconds: list[float] = []
+        peak = peak_memory(lambda seconds=seconds, writer=writer: seconds.append(predict(writer)))
+        rows.append((f"predict, folder of {count} JPEGs {size}x{size}, batch {batch_size}, {label} (images/s)",
+                     count / seconds[0]))
+        if peak is not None:
+            rows.append((f"peak {memory_kind()} of that predict, {label} (MiB)", peak))
+    return rows
+
+
 def _vit_s_simzss(device: torch.device) -> SimZSS:
     """SimZSS with a randomly initialised DINOv2 ViT-S/14 backbone (224 px) and the smoke text tower."""
     from ovseg.encoders import CLIPTextTransformer, TimmViT
@@ -495,9 +533,11 @@ def main() -> None:
         for method in args.methods:
             tiny, real = METHOD_CONFIGS[method]
             torch.manual_seed(0)
-            rows = bench_method(config_model(tiny, device), device, repeats)
+            model = config_model(tiny, device)
+            rows = bench_method(model, device, repeats)
             if method == "SimZSS":
-                rows += [*bench_concepts(500 if args.quick else 2000),
+                rows += [*bench_predict(model, Path(workdir), 20 if args.quick else 100),
+                         *bench_concepts(500 if args.quick else 2000),
                          *bench_cached_training(device, repeats, Path(workdir)),
                          *bench_cached_memory(Path(workdir), (200, 2000))]
             print_table(f"{method}, tiny: {tiny}", rows)

@@ -8,6 +8,7 @@ from ovseg.datamodules.benchmarks import EvaluationDataModule
 from ovseg.datamodules.coco_captions import CocoCaptionsDataModule
 from ovseg.datamodules.coco_stuff import CocoStuffDataModule
 from ovseg.datamodules.feature_store import CachedFeaturesDataModule
+from ovseg.datamodules.image_folder import ImageFolderDataModule
 from ovseg.datamodules.synthetic import SyntheticDataModule
 from ovseg.datamodules.webdataset import WebDatasetDataModule
 
@@ -16,6 +17,7 @@ __all__ = [
     "CocoCaptionsDataModule",
     "CocoStuffDataModule",
     "EvaluationDataModule",
+    "ImageFolderDataModule",
     "SyntheticDataModule",
     "WebDatasetDataModule",
 ]

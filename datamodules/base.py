@@ -17,7 +17,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from ovseg.benchmark import Benchmark
 from ovseg.datamodules.decode import SkipCounter
@@ -119,13 +119,16 @@ class TrainDataModule(L.LightningDataModule):
     the trainer's loggers whenever it changes.
     """
 
-    def __init__(self, eval_data: L.LightningDataModule | None = None) -> None:
+    def __init__(self, eval_data: L.LightningDataModule | None = None, samples_per_epoch: int | None = None) -> None:
         super().__init__()
         if eval_data is not None and not hasattr(eval_data, "benchmarks"):
             raise TypeError(
                 f"eval_data must be a DataModule with a `benchmarks` list, got {type(eval_data).__name__}"
             )
+        if samples_per_epoch is not None and samples_per_epoch < 1:
+            raise ValueError(f"samples_per_epoch must be positive, got {samples_per_epoch}")
         self.eval_data = eval_data
+        self.samples_per_epoch = samples_per_epoch
         self.skips: SkipCounter | None = None
         self._logged_skips = 0
 
@@ -162,10 +165,16 @@ class TrainDataModule(L.LightningDataModule):
             self.eval_data.teardown(stage)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled batches of ``self.train_set`` (a map-style dataset built by ``setup``)."""
+        """Shuffled batches of ``self.train_set`` (a map-style dataset built by ``setup``): one pass per
+        epoch, or ``samples_per_epoch`` samples over all ranks (successive random permutations of the
+        dataset, as the official SimZSS release's ``--train-num-samples``; Lightning splits them
+        across ranks)."""
         if getattr(self, "train_set", None) is None:
             self.setup("fit")
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
+        sampler = (None if self.samples_per_epoch is None
+                   else RandomSampler(self.train_set, num_samples=self.samples_per_epoch))
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=sampler is None, sampler=sampler,
+                          drop_last=True,
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
                           persistent_workers=self.num_workers > 0, collate_fn=collate_samples)
 

@@ -261,6 +261,8 @@ class CocoCaptionsDataModule(TrainDataModule):
             (the model extracts concepts on the fly). Checked against the model's extractor.
         random_caption: draw a caption per visit (else the first caption).
         eval_data: DataModule providing ``benchmarks`` and the evaluation loaders.
+        samples_per_epoch: samples per epoch over all ranks (None: one pass over the images); the
+            official SimZSS release's ``--train-num-samples`` (400,000).
     """
 
     def __init__(
@@ -275,8 +277,9 @@ class CocoCaptionsDataModule(TrainDataModule):
         concepts: str | None = None,
         random_caption: bool = True,
         eval_data: L.LightningDataModule | None = None,
+        samples_per_epoch: int | None = None,
     ) -> None:
-        super().__init__(eval_data)
+        super().__init__(eval_data, samples_per_epoch)
         self.root = Path(root)
         self.train_annotations = resolve_path(self.root, train_annotations)
         self.train_images = resolve_path(self.root, train_images)

@@ -211,11 +211,30 @@ class CachedFeaturesDataModule(L.LightningDataModule):
             self.eval_data.trainer = self.trainer
             self.eval_data.setup(stage)
         if stage == "fit" and self.train_set is None:
+            trainer = getattr(self, "trainer", None)
+            module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+            encoder = getattr(getattr(module, "model", None), "image_encoder", None)
+            if encoder is not None:
+                self.check_encoder(encoder)
             self.train_set = CachedFeaturesDataset(self.store, self.view, self.random_caption,
                                                    allow_partial=self.allow_partial)
             if len(self.train_set) < self.train_set.index["num_images"]:
                 log.warning("training on the finished part of the unfinished feature store %s: %d of %d images",
                             self.store, len(self.train_set), self.train_set.index["num_images"])
+
+    def check_encoder(self, encoder: torch.nn.Module) -> None:
+        """Raise unless the store was built with ``encoder`` (class and weights, e.g. with or without the
+        DVT denoiser): the features the model would train on must be its own encoder's."""
+        from ovseg.prepare.feature_cache import encoder_fingerprint
+
+        index = read_index(self.store)
+        stored = index.get("fingerprint")
+        if stored is not None and stored != encoder_fingerprint(encoder):
+            raise UserError(
+                f"feature store {self.store} was built with another image encoder ({index.get('encoder_name')}) "
+                f"than the model's ({getattr(encoder, 'model_name', type(encoder).__name__)}): rebuild it with "
+                "`ovseg data cache-features --config` of this model's config"
+            )
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:

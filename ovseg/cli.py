@@ -7,6 +7,10 @@ Examples::
     ovseg validate -c configs/experiment/smoke.yaml --ckpt_path runs/smoke/checkpoints/last.ckpt
     ovseg validate -c configs/experiment/smoke.yaml --ckpt_path hf://ORG/NAME   # a model on the Hub
     ovseg data make-synthetic --format coco --out data/synthetic_coco --num-images 200
+    ovseg predict -c configs/experiment/smoke.yaml --ckpt_path runs/smoke/checkpoints/last.ckpt \
+        --data ovseg.datamodules.ImageFolderDataModule --data.init_args.images photos/ \
+        --data.init_args.classes "sky,grass,a red car" --writer.output_dir runs/photos
+    ovseg app --ckpt_path runs/smoke/checkpoints/last.ckpt
     ovseg convert cdt maftplus.pth runs/maftplus.ckpt -c configs/cdt/coco_stuff_convnext_l.yaml
 
 Model and data are chosen by ``class_path`` (any subclass of :class:`~ovseg.module.OVSegModule`
@@ -35,7 +39,8 @@ from ovseg.module import OVSegModule
 
 #: modules whose DataModules ``--data NAME`` and ``--help`` know by short name (methods: METHODS)
 DATAMODULE_MODULES = ("ovseg.datamodules.synthetic", "ovseg.datamodules.coco_captions", "ovseg.datamodules.coco_stuff",
-                      "ovseg.datamodules.webdataset", "ovseg.datamodules.feature_store", "ovseg.datamodules.benchmarks")
+                      "ovseg.datamodules.webdataset", "ovseg.datamodules.feature_store", "ovseg.datamodules.benchmarks",
+                      "ovseg.datamodules.image_folder")
 
 
 DESCRIPTION = (
@@ -151,6 +156,17 @@ class OVSegCLI(LightningCLI):
                 getattr(self, "_command_line", [])):
             kwargs["verbose"] = False
         return kwargs
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> Any:
+        """``predict`` gets the prediction writer (``--writer.output_dir`` ...) and keeps no
+        predictions in memory (they are on disk)."""
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            from ovseg.writer import PredictionWriter
+
+            parser.add_lightning_class_args(PredictionWriter, "writer")
+            parser.set_defaults(return_predictions=False)
+        return parser
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         """Parse as LightningCLI does, keeping the command line for :meth:`_parse_ckpt_path`."""
@@ -286,13 +302,18 @@ def run(args: Sequence[str] | None = None) -> OVSegCLI | None:
     """Run ``ovseg`` with ``args`` (default: ``sys.argv[1:]``).
 
     Returns the finished :class:`OVSegCLI` (its ``trainer`` holds the final metrics), or None for
-    ``ovseg data`` and ``ovseg convert``.
+    ``ovseg data``, ``ovseg app`` and ``ovseg convert``.
     """
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == "data":
         from ovseg.prepare.cli import main as data_main
 
         data_main(argv[1:])
+        return None
+    if argv and argv[0] == "app":
+        from ovseg.app import main as app_main
+
+        app_main(argv[1:])
         return None
     if argv and argv[0] == "convert":
         from ovseg.convert import main as convert_main

@@ -28,6 +28,7 @@ SUBCOMMANDS: dict[str, str] = {
     "predict": "write label maps",
     "data": "data preparation: make-synthetic, check, make-shards, extract-concepts, cache-features",
     "convert": "turn an official checkpoint (SimZSS, MAFT+, ZegFormer) into an ovseg checkpoint",
+    "app": "a local web page (Gradio) that segments uploaded images with a checkpoint",
 }
 
 HELP = """usage: ovseg [-h] [--debug] COMMAND ...

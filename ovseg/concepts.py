@@ -32,6 +32,19 @@ inflect singular second (so "bus"/NN stays "bus" rather than "bu").
 The positions of a compound concept are those of the modifier's and the head's tokens; a
 head-only concept uses only the head's tokens. Positions are always of the surface words
 ("lights", not "light").
+
+``rules="release"`` applies the official release's rules instead (``make_shards_spacy.py`` and
+``data.py``'s bank filter, tileb1/simzss @2142ac5) on the same noun chunks (:meth:`ConceptExtractor.noun_chunks`;
+the release parses with spaCy ``en_core_web_trf``, which cannot be installed here):
+
+* a chunk's concept is its compound modifier (the noun directly before the head) and the head's
+  lemma, kept only when that exact string is in the bank (no fall-back to the head alone);
+* the 32-concept limit counts every noun chunk (bank or not), and a chunk whose words or concept
+  take 16 or more BPE tokens is skipped, before the bank filter;
+* token positions come from a left-to-right search of the caption's CLIP words for the compound
+  and head surface words, which continues where the previous concept's search stopped; a word
+  that the search cannot find (e.g. "3d", split by CLIP into "3" and "d") ends the caption's
+  extraction.
 """
 
 from __future__ import annotations
@@ -42,11 +55,11 @@ import importlib.resources
 import logging
 import multiprocessing as mp
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Literal
 
 import regex
 import torch
@@ -59,12 +72,13 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CONCEPT_KEYS",
+    "DEFAULT_BANK_RESOURCE",
+    "NP_GRAMMAR",
     "Concept",
     "ConceptBank",
     "ConceptCache",
     "ConceptExtractor",
-    "DEFAULT_BANK_RESOURCE",
-    "NP_GRAMMAR",
+    "NounChunk",
     "bank_fingerprint",
     "concept_meta",
     "concepts_from_lists",
@@ -103,12 +117,32 @@ _WORD_RE = regex.compile(
 
 _HAS_ALNUM = regex.compile(r"[\p{L}\p{N}]")
 
+#: NLTK's resource name of the English part-of-speech tagger
+TAGGER_RESOURCE = "averaged_perceptron_tagger_eng"
+#: seconds the one automatic download of the tagger may take
+TAGGER_DOWNLOAD_TIMEOUT_S = 60.0
+
 _TAGGER_HELP = (
-    "NLTK's English POS tagger data ('averaged_perceptron_tagger_eng') was not found. "
-    "Run `python -c \"import nltk; nltk.download('averaged_perceptron_tagger_eng')\"` "
-    "or set NLTK_DATA to a directory containing taggers/averaged_perceptron_tagger_eng.zip "
-    "(this repository's CI uses shared/nltk_data)."
+    "NLTK's English part-of-speech tagger ('averaged_perceptron_tagger_eng'), needed to extract SimZSS "
+    "concepts from captions, is not installed{reason}: run "
+    "`python -c \"import nltk; nltk.download('averaged_perceptron_tagger_eng')\"` on a machine with network "
+    "access, or set NLTK_DATA to a folder holding taggers/averaged_perceptron_tagger_eng (searched: {searched})"
 )
+
+
+@dataclass(frozen=True)
+class NounChunk:
+    """One noun phrase of a caption, as the concept rules see it.
+
+    ``words`` are the chunk's words (lowercased surface forms), ``modifier`` the noun modifier
+    directly before the head (the release's last ``compound`` child) or ``None``, ``head`` the head
+    noun's surface form and ``lemma`` its singular.
+    """
+
+    words: tuple[str, ...]
+    modifier: str | None
+    head: str
+    lemma: str
 
 
 @dataclass(frozen=True)
@@ -150,7 +184,7 @@ class ConceptBank:
         self._set_names(text.splitlines())
 
     @classmethod
-    def from_names(cls, names: Iterable[str]) -> "ConceptBank":
+    def from_names(cls, names: Iterable[str]) -> ConceptBank:
         """Builds a bank from an iterable of names (same normalisation as a file)."""
         bank = cls.__new__(cls)
         bank.source = "<names>"
@@ -192,14 +226,66 @@ class ConceptBank:
 # --------------------------------------------------------------------------- cached tools
 
 
+class TaggerNotFoundError(MissingResourceError):
+    """NLTK's tagger is missing and could not be downloaded; the message (one line) says what to do."""
+
+
+_DOWNLOAD_TRIED = False
+
+
+def download_tagger(timeout_s: float = TAGGER_DOWNLOAD_TIMEOUT_S) -> str | None:
+    """Try once per process to download the tagger with ``nltk.download``, quietly (NLTK's own
+    messages are swallowed), for at most ``timeout_s`` seconds. Returns None on success, else why not."""
+    global _DOWNLOAD_TRIED
+    if _DOWNLOAD_TRIED:
+        return "and the automatic download already failed in this process"
+    _DOWNLOAD_TRIED = True
+    import contextlib
+    import io
+    import threading
+
+    import nltk
+
+    outcome: list[object] = []
+    sink = io.StringIO()
+
+    def fetch() -> None:
+        try:
+            outcome.append(bool(nltk.download(TAGGER_RESOURCE, quiet=True, raise_on_error=True, print_error_to=sink)))
+        except Exception as error:  # noqa: BLE001 - no network, a refused proxy, a full disk: all reported
+            outcome.append(error)
+
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        thread = threading.Thread(target=fetch, name="ovseg-nltk-download", daemon=True)
+        thread.start()
+        thread.join(timeout_s)
+    if not outcome:
+        return f"and the automatic download did not finish within {timeout_s:.0f} s"
+    if outcome[0] is True:
+        return None
+    detail = " ".join(str(outcome[0]).split())[:200] if isinstance(outcome[0], Exception) else "nltk.download failed"
+    return f"and the automatic download failed ({detail})"
+
+
 def _load_tagger() -> Any:
-    """Loads NLTK's English averaged perceptron tagger, with a helpful error if missing."""
+    """NLTK's English averaged perceptron tagger; if missing, one quiet download attempt, then
+    :class:`TaggerNotFoundError` with a one-line message naming the command and NLTK_DATA."""
     from nltk.tag.perceptron import PerceptronTagger
 
     try:
         return PerceptronTagger(lang="eng")
-    except LookupError as err:
-        raise MissingResourceError(_TAGGER_HELP) from err
+    except LookupError:
+        pass
+    reason = download_tagger()
+    if reason is None:
+        try:
+            return PerceptronTagger(lang="eng")
+        except LookupError:
+            reason = "and the downloaded copy cannot be read"
+    import nltk
+
+    searched = ", ".join(nltk.data.path[:3]) + (", ..." if len(nltk.data.path) > 3 else "")
+    raise TaggerNotFoundError(_TAGGER_HELP.format(reason=f" {reason}" if reason else "", searched=searched))
 
 
 @lru_cache(maxsize=1)
@@ -264,6 +350,8 @@ class ConceptExtractor:
             are truncated away (the last slot is EOT), so concepts touching them are dropped.
         max_concepts: at most this many concepts per caption (the first ones in the caption).
         max_tokens_per_concept: a concept must have fewer BPE tokens than this.
+        rules: ``"ovseg"`` (the look-up order in the module docstring) or ``"release"`` (the
+            official release's rules, see the module docstring).
     """
 
     def __init__(
@@ -272,7 +360,11 @@ class ConceptExtractor:
         context_length: int = 77,
         max_concepts: int = 32,
         max_tokens_per_concept: int = 16,
+        rules: Literal["ovseg", "release"] = "ovseg",
     ) -> None:
+        if rules not in ("ovseg", "release"):
+            raise ValueError(f"concept rules must be 'ovseg' or 'release', got {rules!r}")
+        self.rules = rules
         if context_length < 3:
             raise ValueError("context_length must be at least 3 (SOT, a token, EOT)")
         if max_concepts < 1 or max_tokens_per_concept < 2:
@@ -296,9 +388,11 @@ class ConceptExtractor:
             "context_length": self.context_length,
             "max_concepts": self.max_concepts,
             "max_tokens_per_concept": self.max_tokens_per_concept,
+            "rules": self.rules,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("rules", "ovseg")
         self.__dict__.update(state)
         self._init_tools()
 
@@ -306,7 +400,7 @@ class ConceptExtractor:
         return (
             f"ConceptExtractor(bank={self.bank!r}, context_length={self.context_length}, "
             f"max_concepts={self.max_concepts}, "
-            f"max_tokens_per_concept={self.max_tokens_per_concept})"
+            f"max_tokens_per_concept={self.max_tokens_per_concept}, rules={self.rules!r})"
         )
 
     # ------------------------------------------------------------------ text processing
@@ -376,22 +470,133 @@ class ConceptExtractor:
         out += [(h, (head,)) for h in heads]
         return out
 
-    def extract(self, caption: str) -> list[Concept]:
-        """Bank concepts of ``caption`` in caption order, with their BPE token positions."""
-        if not caption:
-            return []
-        text = self.clean(caption)
-        if not text:
-            return []
+    def _parse(self, text: str) -> tuple[list[Any], list[str], list[str], Any] | None:
+        """Words (regex matches and strings), POS tags and the NP chunk tree of cleaned ``text``."""
         matches = list(_WORD_RE.finditer(text))
         if not matches:
-            return []
+            return None
         words = [m.group() for m in matches]
         tags = [
             tag if _HAS_ALNUM.search(word) else "SYM"  # emoji etc. are never nouns
             for word, (_, tag) in zip(words, self._tagger.tag(words))
         ]
-        tree = self._chunker.parse(list(zip(words, tags)))
+        return matches, words, tags, self._chunker.parse(list(zip(words, tags)))
+
+    def noun_chunks(self, caption: str) -> list[NounChunk]:
+        """The noun phrases of ``caption`` (cleaned as CLIP does) in order, with modifier, head and lemma.
+
+        The lemma of a head tagged plural is its singular; a head tagged singular keeps its surface
+        form unless the tagger missed a plural in ``-s`` (not ``-ss``/``-us``/``-is``) that inflect
+        can make singular ("giraffes"/NN -> "giraffe", "bus"/NN stays "bus").
+        """
+        parsed = self._parse(self.clean(caption)) if caption else None
+        if parsed is None:
+            return []
+        _, words, tags, tree = parsed
+        chunks: list[NounChunk] = []
+        k = 0
+        for node in tree:
+            if not hasattr(node, "label"):
+                k += 1
+                continue
+            lo, hi = k, k + len(node)
+            k = hi
+            head = hi - 1
+            while head >= lo and tags[head] not in _NOUN_TAGS:
+                head -= 1
+            if head < lo:
+                continue
+            surface = words[head]
+            singular = _singular(surface)
+            tagged_plural = tags[head] in _PLURAL_TAGS
+            missed_plural = surface.endswith("s") and not surface.endswith(("ss", "us", "is"))
+            lemma = singular if tagged_plural or missed_plural else surface
+            modifier = words[head - 1] if head - 1 >= lo and tags[head - 1] in _MODIFIER_TAGS else None
+            chunks.append(NounChunk(tuple(words[lo:hi]), modifier, surface, lemma))
+        return chunks
+
+    def _release_clip_words(self, text: str) -> list[tuple[str, tuple[int, ...]]]:
+        """The complete CLIP words of ``open_clip.tokenize(text)``: their BPE strings (byte-level
+        alphabet, ``</w>`` removed) and positions; a word cut by truncation and what follows is left out."""
+        tok = self._tokenizer
+        ids = tok([text], context_length=self.context_length)[0].tolist()
+        words: list[tuple[str, tuple[int, ...]]] = []
+        pieces: list[str] = []
+        positions: list[int] = []
+        for position, token in enumerate(ids[1:], start=1):
+            piece = tok.decoder[token]
+            pieces.append(piece.replace("</w>", ""))
+            positions.append(position)
+            if piece.endswith("</w>"):
+                words.append(("".join(pieces), tuple(positions)))
+                pieces, positions = [], []
+        return words
+
+    @staticmethod
+    def _release_find(word: str, clip_words: Sequence[tuple[str, tuple[int, ...]]], start: int
+                      ) -> tuple[tuple[int, ...], int] | None:
+        """The release's search for ``word`` among ``clip_words[start:]``: (positions, next start), or
+        ``None`` when it runs out of words. A CLIP word that is a proper prefix of ``word`` is glued (with
+        a space) to the next one before comparing, and both are dropped when that fails."""
+        joined, positions = "", ()
+        for index in range(start, len(clip_words)):
+            piece, piece_positions = clip_words[index]
+            joined, positions = joined + piece, positions + piece_positions
+            if joined == word:
+                return positions, index + 1
+            if word.startswith(joined):
+                joined += " "
+            else:
+                joined, positions = "", ()
+        return None
+
+    def _extract_release(self, caption: str) -> list[Concept]:
+        """Bank concepts of ``caption`` under the official release's rules (module docstring)."""
+        chunks = self.noun_chunks(caption)
+        if not chunks:
+            return []
+        clip_words = self._release_clip_words(self.clean(caption))
+        chunk_cursor = concept_cursor = 0
+        kept = 0
+        concepts: list[Concept] = []
+        for chunk in chunks:
+            chunk_tokens = 0
+            for word in chunk.words:
+                found = self._release_find(word, clip_words, chunk_cursor)
+                if found is None:  # the chunk-token search is exhausted for the rest of the caption
+                    chunk_cursor = len(clip_words)
+                    break
+                chunk_tokens += len(found[0])
+                chunk_cursor = found[1]
+            positions: tuple[int, ...] = ()
+            for word in ((chunk.modifier,) if chunk.modifier else ()) + (chunk.head,):
+                found = self._release_find(word, clip_words, concept_cursor)
+                if found is None:
+                    return concepts  # a concept word not found ends the caption's extraction
+                positions += found[0]
+                concept_cursor = found[1]
+            if (kept < self.max_concepts and chunk_tokens < self.max_tokens_per_concept
+                    and len(positions) < self.max_tokens_per_concept):
+                kept += 1
+                name = f"{chunk.modifier} {chunk.lemma}" if chunk.modifier else chunk.lemma
+                label = self.bank.index(name)
+                if label is not None:
+                    concepts.append(Concept(name, label, positions))
+        return concepts
+
+    def extract(self, caption: str) -> list[Concept]:
+        """Bank concepts of ``caption`` in caption order, with their BPE token positions."""
+        if self.rules == "release":
+            return self._extract_release(caption)
+        if not caption:
+            return []
+        text = self.clean(caption)
+        if not text:
+            return []
+        parsed = self._parse(text)
+        if parsed is None:
+            return []
+        matches, words, tags, tree = parsed
 
         clip: tuple[list[int], list[int], list[int]] | None = None
         limit = self.context_length - 1  # first position lost to truncation (EOT slot)
@@ -536,23 +741,29 @@ def bank_fingerprint(names: Sequence[str]) -> str:
     return hashlib.sha1("\n".join(names).encode("utf-8")).hexdigest()
 
 
+#: :func:`concept_meta` entries that stores written before they existed lack: their value then.
+META_DEFAULTS = {"rules": "ovseg"}
+
+
 def concept_meta(extractor: Any) -> dict[str, Any]:
-    """What stored concepts depend on: context length, shape limits and the bank."""
+    """What stored concepts depend on: context length, shape limits, the bank and the rules."""
     return {
         "context_length": int(extractor.context_length),
         "max_concepts": int(extractor.max_concepts),
         "max_tokens_per_concept": int(extractor.max_tokens_per_concept),
         "bank_size": len(extractor.bank),
         "bank_sha1": bank_fingerprint(list(extractor.bank.names)),
+        "rules": getattr(extractor, "rules", "ovseg"),
     }
 
 
 def meta_mismatch(stored: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
-    """Human-readable differences between two :func:`concept_meta` dicts."""
+    """Human-readable differences between two :func:`concept_meta` dicts (a key a stored dict lacks
+    takes its :data:`META_DEFAULTS` value)."""
     return [
-        f"{key}: stored {stored.get(key)!r}, model {expected[key]!r}"
+        f"{key}: stored {stored.get(key, META_DEFAULTS.get(key))!r}, model {expected[key]!r}"
         for key in expected
-        if stored.get(key) != expected[key]
+        if stored.get(key, META_DEFAULTS.get(key)) != expected[key]
     ]
 
 

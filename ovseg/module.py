@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ovseg.benchmark import Benchmark, check_unique_names
 from ovseg.errors import UserError
+from ovseg.images import ImageLike, as_image_list
 from ovseg.inference import InferenceSettings, infer_scores
 from ovseg.metrics import SegmentationMetrics
 from ovseg.optim import (
@@ -89,6 +90,29 @@ class MaskPredictions:
         """A float32 copy (after autocast)."""
         offsets = None if self.query_offsets is None else self.query_offsets.float()
         return MaskPredictions(self.mask_logits.float(), self.class_probs.float(), offsets)
+
+
+@dataclass
+class Segmentation:
+    """One image's segmentation.
+
+    Attributes:
+        labels: (H, W) int64 class indices (background by threshold applied).
+        confidence: (H, W) float32 probability of the most probable class at each pixel.
+        probabilities: (K, H, W) float32 class probabilities, when asked for.
+    """
+
+    labels: Tensor
+    confidence: Tensor
+    probabilities: Tensor | None = None
+
+    def class_statistics(self, num_classes: int) -> tuple[Tensor, Tensor]:
+        """Per class: (K,) int64 pixel count, and (K,) float32 mean :attr:`confidence` over the
+        class's pixels (NaN where the class is absent); on the CPU."""
+        labels = self.labels.flatten()
+        count = torch.bincount(labels, minlength=num_classes)
+        total = torch.bincount(labels, weights=self.confidence.flatten().double(), minlength=num_classes)
+        return count.cpu(), (total / count).float().cpu()  # 0/0 = NaN for absent classes
 
 
 def to_unit_float(images: Tensor) -> Tensor:
@@ -395,7 +419,7 @@ class OVSegModule(L.LightningModule, ABC):
     @torch.no_grad()
     def segment(
         self,
-        images: Tensor | Sequence[Tensor],
+        images: ImageLike | Sequence[ImageLike],
         vocabulary: Vocabulary | Sequence[str],
         settings: InferenceSettings | None = None,
         output_sizes: Sequence[tuple[int, int]] | None = None,
@@ -403,7 +427,10 @@ class OVSegModule(L.LightningModule, ABC):
         """Label maps for images of any sizes.
 
         Args:
-            images: (B, 3, H, W) or a list of (3, H_i, W_i), uint8 or float in [0, 1].
+            images: one image or a list of them, each a file path, a PIL image, an (H, W, 3)
+                uint8 numpy array, or a (3, H, W) tensor (uint8, or float in [0, 1]); or a
+                (B, 3, H, W) tensor. Anything ambiguous (a float array, a float tensor outside
+                [0, 1], a channels-last tensor) is refused with a message (:mod:`ovseg.images`).
             vocabulary: a :class:`Vocabulary` or a list of class names.
             settings: resize / sliding-window settings.
             output_sizes: per image, the size of the returned map (default: the image size).
@@ -413,13 +440,37 @@ class OVSegModule(L.LightningModule, ABC):
 
         Example::
 
-            labels = model.segment(image, ["sky", "grass", "a red ball"])[0]
+            labels = model.segment("photo.jpg", ["sky", "grass", "a red ball"])[0]
         """
+        return [result.labels for result in self.segment_detailed(images, vocabulary, settings, output_sizes)]
+
+    @torch.no_grad()
+    def segment_detailed(
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        vocabulary: Vocabulary | Sequence[str],
+        settings: InferenceSettings | None = None,
+        output_sizes: Sequence[tuple[int, int]] | None = None,
+        keep_probabilities: bool = False,
+    ) -> list[Segmentation]:
+        """As :meth:`segment`, with each pixel's confidence (and, if asked, every class probability)."""
         if not isinstance(vocabulary, Vocabulary):
             vocabulary = Vocabulary.from_names(list(vocabulary))
+        return self.segment_tensors(as_image_list(images), vocabulary, settings, output_sizes, keep_probabilities)
+
+    def segment_tensors(
+        self,
+        images: Tensor | Sequence[Tensor],
+        vocabulary: Vocabulary,
+        settings: InferenceSettings | None = None,
+        output_sizes: Sequence[tuple[int, int]] | None = None,
+        keep_probabilities: bool = False,
+    ) -> list[Segmentation]:
+        """:meth:`segment_detailed` of (B, 3, H, W) or a list of (3, H_i, W_i) uint8 / [0, 1] float
+        tensors, unchecked (evaluation and prediction batches from DataModules)."""
         images = list(images) if not isinstance(images, Tensor) or images.dim() == 4 else [images]
         sizes = list(output_sizes) if output_sizes is not None else [tuple(i.shape[-2:]) for i in images]
-        results: list[Tensor | None] = [None] * len(images)
+        results: list[Segmentation | None] = [None] * len(images)
         # Images of the same size and output size run as one batch.
         groups: dict[tuple, list[int]] = {}
         for index, (image, size) in enumerate(zip(images, sizes)):
@@ -427,8 +478,10 @@ class OVSegModule(L.LightningModule, ABC):
         for (_, size), indices in groups.items():
             batch = torch.stack([images[i] for i in indices]).to(self.device)
             probs = self.class_probabilities(batch, vocabulary, settings, size)
-            for i, labels in zip(indices, self.labels_from_probabilities(probs, vocabulary)):
-                results[i] = labels
+            labels = self.labels_from_probabilities(probs, vocabulary)
+            confidence = probs.amax(1)
+            for j, i in enumerate(indices):
+                results[i] = Segmentation(labels[j], confidence[j], probs[j] if keep_probabilities else None)
         return results  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ evaluation
@@ -464,11 +517,11 @@ class OVSegModule(L.LightningModule, ABC):
     def _evaluate_batch(self, batch: Mapping[str, Any], dataloader_idx: int) -> None:
         benchmark = self.benchmarks()[dataloader_idx]
         labels = list(batch["label"])
-        predictions = self.segment(batch["image"], benchmark.vocabulary, benchmark.inference,
-                                   [tuple(label.shape[-2:]) for label in labels])
+        predictions = self.segment_tensors(batch["image"], benchmark.vocabulary, benchmark.inference,
+                                           [tuple(label.shape[-2:]) for label in labels])
         metric = self._metrics[benchmark.name]
         for prediction, label in zip(predictions, labels):
-            metric.update(prediction, label.to(prediction.device))
+            metric.update(prediction.labels, label.to(prediction.labels.device))
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate_batch(batch, dataloader_idx)
@@ -517,11 +570,27 @@ class OVSegModule(L.LightningModule, ABC):
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
 
+    #: set by :class:`ovseg.writer.PredictionWriter` when it saves raw scores: ``predict_step`` then
+    #: returns every class probability too
+    predict_probabilities: bool = False
+
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        """Label maps of a batch, with the batch's ``index`` when the dataset gives one."""
+        """Label maps of a batch, with per-image class statistics.
+
+        Returns a dict of per-image lists: ``prediction`` (H, W) int64 labels; ``pixels`` (K,)
+        int64 pixel count per class; ``confidence`` (K,) float32 mean probability of the winning
+        class over each class's pixels (NaN where absent); ``probabilities`` (K, H, W) float16 when
+        :attr:`predict_probabilities` is set, else None; and the batch's ``index`` / ``name`` /
+        ``path`` when the dataset gives them.
+        """
         benchmark = self.benchmarks()[dataloader_idx]
-        predictions = self.segment(batch["image"], benchmark.vocabulary, benchmark.inference)
-        return {"prediction": [p.cpu() for p in predictions], "index": batch.get("index")}
+        results = self.segment_tensors(batch["image"], benchmark.vocabulary, benchmark.inference,
+                                       keep_probabilities=self.predict_probabilities)
+        pixels, confidence = zip(*[result.class_statistics(len(benchmark.vocabulary)) for result in results])
+        return {"prediction": [r.labels.cpu() for r in results], "pixels": list(pixels),
+                "confidence": list(confidence),
+                "probabilities": [None if r.probabilities is None else r.probabilities.half().cpu() for r in results],
+                "index": batch.get("index"), "name": batch.get("name"), "path": batch.get("path")}
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
@@ -574,3 +643,4 @@ class OVSegModule(L.LightningModule, ABC):
             set_total_steps(scheduler, int(total))
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
+

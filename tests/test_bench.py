@@ -69,3 +69,13 @@ def test_real_size_rows_skip_the_sliding_window(bench):
     rows = dict(bench.bench_method(model, torch.device("cpu"), repeats=1, sizes=(64, 2, 64, None)))
     assert rows["inference, whole image 64x64 (images/s)"] > 0
     assert not any("sliding" in name for name in rows)
+
+
+def test_predict_rows_measure_the_folder_with_and_without_the_writer(bench, tmp_path):
+    model = bench.config_model(bench.METHOD_CONFIGS["SimZSS"][0], torch.device("cpu"))
+    rows = dict(bench.bench_predict(model, tmp_path, count=3, size=56, batch_size=2))
+    off = "predict, folder of 3 JPEGs 56x56, batch 2, writer off (images/s)"
+    on = "predict, folder of 3 JPEGs 56x56, batch 2, writer on: label PNG + overlay + JSON line (images/s)"
+    assert rows[off] > 0 and rows[on] > 0
+    assert len((tmp_path / "predictions" / "predictions.jsonl").read_text().splitlines()) == 3
+    assert len(list((tmp_path / "predictions" / "overlays").glob("*.png"))) == 3

@@ -252,5 +252,6 @@ def test_pickle_round_trip(extractor: ConceptExtractor) -> None:
 
 def test_missing_tagger_message(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
+    monkeypatch.setattr(nltk, "download", lambda *args, **kwargs: False)  # offline: no real download in tests
     with pytest.raises(LookupError, match="averaged_perceptron_tagger_eng"):
         _load_tagger()

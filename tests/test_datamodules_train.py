@@ -475,6 +475,7 @@ def test_make_shards_concepts_and_simzss_steps(data, tmp_path, monkeypatch, extr
                "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
                "--data.init_args.urls", urls, "--data.init_args.resampled", "false",
                "--data.init_args.epoch_length", "8", "--data.init_args.batch_size", "4",
+               "--model.init_args.concept_rules", "ovseg",  # the rules the shards' concepts were made with
                "--data.init_args.num_workers", "0",
                "--data.init_args.transform", "ovseg.datamodules.transforms.RandomResizedCrop",
                "--data.init_args.transform.init_args.size", "56",

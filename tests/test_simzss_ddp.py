@@ -18,7 +18,6 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.nn.functional as F
-
 from spawn_ranks import free_port, run_ranks  # tests/spawn_ranks.py
 
 WORLD = 2
@@ -92,6 +91,28 @@ def _module_loss(module, part):
     return loss.detach(), grads
 
 
+def _release_losses(trainer, rank):
+    """Per-rank global and local losses of the converted official fixture model in release mode, and the
+    local loss with the per-rank class set."""
+    from test_simzss_official import FIXTURES, converted_module, golden_fixture
+
+    golden = golden_fixture()
+    module = converted_module(golden)
+    module.trainer = trainer
+    part = slice(rank * 2, rank * 2 + 2)
+    indices = golden["concept_indices"][part]
+    batch = {"image": golden["images"][part], "caption": golden["captions"][part],
+             "concept_labels": golden["concept_labels"][part], "concept_token_positions": indices,
+             "concept_token_mask": indices != 0}
+    with torch.no_grad():
+        terms = module.training_loss(batch)
+        module.local_loss.class_set = "rank"
+        rank_local = module.training_loss(batch)["loss_local"]
+    expected = torch.load(FIXTURES / "ddp.pt", weights_only=True)
+    return {"global": terms["loss_global"], "local": terms["loss_local"], "rank_local": rank_local,
+            "expected_global": expected["cliploss"][rank], "expected_local": expected["ccloss"][rank]}
+
+
 # ------------------------------------------------------------------ the distributed side
 
 
@@ -140,6 +161,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     loss, grads = _module_loss(module, part)
     results["module"] = {"loss": loss, "mean_loss": mean_over_ranks(loss), "grads": ddp_average(grads)}
 
+    # 3) the release's distributed class set, on the official fixture's batch (2 captions per rank)
+    results["release"] = _release_losses(trainer, rank)
+
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -187,3 +211,13 @@ def test_module_gather_path_equals_single_process_loss_and_gradients(rank_result
     for result in (r["module"] for r in rank_results):
         torch.testing.assert_close(result["mean_loss"], full_loss, rtol=1e-5, atol=1e-6)
         _assert_grads_equal(result["grads"], full_grads, rtol=1e-4, atol=1e-6)
+
+
+def test_release_class_set_gives_the_releases_per_rank_losses(rank_results):
+    """The release classifies a rank's concepts among the classes of all ranks (a class absent from the
+    rank has a zero prototype, logit 0): ovseg's class_set="global" reproduces its per-rank losses, which
+    the per-rank class set does not (rank 1 lacks two of rank 0's classes)."""
+    for result in (r["release"] for r in rank_results):
+        assert abs(float(result["global"]) - float(result["expected_global"])) <= 1e-5
+        assert abs(float(result["local"]) - float(result["expected_local"])) <= 1e-5
+    assert abs(float(rank_results[1]["release"]["rank_local"]) - float(rank_results[1]["release"]["local"])) > 1e-3

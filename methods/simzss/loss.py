@@ -14,9 +14,16 @@ Notation and numbering follow the order of the paper's method section as summari
   the batch, s_l = 1/0.07 fixed;
 - (6) total: L = L_g + lambda * L_l.
 
-The official release trains the local loss against argmax pseudo-labels instead of the concept
-labels (reference 2.3, item 6); ``local_target="argmax"`` reproduces it, ``"label"`` (default)
-follows the paper.
+Switches between the paper and the official release (tileb1/simzss @2142ac5, docs/simzss.md,
+"Reproducing the release"):
+
+- ``local_target``: ``"label"`` (the paper) trains against the concept labels, ``"argmax"`` (the
+  release, reference 2.3 item 6) against the argmax of its own logits;
+- ``concept_pooling``: ``"mean"`` (eq. 1) averages a concept's raw token features, ``"normalized_sum"``
+  (the release) L2-normalises every token feature and sums them;
+- ``class_set``: ``"rank"`` classifies among the classes present on this rank, ``"global"`` (the
+  release) among the classes present on any rank, a class absent from this rank having an all-zero
+  prototype (logit 0).
 """
 
 from __future__ import annotations
@@ -29,6 +36,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+CONCEPT_POOLINGS = ("mean", "normalized_sum")
+CLASS_SETS = ("rank", "global")
 
 Gather = Callable[[Tensor], Tensor]
 """(B, ...) local tensor -> (world * B, ...) tensor of all ranks, with gradients."""
@@ -100,9 +110,10 @@ class LocalLossOutput:
     num_concepts: int
 
 
-def gather_concepts(token_features: Tensor, labels: Tensor, positions: Tensor, mask: Tensor
-                    ) -> tuple[Tensor, Tensor, Tensor]:
-    """Eq. (1): pool the token features of every valid concept of the batch.
+def gather_concepts(token_features: Tensor, labels: Tensor, positions: Tensor, mask: Tensor,
+                    pooling: Literal["mean", "normalized_sum"] = "mean") -> tuple[Tensor, Tensor, Tensor]:
+    """Eq. (1): pool the token features of every valid concept of the batch (``pooling="mean"``), or
+    sum the L2-normalised token features (``"normalized_sum"``, the official release).
 
     Args:
         token_features: (B, L, D) projected text token features.
@@ -111,14 +122,20 @@ def gather_concepts(token_features: Tensor, labels: Tensor, positions: Tensor, m
         mask: (B, C, T) which positions are real.
 
     Returns:
-        concepts (M, D) mean token features, concept labels (M,), caption index (M,).
+        concepts (M, D) pooled token features, concept labels (M,), caption index (M,).
     """
+    if pooling not in CONCEPT_POOLINGS:
+        raise ValueError(f"concept_pooling must be one of {CONCEPT_POOLINGS}, got {pooling!r}")
     valid = labels >= 0  # (B, C)
     caption, slot = valid.nonzero(as_tuple=True)
     pos = positions[caption, slot]  # (M, T)
     weights = mask[caption, slot].to(token_features.dtype)  # (M, T)
+    if pooling == "normalized_sum":
+        token_features = F.normalize(token_features, dim=-1)
     tokens = token_features[caption[:, None], pos]  # (M, T, D)
-    concepts = (tokens * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
+    concepts = (tokens * weights[..., None]).sum(1)
+    if pooling == "mean":
+        concepts = concepts / weights.sum(1, keepdim=True).clamp(min=1)
     return concepts, labels[caption, slot], caption
 
 
@@ -129,19 +146,31 @@ class ConceptLoss(nn.Module):
         pool_temperature: tau of the similarity pooling of patch tokens, eq. (2) (0.1).
         logit_scale: fixed scale of the concept classification logits, eq. (5) (1/0.07).
         target: ``"label"`` (the paper) or ``"argmax"`` (the official release).
+        pooling: ``"mean"`` (the paper) or ``"normalized_sum"`` (the official release), see
+            :func:`gather_concepts`.
+        class_set: ``"rank"`` or ``"global"`` (the official release): which classes the softmax of
+            eq. (5) covers on several processes (the same on one).
     """
 
     def __init__(self, pool_temperature: float = 0.1, logit_scale: float = 1 / 0.07,
-                 target: Literal["label", "argmax"] = "label") -> None:
+                 target: Literal["label", "argmax"] = "label",
+                 pooling: Literal["mean", "normalized_sum"] = "mean",
+                 class_set: Literal["rank", "global"] = "rank") -> None:
         super().__init__()
         if target not in ("label", "argmax"):
             raise ValueError(f"local target must be 'label' or 'argmax', got {target!r}")
+        if pooling not in CONCEPT_POOLINGS:
+            raise ValueError(f"concept_pooling must be one of {CONCEPT_POOLINGS}, got {pooling!r}")
+        if class_set not in CLASS_SETS:
+            raise ValueError(f"class_set must be one of {CLASS_SETS}, got {class_set!r}")
         self.pool_temperature = pool_temperature
         self.register_buffer("logit_scale", torch.tensor(logit_scale), persistent=False)
         self.target = target
+        self.pooling = pooling
+        self.class_set = class_set
 
     def forward(self, token_features: Tensor, patch_tokens: Tensor, labels: Tensor, positions: Tensor,
-                mask: Tensor) -> LocalLossOutput:
+                mask: Tensor, gather: Gather = identity_gather) -> LocalLossOutput:
         """
         Args:
             token_features: (B, L, D) projected text token features.
@@ -149,13 +178,19 @@ class ConceptLoss(nn.Module):
             labels: (B, C) concept labels (-1 = padding).
             positions: (B, C, T) token positions of each concept.
             mask: (B, C, T) valid positions.
+            gather: all-gather across ranks; with ``class_set="global"`` it gathers the labels.
         """
-        concepts, concept_labels, caption = gather_concepts(token_features, labels, positions, mask)
+        concepts, concept_labels, caption = gather_concepts(token_features, labels, positions, mask, self.pooling)
         if concepts.shape[0] == 0:
             zero = token_features.sum() * 0.0
             return LocalLossOutput(zero, zero.detach(), 0)
         # Eq. (4): prototypes of the classes present in the batch, summed per label.
         present, inverse = torch.unique(concept_labels, return_inverse=True)  # (P,), (M,)
+        if self.class_set == "global":
+            # the release: the classes present on any rank; one absent here keeps a zero prototype
+            all_labels = gather(labels.detach())
+            present = torch.unique(torch.cat([all_labels[all_labels >= 0], concept_labels]))
+            inverse = torch.searchsorted(present, concept_labels)
         prototypes = torch.zeros(len(present), concepts.shape[1], dtype=concepts.dtype,
                                  device=concepts.device).index_add_(0, inverse, concepts)
         prototypes = F.normalize(prototypes, dim=-1)  # (P, D)

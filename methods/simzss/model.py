@@ -55,7 +55,7 @@ class SimZSSModel(nn.Module):
     def encode_image(self, images: Tensor) -> FrozenImageFeatures:
         """(B, 3, H, W) images in [0, 1] -> normalised frozen patch tokens and [CLS]."""
         features = self.image_encoder(images)
-        batch, dim, height, width = features.dense.shape
+        _batch, _dim, height, width = features.dense.shape
         patches = features.dense.flatten(2).transpose(1, 2)  # (B, h*w, D)
         return FrozenImageFeatures(F.normalize(patches.float(), dim=-1), (height, width),
                                    F.normalize(features.pooled.float(), dim=-1))

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ovseg.concepts import ConceptBank, ConceptExtractor
 from ovseg.encoders.base import ImageEncoder, TextEncoder
-from ovseg.concepts import ConceptExtractor
 from ovseg.methods.simzss.loss import ConceptLoss, GlobalContrastiveLoss
 from ovseg.methods.simzss.model import FrozenImageFeatures, SimZSSModel
 from ovseg.module import OVSegModule, to_unit_float
@@ -32,13 +32,22 @@ class SimZSS(OVSegModule):
         local_logit_scale: fixed scale of the concept logits, eq. (5) (1/0.07).
         init_logit_scale: initial learnable scale of the global loss (1/0.07).
         max_logit_scale: cap of the global scale (100).
-        local_target: ``"label"`` (the paper) or ``"argmax"`` (the official release).
+        local_target: ``"label"`` (the paper) or ``"argmax"`` (the official release: the argmax of
+            its own logits is the cross-entropy target).
+        concept_pooling: ``"mean"`` of a concept's raw token features (the paper, eq. 1) or
+            ``"normalized_sum"`` of its L2-normalised token features (the official release).
+        class_set: on several processes, the concept softmax of eq. (5) covers the classes present
+            on this ``"rank"``, or on any rank (``"global"``, the official release, where a class
+            absent from this rank enters with logit 0). The same on one process.
         class_embedding: how a class name in a prompt becomes its embedding: ``"eot"``, the
             end-of-text feature (the official release's ``embed_words``), or ``"concept"``, the mean
             of the name's own token features, i.e. the textual concept of eq. (1) that the concept
             loss aligns with patch tokens. A small text tower trained briefly routes that alignment
             into the EOT token only weakly (see the README's synthetic-world figures).
         concept_bank: concept bank file (default: the bank shipped with ovseg).
+        concept_rules: how captions become concepts: ``"ovseg"`` (falls back to the head noun when a
+            compound is not in the bank) or ``"release"`` (the official release's rules, see
+            :mod:`ovseg.concepts`).
         **kwargs: optimizer, scheduler and evaluation options of :class:`OVSegModule`.
     """
 
@@ -52,20 +61,33 @@ class SimZSS(OVSegModule):
         init_logit_scale: float = 1 / 0.07,
         max_logit_scale: float = 100.0,
         local_target: Literal["label", "argmax"] = "label",
+        concept_pooling: Literal["mean", "normalized_sum"] = "mean",
+        class_set: Literal["rank", "global"] = "rank",
         class_embedding: Literal["eot", "concept"] = "eot",
         concept_bank: str | None = None,
+        concept_rules: Literal["ovseg", "release"] = "ovseg",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.model = SimZSSModel(image_encoder, text_encoder)
         self.global_loss = GlobalContrastiveLoss(init_logit_scale, max_logit_scale)
-        self.local_loss = ConceptLoss(pool_temperature, local_logit_scale, local_target)
+        self.local_loss = ConceptLoss(pool_temperature, local_logit_scale, local_target, concept_pooling, class_set)
         self.lambda_local = lambda_local
         if class_embedding not in ("eot", "concept"):
             raise ValueError(f"class_embedding must be 'eot' or 'concept', got {class_embedding!r}")
         self.class_embedding = class_embedding
-        self.concepts = ConceptExtractor(concept_bank, context_length=text_encoder.context_length)
+        self.concept_bank = ConceptBank(concept_bank)  # read now: a wrong path fails at once
+        self.concept_rules = concept_rules
+        self._concepts: ConceptExtractor | None = None  # built on first use: inference needs no NLTK
         self._concept_cache: dict[str, dict[str, Tensor]] = {}
+
+    @property
+    def concepts(self) -> ConceptExtractor:
+        """The caption concept extractor (NLTK's tagger), built when training first needs it."""
+        if self._concepts is None:
+            self._concepts = ConceptExtractor(self.concept_bank, context_length=self.model.text_encoder.context_length,
+                                              rules=self.concept_rules)
+        return self._concepts
 
     # ---------------------------------------------------------------- hooks
     def encode_text(self, texts: list[str]) -> Tensor:
@@ -116,7 +138,8 @@ class SimZSS(OVSegModule):
         loss = global_loss
         if self.lambda_local > 0:
             local = self.local_loss(text.tokens, image.patches, concepts["concept_labels"],
-                                    concepts["concept_token_positions"], concepts["concept_token_mask"])
+                                    concepts["concept_token_positions"], concepts["concept_token_mask"],
+                                    self._gather(sync_grads=False)[0])
             loss = loss + self.lambda_local * local.loss
             terms.update(loss_local=local.loss, concept_accuracy=local.accuracy,
                          concepts_per_caption=torch.tensor(local.num_concepts / len(captions)))
@@ -130,7 +153,7 @@ class SimZSS(OVSegModule):
         if "patches" in batch and "pooled" in batch:
             patches = F.normalize(batch["patches"].to(self.device, torch.float32), dim=-1)
             pooled = F.normalize(batch["pooled"].to(self.device, torch.float32), dim=-1)
-            side = int(round(patches.shape[1] ** 0.5))
+            side = round(patches.shape[1] ** 0.5)
             grid = (side, patches.shape[1] // side) if side * side == patches.shape[1] else (1, patches.shape[1])
             return FrozenImageFeatures(patches, grid, pooled)
         return self.model.encode_image(to_unit_float(batch["image"]))
@@ -139,11 +162,12 @@ class SimZSS(OVSegModule):
         super().on_train_batch_end(outputs, batch, batch_idx)
         self.global_loss.clamp_()
 
-    def _gather(self):
-        """All-gather with gradients across ranks (Lightning's), or identity on one process."""
+    def _gather(self, sync_grads: bool = True):
+        """All-gather (with gradients if ``sync_grads``) across ranks (Lightning's), or identity on one
+        process; and this process's rank."""
         if self._trainer is None or self.trainer.world_size == 1:
             return (lambda tensor: tensor), 0
-        return (lambda tensor: self.all_gather(tensor, sync_grads=True).flatten(0, 1)), self.global_rank
+        return (lambda tensor: self.all_gather(tensor, sync_grads=sync_grads).flatten(0, 1)), self.global_rank
 
 
 def name_token_mask(prompts: list[Prompt], token_ids: Tensor, bpe_tokenizer: Any) -> Tensor:

@@ -8,6 +8,7 @@ from ovseg.encoders.base import (
     load_state_dict_file,
     load_state_dict_strict,
 )
+from ovseg.encoders.denoiser import DVTDenoiser
 from ovseg.encoders.hf import HFImage, HFText
 from ovseg.encoders.hf_open_clip import (
     clip_bpe_hf_tokenizer,
@@ -29,6 +30,7 @@ from ovseg.encoders.timm_vit import NORM_PRESETS, TimmViT, tiny_timm_vit_kwargs
 __all__ = [
     "NORM_PRESETS",
     "CLIPTextTransformer",
+    "DVTDenoiser",
     "HFImage",
     "HFText",
     "ImageEncoder",

@@ -112,6 +112,8 @@ def _add_concept_options(parser: argparse.ArgumentParser) -> None:
                         help="the text encoder's context length (must match the model)")
     parser.add_argument("--max-concepts", type=int, default=32)
     parser.add_argument("--max-tokens-per-concept", type=int, default=16)
+    parser.add_argument("--concept-rules", choices=["ovseg", "release"], default="ovseg",
+                        help="the model's concept_rules (release: the official SimZSS release's rules)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -176,7 +178,7 @@ def make_shards(args: argparse.Namespace) -> None:
             summary = make_shards_from_coco_captions(
                 args.coco_captions, args.images, args.out, args.shard_size, args.concepts,
                 args.per_caption, args.num_workers, args.bank, args.context_length, args.max_concepts,
-                args.max_tokens_per_concept, progress)
+                args.max_tokens_per_concept, progress, args.concept_rules)
         else:
             summary = make_shards_from_coco_stuff(args.coco_stuff, args.out, args.split, args.shard_size,
                                                   progress)
@@ -195,7 +197,8 @@ def extract_concepts(args: argparse.Namespace) -> None:
         ovseg data extract-concepts --shards "data/coco_shards/{00000..00059}.tar" --num-workers 8
     """
     options = dict(bank=args.bank, context_length=args.context_length, max_concepts=args.max_concepts,
-                   max_tokens_per_concept=args.max_tokens_per_concept, num_workers=args.num_workers,
+                   max_tokens_per_concept=args.max_tokens_per_concept, concept_rules=args.concept_rules,
+                   num_workers=args.num_workers,
                    progress=not args.no_progress)
     try:
         if args.coco:

@@ -45,6 +45,7 @@ def extract_coco_concepts(
     context_length: int = 77,
     max_concepts: int = 32,
     max_tokens_per_concept: int = 16,
+    concept_rules: str = "ovseg",
     num_workers: int = 0,
     progress: bool = True,
 ) -> Path:
@@ -53,7 +54,7 @@ def extract_coco_concepts(
     Args:
         annotations: the captions JSON.
         out: output file (default: :func:`default_concepts_path`, next to the JSON).
-        bank, context_length, max_concepts, max_tokens_per_concept: the
+        bank, context_length, max_concepts, max_tokens_per_concept, concept_rules: the
             :class:`~ovseg.concepts.ConceptExtractor` settings (must match the
             model's: SimZSS uses its text encoder's context length).
         num_workers: extraction processes (0: in this process).
@@ -72,7 +73,7 @@ def extract_coco_concepts(
         raise
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ValueError(f"{path}: not a COCO Captions file ({exc})") from exc
-    extractor = ConceptExtractor(bank, context_length, max_concepts, max_tokens_per_concept)
+    extractor = ConceptExtractor(bank, context_length, max_concepts, max_tokens_per_concept, concept_rules)
     concepts = extractor.extract_many([c.strip() for _, c in items], num_workers=num_workers,
                                       progress=progress)
     cache = ConceptCache.build([a for a, _ in items], concepts, concept_meta(extractor))
@@ -155,6 +156,7 @@ def add_concepts_to_shards(
     context_length: int = 77,
     max_concepts: int = 32,
     max_tokens_per_concept: int = 16,
+    concept_rules: str = "ovseg",
     progress: bool = True,
 ) -> tuple[int, list[str]]:
     """Add stored concepts to existing local shards (each rewritten atomically).
@@ -173,7 +175,7 @@ def add_concepts_to_shards(
     missing = [s for s in shards if not os.path.isfile(s)]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(shards)} shards are not local files, e.g. {missing[0]}")
-    settings = (bank, context_length, max_concepts, max_tokens_per_concept)
+    settings = (bank, context_length, max_concepts, max_tokens_per_concept, concept_rules)
     errors: list[str] = []
     total = 0
     bar = progress_bar(len(shards), "extract-concepts", "shard", progress)

@@ -93,6 +93,7 @@ def make_shards_from_coco_captions(
     max_concepts: int = 32,
     max_tokens_per_concept: int = 16,
     progress: bool = True,
+    concept_rules: str = "ovseg",
 ) -> ShardSummary:
     """COCO Captions (JSON + image folder) -> img2dataset-layout shards ``out/{00000..}.tar``.
 
@@ -117,7 +118,7 @@ def make_shards_from_coco_captions(
     extractor = None
     extracted: dict[tuple[int, int], Any] = {}
     if concepts:
-        extractor = ConceptExtractor(bank, context_length, max_concepts, max_tokens_per_concept)
+        extractor = ConceptExtractor(bank, context_length, max_concepts, max_tokens_per_concept, concept_rules)
         flat = [(i, k) for i, caps in enumerate(index.captions) for k in range(len(caps))]
         results = extractor.extract_many([index.captions[i][k] for i, k in flat], num_workers=num_workers,
                                          progress=progress)

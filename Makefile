@@ -7,7 +7,11 @@ export NLTK_DATA
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 
-.PHONY: install test test-slow demo bench clean
+.PHONY: install test test-slow demo bench clean check-nltk-data
+
+# The tests need NLTK's tagger (SimZSS concepts): stop at once, with one line, if it is not there.
+check-nltk-data:
+	@test -d "$(NLTK_DATA)" || { echo "make: error: NLTK_DATA=$(NLTK_DATA) does not exist (NLTK's tagger for the tests); set NLTK_DATA=/path/to/nltk_data or put shared/nltk_data next to the repository" >&2; exit 1; }
 
 install: $(BIN)/ovseg
 
@@ -19,10 +23,10 @@ $(BIN)/ovseg: pyproject.toml
 	$(BIN)/pip install -e ".[dev,app]"
 	touch $@
 
-test: install
+test: check-nltk-data install
 	$(BIN)/pytest -q -p no:cacheprovider
 
-test-slow: install
+test-slow: check-nltk-data install
 	$(BIN)/pytest -q -p no:cacheprovider -m slow
 
 demo: install

@@ -486,6 +486,23 @@ def bench_cached_memory(workdir: Path, sizes: tuple[int, ...]) -> list[tuple[str
     return rows
 
 
+def bench_command_line(repeats: int) -> list[tuple[str, float]]:
+    """Seconds for ``ovseg --help`` (no torch import: target under 2 s) and ``ovseg fit --help`` (builds
+    LightningCLI's parser, imports torch and Lightning), each the best of ``repeats`` fresh processes."""
+    import subprocess
+    import sys
+
+    rows = []
+    for args in (["--help"], ["data", "--help"], ["fit", "--help"]):
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "ovseg", *args], check=True, capture_output=True, cwd=REPO)
+            best = min(best, time.perf_counter() - start)
+        rows.append((f"ovseg {' '.join(args)} (s)", best))
+    return rows
+
+
 def print_table(title: str, rows: list[tuple[str, float]]) -> None:
     print(f"\n### {title}\n\n| measurement | value |\n|---|---:|")
     for name, value in rows:
@@ -511,6 +528,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     real_size = torch.cuda.is_available() if args.real_size is None else args.real_size
     print(f"machine: {machine()}", flush=True)
+    print_table("command line", bench_command_line(1 if args.quick else 3))
     with tempfile.TemporaryDirectory() as workdir:
         for method in args.methods:
             tiny, real = METHOD_CONFIGS[method]

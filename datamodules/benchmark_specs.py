@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ovseg.benchmark import AbsentPolicy, Benchmark
+from ovseg.errors import UserError
 from ovseg.inference import InferenceSettings
 from ovseg.vocabulary import (
     Vocabulary,
@@ -126,7 +127,7 @@ class BenchmarkSpec:
         spec = self
         if self.preset is not None:
             if self.preset not in PRESETS:
-                raise ValueError(
+                raise UserError(
                     f"unknown benchmark preset {self.preset!r}; known presets: {sorted(PRESETS)}"
                 )
             base = copy.deepcopy(PRESETS[self.preset])  # presets hold lists and dicts
@@ -137,23 +138,23 @@ class BenchmarkSpec:
                     if v is not None and getattr(spec, f.name) is None}
         spec = replace(spec, **defaults)
         if spec.name is None:
-            raise ValueError("a benchmark spec needs a name (or a preset, whose name it takes)")
+            raise UserError("a benchmark spec needs a name (or a preset, whose name it takes)")
         if spec.layout not in LAYOUTS:
-            raise ValueError(f"benchmark {spec.name!r}: layout must be one of {LAYOUTS}, got {spec.layout!r}")
+            raise UserError(f"benchmark {spec.name!r}: layout must be one of {LAYOUTS}, got {spec.layout!r}")
         if spec.class_names is None:
-            raise ValueError(
+            raise UserError(
                 f"benchmark {spec.name!r}: class_names is required ('packaged:NAME' or a file with "
                 "one class per line)"
             )
         if spec.max_images is not None and spec.max_images < 1:
-            raise ValueError(f"benchmark {spec.name!r}: max_images must be >= 1, got {spec.max_images}")
+            raise UserError(f"benchmark {spec.name!r}: max_images must be >= 1, got {spec.max_images}")
         if spec.num_classes is not None and spec.num_classes < 1:
-            raise ValueError(f"benchmark {spec.name!r}: num_classes must be >= 1, got {spec.num_classes}")
+            raise UserError(f"benchmark {spec.name!r}: num_classes must be >= 1, got {spec.num_classes}")
         if spec.ignore_index is not None and spec.ignore_index < 0:
-            raise ValueError(f"benchmark {spec.name!r}: ignore_index must be >= 0, got {spec.ignore_index}")
+            raise UserError(f"benchmark {spec.name!r}: ignore_index must be >= 0, got {spec.ignore_index}")
         for key, value in (spec.label_map or {}).items():
             if int(key) < 0 or int(value) < 0:
-                raise ValueError(f"benchmark {spec.name!r}: label_map entries must be >= 0, got {key}: {value}")
+                raise UserError(f"benchmark {spec.name!r}: label_map entries must be >= 0, got {key}: {value}")
         return spec
 
     def inference_settings(self) -> InferenceSettings:
@@ -221,9 +222,9 @@ class BenchmarkSpec:
             vocabulary = Vocabulary(tuple(classes), resolve_templates(spec.templates),  # type: ignore[arg-type]
                                     spec.background_threshold)
         except ValueError as error:
-            raise ValueError(f"benchmark {spec.name!r}, class names {source}: {error}") from None
+            raise UserError(f"benchmark {spec.name!r}, class names {source}: {error}") from None
         if spec.num_classes is not None and len(vocabulary) != spec.num_classes:
-            raise ValueError(
+            raise UserError(
                 f"benchmark {spec.name!r}: class-name file {source} has {len(vocabulary)} classes, "
                 f"expected {spec.num_classes}"
             )

@@ -34,12 +34,13 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
-
-from ovseg.benchmark import Benchmark, check_unique_names
 from ovseg.datamodules.base import collate_samples, evaluation_sampler
 from ovseg.datamodules.benchmark_specs import BenchmarkSpec
 from ovseg.datamodules.decode import DecodeError, decode_image, decode_label
+from torch.utils.data import DataLoader, Dataset
+
+from ovseg.benchmark import Benchmark, check_unique_names
+from ovseg.errors import UserError
 
 _MAX_LISTED = 10  # how many offending values / files an error message lists
 
@@ -139,6 +140,14 @@ def find_samples(spec: BenchmarkSpec, root: str | Path | None = None, strict: bo
             missing.append(f"missing {kind} for {stem!r}: " + ", ".join(str(p) for p in absent))
         else:
             samples.append(sample)
+    if not strict and spec.split_file is None:  # files no sample uses: harmless to validate, a sign of a bad copy
+        if spec.layout == "mmseg":  # samples listed from the images: labels without an image
+            other_dir, other_suffix, kind, partner = label_dir, spec.label_suffix, "label", "image"
+        else:
+            other_dir, other_suffix, kind, partner = image_dir, spec.image_suffix, "image", "label"
+        listed = set(stems)
+        problems.extend(f"orphan {kind} {other_dir / (stem + other_suffix)}: no matching {partner}"  # type: ignore[operator]
+                        for stem in _list_files(other_dir, other_suffix) if stem not in listed)  # type: ignore[arg-type]
     if missing:
         if strict:
             shown = "; ".join(missing[:_MAX_LISTED])
@@ -326,9 +335,9 @@ class EvaluationDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+            raise UserError(f"num_workers must be >= 0, got {num_workers}")
         specs = [BenchmarkSpec(preset=s) if isinstance(s, str) else s for s in benchmarks]
         specs = [s.resolved() for s in specs]
         if max_images is not None:
@@ -337,10 +346,10 @@ class EvaluationDataModule(L.LightningDataModule):
             by_name = {s.name: s for s in specs}
             unknown = [n for n in select if n not in by_name]
             if unknown:
-                raise ValueError(f"select names unknown benchmarks {unknown}; known: {list(by_name)}")
+                raise UserError(f"select names unknown benchmarks {unknown}; known: {list(by_name)}")
             specs = [by_name[n] for n in select]
         if not specs:
-            raise ValueError("EvaluationDataModule needs at least one benchmark")
+            raise UserError("EvaluationDataModule needs at least one benchmark")
         self.specs: list[BenchmarkSpec] = specs
         self.root = root
         self.batch_size = batch_size

@@ -30,16 +30,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor
-from torch.utils.data import Dataset
-
-from ovseg.concepts import ConceptCache, default_concepts_path
 from ovseg.datamodules.base import (
     TrainDataModule,
     check_files_exist,
@@ -48,6 +45,11 @@ from ovseg.datamodules.base import (
 )
 from ovseg.datamodules.decode import DecodeError, SkipCounter, decode_image
 from ovseg.datamodules.transforms import RandomResizedCrop, Transform
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ovseg.concepts import ConceptCache, default_concepts_path
+from ovseg.errors import UserError
 
 __all__ = ["CocoCaptionsDataModule", "CocoCaptionsDataset", "CocoCaptionsIndex", "read_coco_captions"]
 
@@ -77,6 +79,15 @@ class CocoCaptionsIndex:
     orphan_captions: int = 0
 
 
+def annotation_caption(annotation: Mapping[str, Any], path: Path) -> str:
+    """The caption of a COCO Captions annotation (``""`` for a null one); a missing ``caption`` key is a
+    malformed entry, not an empty caption: :class:`UserError` naming the file and annotation."""
+    if "caption" not in annotation:
+        raise UserError(f"{path}: annotation {annotation.get('id')!r} (image {annotation.get('image_id')!r}) has "
+                        "no 'caption' key; a COCO Captions annotation needs 'id', 'image_id' and 'caption'")
+    return str(annotation["caption"] or "")
+
+
 def read_coco_captions(annotations: str | os.PathLike) -> CocoCaptionsIndex:
     """Parse a COCO Captions JSON; empty captions are skipped with a warning (counted).
 
@@ -102,7 +113,7 @@ def read_coco_captions(annotations: str | os.PathLike) -> CocoCaptionsIndex:
             file_name_of[int(image["id"])] = str(image["file_name"])
             by_image.setdefault(int(image["id"]), [])
         for ann in doc["annotations"]:
-            caption = str(ann.get("caption") or "").strip()
+            caption = annotation_caption(ann, path).strip()
             image_id = int(ann["image_id"])
             if image_id not in by_image:
                 orphans += 1
@@ -113,6 +124,8 @@ def read_coco_captions(annotations: str | os.PathLike) -> CocoCaptionsIndex:
                     empty_examples.append(int(ann["id"]))
                 continue
             by_image[image_id].append((int(ann["id"]), caption))
+    except UserError:
+        raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"{path}: malformed COCO Captions entry ({type(exc).__name__}: {exc}); images "
                          "need 'id' and 'file_name', annotations 'id', 'image_id' and 'caption'") from exc

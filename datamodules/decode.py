@@ -61,6 +61,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from ovseg.errors import UserError
+
 try:  # optional fast JPEG decoder (libjpeg-turbo); Pillow is the fallback
     import simplejpeg as _simplejpeg
 except ImportError:  # pragma: no cover - depends on the environment
@@ -81,7 +83,7 @@ logger = logging.getLogger("ovseg.data")
 Source = bytes | bytearray | memoryview | str | os.PathLike
 
 
-class DecodeError(ValueError):
+class DecodeError(UserError):
     """Data that cannot be decoded, or is malformed; the message starts with the file's name.
 
     ``DecodeError("name: what went wrong")`` or ``DecodeError(path, "what went wrong")`` (the

@@ -19,18 +19,22 @@ from them without an image.
 from __future__ import annotations
 
 import json
+import logging
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from ovseg.datamodules.base import collate_samples
 from torch.utils.data import DataLoader, Dataset
 
-from ovseg.datamodules.base import collate_samples
+from ovseg.errors import UserError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["CAPTIONS", "INDEX", "CachedFeaturesDataModule", "CachedFeaturesDataset", "iter_store", "read_index"]
 
@@ -40,11 +44,30 @@ FORMAT_VERSION = 1
 
 
 def read_index(store: str | os.PathLike) -> dict[str, Any]:
-    """The store's ``index.json``."""
+    """The store's ``index.json``; a :class:`UserError` naming the file if it is not readable JSON."""
     path = Path(store) / INDEX
     if not path.exists():
-        raise FileNotFoundError(f"no feature store at {store} ({INDEX} missing)")
-    return json.loads(path.read_text())
+        raise FileNotFoundError(f"no feature store at {store} ({INDEX} missing): build it with "
+                                "`ovseg data cache-features --config CONFIG --out STORE`")
+    try:
+        index = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"feature store index {path} is corrupt ({error}); rebuild the store with "
+                        "`ovseg data cache-features` into a new --out") from None
+    missing = [key for key in ("num_done", "num_images", "shard_size", "shards") if key not in index]
+    if missing:
+        raise UserError(f"feature store index {path} lacks {missing}: not a store written by ovseg data cache-features")
+    return index
+
+
+def unfinished_store_message(store: str | os.PathLike, index: Mapping[str, Any]) -> str:
+    """What is wrong with a store whose building stopped early, and the two ways on."""
+    views = index.get("views") or {}
+    return (f"feature store {store} is unfinished: {index['num_done']} of {index['num_images']} images cached "
+            f"(its `ovseg data cache-features` run stopped early). Finish it by running that command again with "
+            f"the same --config, --views {views.get('mode', '...')} and --size {views.get('size', '...')} and "
+            f"--out {store} (it continues where it stopped), or train on the finished part with "
+            "--data.init_args.allow_partial true")
 
 
 class CachedFeaturesDataset(Dataset):
@@ -63,9 +86,18 @@ class CachedFeaturesDataset(Dataset):
     """
 
     def __init__(self, store: str | os.PathLike, view: int | None = None, random_caption: bool = True,
-                 release_every: int = 64) -> None:
+                 release_every: int = 64, allow_partial: bool = False) -> None:
         self.root = Path(store)
         self.index = read_index(self.root)
+        if self.index["num_done"] < self.index["num_images"] and not allow_partial:
+            raise UserError(unfinished_store_message(self.root, self.index))
+        written = -(-int(self.index["num_done"]) // int(self.index["shard_size"]))  # shards holding samples
+        self.shards = list(self.index["shards"][:written])
+        absent = [str(self.root / name.format(kind)) for name in self.shards for kind in ("patches", "pooled")
+                  if not (self.root / name.format(kind)).is_file()]
+        if absent:
+            raise UserError(f"feature store {self.root} is damaged: {len(absent)} shard file(s) listed in its "
+                            f"{INDEX} are missing, e.g. {absent[0]}; rebuild it into a new --out")
         if view is not None and not 0 <= view < self.index["num_views"]:
             raise ValueError(f"view {view} out of range: the store has {self.index['num_views']} views")
         self.view = view
@@ -84,7 +116,7 @@ class CachedFeaturesDataset(Dataset):
         """Per shard: (patches, pooled) memmaps, opened on first use."""
         if self._arrays is None:
             self._arrays = [tuple(np.load(self.root / name.format(kind), mmap_mode="r")  # type: ignore[misc]
-                                  for kind in ("patches", "pooled")) for name in self.index["shards"]]
+                                  for kind in ("patches", "pooled")) for name in self.shards]
             for pair in self._arrays:  # shuffled reads: no read-around of neighbouring samples
                 for array in pair:
                     handle = getattr(array, "_mmap", None)
@@ -153,12 +185,16 @@ class CachedFeaturesDataModule(L.LightningDataModule):
         view: a fixed cached view, or None for a random one per visit.
         random_caption: a random caption of the image per visit.
         eval_data: DataModule providing ``benchmarks`` and the evaluation loaders.
+        allow_partial: train on the finished part of a store whose building stopped early (default:
+            such a store is refused before the first step, with the count done and how to finish it).
     """
 
     def __init__(self, store: str, batch_size: int = 32, num_workers: int = 0, view: int | None = None,
-                 random_caption: bool = True, eval_data: L.LightningDataModule | None = None) -> None:
+                 random_caption: bool = True, eval_data: L.LightningDataModule | None = None,
+                 allow_partial: bool = False) -> None:
         super().__init__()
         self.store = store
+        self.allow_partial = allow_partial
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.view = view
@@ -180,7 +216,11 @@ class CachedFeaturesDataModule(L.LightningDataModule):
             encoder = getattr(getattr(module, "model", None), "image_encoder", None)
             if encoder is not None:
                 self.check_encoder(encoder)
-            self.train_set = CachedFeaturesDataset(self.store, self.view, self.random_caption)
+            self.train_set = CachedFeaturesDataset(self.store, self.view, self.random_caption,
+                                                   allow_partial=self.allow_partial)
+            if len(self.train_set) < self.train_set.index["num_images"]:
+                log.warning("training on the finished part of the unfinished feature store %s: %d of %d images",
+                            self.store, len(self.train_set), self.train_set.index["num_images"])
 
     def check_encoder(self, encoder: torch.nn.Module) -> None:
         """Raise unless the store was built with ``encoder`` (class and weights, e.g. with or without the
@@ -190,7 +230,7 @@ class CachedFeaturesDataModule(L.LightningDataModule):
         index = read_index(self.store)
         stored = index.get("fingerprint")
         if stored is not None and stored != encoder_fingerprint(encoder):
-            raise ValueError(
+            raise UserError(
                 f"feature store {self.store} was built with another image encoder ({index.get('encoder_name')}) "
                 f"than the model's ({getattr(encoder, 'model_name', type(encoder).__name__)}): rebuild it with "
                 "`ovseg data cache-features --config` of this model's config"

@@ -253,6 +253,8 @@ class WebDatasetStream(IterableDataset):
                 caption = raw["txt"].decode("utf-8").strip()
             except UnicodeDecodeError as exc:
                 raise BadSample(f"{where}.txt: not UTF-8 ({exc})") from exc
+        elif "caption" not in meta:
+            raise BadSample(f"{where}: no caption (neither a .txt entry nor a 'caption' key in its .json)")
         else:
             caption = str(meta.get("caption") or "").strip()
         if not caption:

@@ -1,5 +1,5 @@
 """``python -m ovseg`` is the ``ovseg`` command."""
 
-from ovseg.cli import main
+from ovseg.command import main
 
 main()

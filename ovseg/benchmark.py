@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ovseg.errors import UserError
 from ovseg.inference import InferenceSettings
 from ovseg.vocabulary import Vocabulary
 
@@ -41,8 +42,7 @@ class Benchmark:
         if self.absent_policy not in ("zero", "exclude"):
             raise ValueError(f"absent_policy must be 'zero' or 'exclude', got {self.absent_policy!r}")
         object.__setattr__(self, "unseen_classes", tuple(self.unseen_classes))
-        for name in self.unseen_classes:
-            self.vocabulary.index_of(name)  # raises KeyError naming the class
+        check_unseen_names(self.unseen_classes, self.vocabulary, f"benchmark {self.name!r}")
 
     @property
     def unseen_indices(self) -> tuple[int, ...]:
@@ -65,8 +65,7 @@ class TrainingClasses:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "unseen_classes", tuple(self.unseen_classes))
-        for name in self.unseen_classes:
-            self.vocabulary.index_of(name)  # raises KeyError naming the class
+        check_unseen_names(self.unseen_classes, self.vocabulary, "the training classes")
 
     @property
     def seen_indices(self) -> tuple[int, ...]:
@@ -86,3 +85,12 @@ def check_unique_names(benchmarks: Sequence[Benchmark]) -> None:
     duplicated = sorted({name for name in names if names.count(name) > 1})
     if duplicated:
         raise ValueError(f"benchmark names must be unique, duplicated: {duplicated}")
+
+
+def check_unseen_names(names: Sequence[str], vocabulary: Vocabulary, where: str) -> None:
+    """Raise :class:`UserError` naming every entry of ``unseen_classes`` that is not a class of ``vocabulary``."""
+    known = {name for synonyms in vocabulary.classes for name in synonyms} | set(vocabulary.display_names)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise UserError(f"{where}: unseen_classes names {unknown}, which are not in its class names "
+                        f"{list(vocabulary.display_names)}; use the class-name file's spelling")

@@ -16,8 +16,10 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import random
+import signal
 from typing import Any
 
 import lightning as L
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ovseg.io import atomic_torch_save
@@ -88,3 +91,103 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         get_filesystem(path).makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
         local = os.fspath(path)
         atomic_torch_save(checkpoint, local.removeprefix("file://"), fsync=True, remove_stale=True)
+
+
+def last_checkpoint_candidates(trainer: L.Trainer) -> tuple[list[str], list[str], list[str]]:
+    """What ``--ckpt_path last`` can resume from: (``last*.ckpt`` files, SLURM ``hpc_ckpt_*.ckpt`` files,
+    folders looked in).
+
+    The ``last*.ckpt`` of each ``ModelCheckpoint`` are the files Lightning considers; it ignores the
+    ``hpc_ckpt_*.ckpt`` in ``default_root_dir`` for ``last`` (it takes them only without a
+    ``ckpt_path`` under SLURM), so that finding neither can be an error and finding only the latter
+    can be resumed explicitly.
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    found: set[str] = set()
+    looked_in: list[str] = []
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint):
+            found |= callback._find_last_checkpoints(trainer)
+            looked_in.append(str(callback.dirpath) if callback.dirpath else f"{trainer.default_root_dir} (logger)")
+    hpc = glob.glob(os.path.join(glob.escape(str(trainer.default_root_dir)), "hpc_ckpt_*.ckpt"))
+    looked_in.append(str(trainer.default_root_dir))
+    return sorted(found), sorted(hpc), list(dict.fromkeys(looked_in))
+
+
+class StopReport(L.Callback):
+    """A fit stopped by SIGTERM or Ctrl-C saves ``last.ckpt`` and says where it stopped.
+
+    Lightning ends a run that received SIGTERM with exit status 0, as if it had finished, and one
+    stopped by Ctrl-C without a checkpoint. On those interruptions this callback saves a
+    checkpoint where the run's ``ModelCheckpoint`` keeps ``last.ckpt`` (all ranks take part, as
+    Lightning broadcasts SIGTERM) and records on the exception a message (the step reached, the
+    checkpoint, the resume command) and the exit status 128 + the signal's number, which the
+    ``ovseg`` command prints and exits with. SLURM's SIGUSR1 requeue is Lightning's and unchanged.
+    """
+
+    def __init__(self, command_line: list[str] | None = None) -> None:
+        self.command_line = [arg for arg in (command_line or []) if arg]
+
+    def resume_command(self) -> str:
+        args = list(self.command_line)
+        for index, arg in enumerate(args):  # drop an earlier --ckpt_path
+            if arg.startswith("--ckpt_path"):
+                del args[index: index + (1 if "=" in arg else 2)]
+                break
+        return "ovseg " + " ".join([*args, "--ckpt_path", "last"])
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException):
+            name, status = "SIGTERM", 128 + signal.SIGTERM
+        elif isinstance(exception, KeyboardInterrupt):
+            name, status = "Ctrl-C (SIGINT)", 128 + signal.SIGINT
+        else:
+            return
+        if trainer.state.fn != "fit":
+            exception.ovseg_stop = (f"{trainer.state.fn} stopped by {name}", status)  # type: ignore[attr-defined]
+            return
+        step, total = trainer.global_step, trainer.max_steps
+        saved = None
+        folders = [cb.dirpath for cb in trainer.checkpoint_callbacks
+                   if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath]
+        if folders and step > 0 and (name == "SIGTERM" or trainer.world_size == 1):  # Ctrl-C: one rank only
+            saved = os.path.join(folders[0], ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION)
+            try:
+                trainer.save_checkpoint(saved, weights_only=False)
+            except Exception as error:  # report what happened rather than hide the stop behind it
+                saved = f"none (saving {saved} failed: {error})"
+        of_total = f" of {total}" if total and total > 0 else ""
+        checkpoint = f"saved {saved}; resume with: {self.resume_command()}" if saved else "no checkpoint saved"
+        exception.ovseg_stop = (f"training stopped by {name} at step {step}{of_total}, not finished; "  # type: ignore[attr-defined]
+                                f"{checkpoint}", status)
+
+
+class OVSegProgressBar(RichProgressBar):
+    """Lightning's rich progress bar with a truthful epoch and batch count.
+
+    Lightning titles the bar ``Epoch 0/-2`` when training is limited by ``max_steps`` (``max_epochs
+    -1``), and after a mid-epoch resume counts the epoch's batches against the remaining steps only
+    (``30/14``). Here the title is ``Epoch N`` (``/LAST`` only with a real epoch limit) and the total
+    is the epoch's batch count, cut at the step limit.
+    """
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        description = f"Epoch {current_epoch}"
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs > 0:
+            description += f"/{self.trainer.max_epochs - 1}"
+        if len(self.validation_description) > len(description):
+            description = f"{description:{len(self.validation_description)}}"
+        return description
+
+    @property
+    def total_train_batches(self) -> int | float:
+        trainer = self.trainer
+        batches = trainer.num_training_batches
+        if trainer.max_epochs == -1 and trainer.max_steps is not None and trainer.max_steps > 0:
+            done_in_epoch = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+            return min(batches, done_in_epoch + trainer.max_steps - trainer.global_step)
+        return batches

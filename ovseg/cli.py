@@ -21,16 +21,26 @@ the same place).
 
 from __future__ import annotations
 
+import importlib
+import logging
 import sys
+import warnings
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from ovseg.errors import UserError
 from ovseg.hub import HUB_PREFIX, resolve_checkpoint
 from ovseg.module import OVSegModule
+
+#: modules whose DataModules ``--data NAME`` and ``--help`` know by short name (methods: METHODS)
+DATAMODULE_MODULES = ("ovseg.datamodules.synthetic", "ovseg.datamodules.coco_captions", "ovseg.datamodules.coco_stuff",
+                      "ovseg.datamodules.webdataset", "ovseg.datamodules.feature_store", "ovseg.datamodules.benchmarks",
+                      "ovseg.datamodules.image_folder")
 
 
 DESCRIPTION = (
@@ -42,7 +52,110 @@ DESCRIPTION = (
 
 
 class OVSegCLI(LightningCLI):
-    """Stock LightningCLI with ovseg's base classes; nothing overrides the user's Trainer settings."""
+    """LightningCLI with ovseg's base classes, exact option names and run-owned outputs.
+
+    Beyond stock LightningCLI: abbreviated options are refused; a ``ModelCheckpoint`` without
+    ``dirpath`` writes to ``<default_root_dir>/checkpoints``, an unset logger is a ``CSVLogger`` in
+    ``default_root_dir``, and ``last.ckpt`` is replaced, not versioned (``last-v1.ckpt``), so each
+    run's outputs follow its ``--trainer.default_root_dir``; ``--ckpt_path last`` with nothing to
+    resume is an error (``--allow_fresh_start true`` starts fresh instead); checkpoint files are
+    checked before loading; a fit stopped by a signal saves a checkpoint and reports it
+    (:class:`ovseg.callbacks.StopReport`); the model's own metrics table replaces Lightning's.
+    """
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        kwargs.setdefault("allow_abbrev", False)
+        return super().init_parser(**kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--allow_fresh_start", type=bool, default=False,
+                            help="with --ckpt_path last: start from scratch when there is no checkpoint to resume "
+                                 "(default: that is an error)")
+
+    def before_instantiate_classes(self) -> None:
+        """Point checkpoints and logs without an explicit folder at the run's ``default_root_dir``."""
+        settings = self.config.get(self.subcommand) if self.subcommand else self.config
+        trainer = settings.get("trainer") if settings is not None else None
+        if trainer is None:
+            return
+        check_loader_sizes(settings.get("data"), "data")
+        root = trainer.get("default_root_dir") or "."
+        callbacks = trainer.get("callbacks") or []
+        for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+            class_path = str(callback.get("class_path", "")) if hasattr(callback, "get") else ""
+            init_args = callback.get("init_args") if class_path else None
+            if class_path.endswith("ModelCheckpoint") and init_args is not None:
+                if init_args.get("dirpath") is None:
+                    init_args["dirpath"] = str(Path(root) / "checkpoints")
+                init_args["enable_version_counter"] = False  # one last.ckpt per folder, the newest run's
+        if trainer.get("logger") is None:  # Lightning's default, without its TensorBoard warning
+            from jsonargparse import Namespace
+
+            trainer["logger"] = Namespace(class_path="lightning.pytorch.loggers.CSVLogger",
+                                          init_args=Namespace(save_dir=root))
+
+    def instantiate_trainer(self, **kwargs: Any):
+        from ovseg.callbacks import OVSegProgressBar, StopReport
+
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(StopReport(getattr(self, "_command_line", [])))
+        for index, callback in enumerate(trainer.callbacks):
+            if type(callback).__name__ == "RichProgressBar" and type(callback).__module__.startswith("lightning."):
+                trainer.callbacks[index] = OVSegProgressBar()
+        return trainer
+
+    def before_fit(self) -> None:
+        settings = self.config_init[self.subcommand]
+        if settings.get("ckpt_path") is None:
+            self._note_replaced_checkpoints()
+        self._require_last_checkpoint()
+
+    def before_validate(self) -> None:
+        self._require_last_checkpoint()
+
+    before_test = before_predict = before_validate
+
+    def _require_last_checkpoint(self) -> None:
+        """``--ckpt_path last`` with nothing to resume from: an error naming where it looked."""
+        settings = self.config_init[self.subcommand]
+        if settings.get("ckpt_path") != "last":
+            return
+        from ovseg.callbacks import last_checkpoint_candidates
+
+        last, hpc, looked_in = last_checkpoint_candidates(self.trainer)
+        if last:
+            return
+        if hpc:  # Lightning's `last` ignores SLURM's checkpoints: resume the newest explicitly
+            self.config_init[self.subcommand]["ckpt_path"] = "hpc"
+            return
+        if settings.get("allow_fresh_start"):
+            print(f"ovseg: no checkpoint to resume in {', '.join(looked_in)}: starting from scratch", file=sys.stderr)
+            self.config_init[self.subcommand]["ckpt_path"] = None
+            return
+        raise UserError(
+            f"--ckpt_path last: no checkpoint found (looked for last*.ckpt and hpc_ckpt_*.ckpt in "
+            f"{', '.join(looked_in)}); check --trainer.default_root_dir and the config, give a checkpoint file, "
+            f"or add --allow_fresh_start true to start from scratch")
+
+    def _note_replaced_checkpoints(self) -> None:
+        """A fresh fit in a folder that holds another run's ``last.ckpt`` replaces it: say so once."""
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        for callback in self.trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath:
+                last = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+                if last.is_file() and self.trainer.is_global_zero:
+                    print(f"ovseg: {last} is from an earlier run; this run replaces it (to continue that run "
+                          "instead: --ckpt_path last; to keep both: another --trainer.default_root_dir)",
+                          file=sys.stderr)
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        """Lightning's results table is left out when the model prints its own (``print_metrics``)."""
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if "verbose" in kwargs and getattr(self.model, "print_metrics", False) and "--verbose" not in " ".join(
+                getattr(self, "_command_line", [])):
+            kwargs["verbose"] = False
+        return kwargs
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> Any:
         """``predict`` gets the prediction writer (``--writer.output_dir`` ...) and keeps no
@@ -76,22 +189,97 @@ class OVSegCLI(LightningCLI):
         ckpt_path = settings.get("ckpt_path") if settings is not None else None
         if isinstance(ckpt_path, str) and ckpt_path.startswith(HUB_PREFIX):  # a saved model: weights only
             if subcommand == "fit":
-                raise ValueError(f"--ckpt_path {ckpt_path}: hf:// models hold weights, not a training state to "
-                                 "resume; use them with validate/test/predict")
+                raise UserError(f"--ckpt_path {ckpt_path}: hf:// models hold weights, not a training state to "
+                                "resume; use them with validate/test/predict")
             ckpt_path = settings["ckpt_path"] = resolve_checkpoint(ckpt_path)
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not Path(ckpt_path).is_file():
+            if "://" not in str(ckpt_path):
+                raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+        # a clear message for a file that is not a checkpoint, before Lightning reads it
+        checkpoint = read_checkpoint(ckpt_path) if ckpt_path and Path(ckpt_path).is_file() else None
         model = settings.get("model") if settings is not None else None
         class_path = model.get("class_path") if model is not None and hasattr(model, "get") else None
-        if ckpt_path and class_path and Path(ckpt_path).is_file():
-            import torch
+        if checkpoint is not None and class_path:
             from jsonargparse.typing import import_object
 
-            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
             OVSegModule.check_checkpoint_method(checkpoint, import_object(class_path), f"checkpoint {ckpt_path}",
                                                 class_path)
         super()._parse_ckpt_path()
         overrides = model_options(getattr(self, "_command_line", []))
         if ckpt_path and overrides and Path(ckpt_path).is_file():
             self.config = self.parser.parse_args([subcommand, *overrides], namespace=self.config.clone())
+
+
+def check_loader_sizes(config: Any, key: str) -> None:
+    """Raise :class:`UserError` naming the key of a ``*batch_size`` below 1 or a ``num_workers`` below 0
+    anywhere in a DataModule's configuration (nested ``eval_data`` included), before torch's sampler
+    meets it."""
+    if not hasattr(config, "items"):
+        return
+    for name, value in config.items():
+        path, leaf = f"{key}.{name}", name.rsplit(".", 1)[-1]  # jsonargparse's items() gives dotted keys
+        if leaf.endswith("batch_size") and isinstance(value, int) and value < 1:
+            raise UserError(f"--{path} must be at least 1, got {value}")
+        if leaf == "num_workers" and isinstance(value, int) and value < 0:
+            raise UserError(f"--{path} must be 0 (load in the main process) or more, got {value}")
+        check_loader_sizes(value, path)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint file (CPU, weights only), or raise :class:`UserError` naming the file and
+    saying whether it is empty or truncated (a cut-short save) or not a checkpoint at all."""
+    import torch
+
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise UserError(f"checkpoint {path} is empty (0 bytes): a save that was cut short; use another checkpoint")
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as handle:
+            zip_start = handle.read(4) == b"PK\x03\x04"
+        if zip_start:
+            raise UserError(f"checkpoint {path} is truncated ({size} bytes, the end is missing): a save that was "
+                            "cut short; use another checkpoint")
+        raise UserError(f"{path} is not an ovseg/Lightning checkpoint (not a torch.save zip file)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        raise UserError(f"checkpoint {path} cannot be read, it is corrupt or truncated "
+                        f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise UserError(f"{path} is not an ovseg/Lightning checkpoint (no 'state_dict' in it)")
+    return checkpoint
+
+
+class _DropLines(logging.Filter):
+    """Drops Lightning's lines that are noise for ovseg users (device availability, cloud tips)."""
+
+    PREFIXES = ("GPU available:", "TPU available:", "HPU available:", "\U0001f4a1 Tip:")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(self.PREFIXES)
+
+
+def quiet_terminal() -> None:
+    """Silence what is noise for ovseg (each once; idempotent): Lightning's device lines and tips, the
+    warning that frozen towers are in eval mode (they are, by design), torch's LeafSpec deprecation
+    raised inside Lightning."""
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated")
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
+    logger = logging.getLogger("lightning.pytorch")
+    for target in [logger, *logger.handlers]:
+        if not any(isinstance(f, _DropLines) for f in target.filters):
+            target.addFilter(_DropLines())
+
+
+def import_known_classes() -> None:
+    """Import every method and DataModule, so that short names (``--model SimZSS``) resolve and
+    ``--help`` lists them as known subclasses."""
+    from ovseg.methods import METHODS
+
+    for module in [path.rsplit(".", 1)[0] for path in METHODS.values()] + list(DATAMODULE_MODULES):
+        importlib.import_module(module)
 
 
 def model_options(args: Sequence[str]) -> list[str]:
@@ -132,6 +320,8 @@ def run(args: Sequence[str] | None = None) -> OVSegCLI | None:
 
         convert_main(argv[1:])
         return None
+    quiet_terminal()
+    import_known_classes()
     return OVSegCLI(
         OVSegModule,
         LightningDataModule,
@@ -145,8 +335,10 @@ def run(args: Sequence[str] | None = None) -> OVSegCLI | None:
 
 
 def main() -> None:
-    """Entry point of the ``ovseg`` console script and ``python -m ovseg``."""
-    run()
+    """The ``ovseg`` command (kept here for old entry points): :func:`ovseg.command.main`."""
+    from ovseg.command import main as command_main
+
+    command_main()
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import importlib.resources
+import logging
 import multiprocessing as mp
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -64,7 +65,10 @@ import regex
 import torch
 from torch import Tensor
 
+from ovseg.errors import MissingResourceError
 from ovseg.io import atomic_torch_save
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CONCEPT_KEYS",
@@ -222,7 +226,7 @@ class ConceptBank:
 # --------------------------------------------------------------------------- cached tools
 
 
-class TaggerNotFoundError(LookupError):
+class TaggerNotFoundError(MissingResourceError):
     """NLTK's tagger is missing and could not be downloaded; the message (one line) says what to do."""
 
 
@@ -404,6 +408,11 @@ class ConceptExtractor:
     def clean(self, caption: str) -> str:
         """The caption as the CLIP tokenizer sees it (ftfy-fixed, squeezed, lowercased)."""
         return _clip_clean(self._tokenizer, caption)
+
+    def is_cut(self, caption: str) -> bool:
+        """Whether ``caption`` has more BPE tokens than the context holds (SOT + tokens + EOT): the text
+        encoder sees it cut, and concepts in the cut part are dropped."""
+        return bool(caption) and len(self._tokenizer.encode(self.clean(caption))) > self.context_length - 2
 
     def _clip_words(self, text: str) -> tuple[list[int], list[int], list[int]]:
         """CLIP words of cleaned ``text``: their char starts/ends and first BPE position."""
@@ -662,10 +671,10 @@ class ConceptExtractor:
         """:meth:`extract` over many captions, in order; a process pool if ``num_workers > 0``."""
         captions = list(captions)
         if num_workers <= 0 or len(captions) == 0:
-            results: Iterable[list[Concept]] = map(self.extract, captions)
+            results: Iterable[tuple[list[Concept], bool]] = map(self._extract_and_measure, captions)
             if progress:
                 results = _progress(results, len(captions))
-            return list(results)
+            return self._report_cut(list(results))
 
         import nltk
 
@@ -676,13 +685,24 @@ class ConceptExtractor:
             results = pool.imap(_worker_extract, captions, chunksize=max(1, chunksize))
             if progress:
                 results = _progress(results, len(captions))
-            return list(results)
+            return self._report_cut(list(results))
+
+    def _extract_and_measure(self, caption: str) -> tuple[list[Concept], bool]:
+        return self.extract(caption), self.is_cut(caption)
+
+    def _report_cut(self, results: list[tuple[list[Concept], bool]]) -> list[list[Concept]]:
+        """The concepts; logs how many captions were longer than the context (cut), if any."""
+        cut = sum(is_cut for _, is_cut in results)
+        if cut:
+            log.warning("%d of %d captions are longer than the text context (%d tokens) and were cut: "
+                        "concepts after the cut are dropped", cut, len(results), self.context_length)
+        return [concepts for concepts, _ in results]
 
 
 def _progress(iterable: Iterable[Any], total: int) -> Iterable[Any]:
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc="concepts", unit="caption")
+    return tqdm(iterable, total=total, desc="concepts", unit="caption", disable=None)  # None: off a terminal
 
 
 _WORKER_EXTRACTOR: ConceptExtractor | None = None
@@ -697,9 +717,9 @@ def _worker_init(state: dict[str, Any], nltk_paths: list[str]) -> None:
     _WORKER_EXTRACTOR = extractor
 
 
-def _worker_extract(caption: str) -> list[Concept]:
+def _worker_extract(caption: str) -> tuple[list[Concept], bool]:
     assert _WORKER_EXTRACTOR is not None, "worker not initialised"
-    return _WORKER_EXTRACTOR.extract(caption)
+    return _WORKER_EXTRACTOR._extract_and_measure(caption)
 
 
 def use_nltk_paths(nltk_paths: Sequence[str]) -> None:

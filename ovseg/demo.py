@@ -5,7 +5,8 @@
 Both runs use the same config, seed and budget; the LiT run only sets ``lambda_local: 0`` (no
 concept loss). Each trained model is evaluated with both class embeddings (the config's, then the
 other: ``eot`` or ``concept``), and the final validation metrics and per-class IoU of all four are
-printed together; "minutes" is the training run's wall-clock time.
+printed together; "minutes" is the training run's wall-clock time. Each run owns its folder:
+``runs/demo/simzss`` and ``runs/demo/lit`` (``checkpoints/last.ckpt``, ``lightning_logs/``).
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from ovseg.benchmark import Benchmark, check_unique_names
+from ovseg.errors import UserError
 from ovseg.images import ImageLike, as_image_list
 from ovseg.inference import InferenceSettings, infer_scores
 from ovseg.metrics import SegmentationMetrics
@@ -261,6 +262,7 @@ class OVSegModule(L.LightningModule, ABC):
         self.text_cache.invalidate()
         self.check_checkpoint_method(checkpoint, type(self), self._checkpoint_source())
         self._loading_method = self.checkpoint_method(checkpoint)
+        self._checkpoint_position = (checkpoint.get("epoch"), checkpoint.get("global_step"))
 
     @classmethod
     def checkpoint_method(cls, checkpoint: Mapping[str, Any]) -> str | None:
@@ -275,7 +277,7 @@ class OVSegModule(L.LightningModule, ABC):
     @staticmethod
     def check_checkpoint_method(checkpoint: Mapping[str, Any], method: type, source: str | None = None,
                                 configured: str | None = None) -> None:
-        """Raise ``ValueError`` naming both methods if ``checkpoint`` was saved by a method that is
+        """Raise :class:`~ovseg.errors.UserError` naming both methods if ``checkpoint`` was saved by a method that is
         neither ``method`` nor a subclass or base class of it (class paths are compared after
         import, so ``ovseg.methods.simzss.SimZSS`` and its defining module's path are the same).
         ``configured`` is how the configuration names ``method`` (default: its class path)."""
@@ -291,7 +293,7 @@ class OVSegModule(L.LightningModule, ABC):
             stored_class = None
         if isinstance(stored_class, type) and (issubclass(method, stored_class) or issubclass(stored_class, method)):
             return
-        raise ValueError(
+        raise UserError(
             f"{source or 'the checkpoint'} was saved by the method {stored}, but the model configured "
             f"is {configured}: evaluate or resume it with its own method's config "
             f"(model.class_path: {stored}), or give a checkpoint of {method.__name__}"
@@ -332,7 +334,7 @@ class OVSegModule(L.LightningModule, ABC):
             message = self._state_dict_mismatch(state_dict, strict, method)
             if message is None:
                 raise
-            raise RuntimeError(message) from error
+            raise UserError(message) from error
 
     def _state_dict_mismatch(self, state_dict: Mapping[str, Any], strict: bool, method: str | None,
                              shown: int = 4) -> str | None:
@@ -548,7 +550,12 @@ class OVSegModule(L.LightningModule, ABC):
         from rich.table import Table
 
         columns = [key for key in SUMMARY_METRICS if any(key in r for r in self.last_results.values())]
-        title = f"{stage} metrics (%), epoch {self.current_epoch}, step {self.global_step}"
+        epoch, step = self.current_epoch, self.global_step
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        position = getattr(self, "_checkpoint_position", None)
+        if not fitting and position is not None and None not in position:  # validate/test --ckpt_path
+            epoch, step = position  # the trainer's counters start at 0 outside fit
+        title = f"{stage} metrics (%), epoch {epoch}, step {step}"
         table = Table(title=title)
         table.add_column("benchmark")
         for key in columns:

@@ -26,6 +26,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ovseg.errors import UserError
+
 SINGLE_TEMPLATE = ("a photo of a {}.",)
 
 
@@ -48,7 +50,7 @@ def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
     if isinstance(templates, str):
         presets = {"single": SINGLE_TEMPLATE, "imagenet80": None}
         if templates not in presets:
-            raise ValueError(
+            raise UserError(
                 f"unknown template preset {templates!r}: use 'single', 'imagenet80' or a list of "
                 "strings with one '{}' each"
             )
@@ -56,10 +58,10 @@ def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
     else:
         resolved = tuple(templates)
     if not resolved:
-        raise ValueError("the list of prompt templates is empty")
+        raise UserError("the list of prompt templates is empty")
     for template in resolved:
         if template.count("{}") != 1:
-            raise ValueError(f"prompt template {template!r} must contain exactly one '{{}}'")
+            raise UserError(f"prompt template {template!r} must contain exactly one '{{}}'")
     return resolved
 
 
@@ -97,19 +99,19 @@ class Vocabulary:
         object.__setattr__(self, "classes", classes)
         object.__setattr__(self, "templates", resolve_templates(self.templates))
         if not classes:
-            raise ValueError("the vocabulary is empty: give at least one class name")
+            raise UserError("the vocabulary is empty: give at least one class name")
         if self.background_threshold is not None and not 0.0 <= self.background_threshold <= 1.0:
-            raise ValueError(f"background_threshold must be in [0, 1], got {self.background_threshold}")
+            raise UserError(f"background_threshold must be in [0, 1], got {self.background_threshold}")
         seen: dict[str, int] = {}
         for index, names in enumerate(classes):
             if not names and not (index == 0 and self.background_threshold is not None):
-                raise ValueError(
+                raise UserError(
                     f"class {index} has no name (only class 0 may be nameless, and only with a "
                     "background_threshold)"
                 )
             for name in names:
                 if name in seen and seen[name] != index:
-                    raise ValueError(
+                    raise UserError(
                         f"duplicated class name {name!r} in classes {seen[name]} and {index}"
                     )
                 seen[name] = index

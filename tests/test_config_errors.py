@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ovseg.cli import run
+from ovseg.errors import UserError
 from ovseg.module import OVSegModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,7 +142,7 @@ def test_trainer_refuses_a_checkpoint_of_another_method_without_the_cli(smoke_ch
 def test_foreign_checkpoint_without_a_method_record_names_mismatched_keys(smoke_checkpoint, tmp_path):
     path, _ = smoke_checkpoint
     foreign = _edited(path, tmp_path / "foreign.ckpt", hparams=False, rename_keys=True)
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(UserError) as error:
         run(["validate", "-c", SMOKE, *QUIET, *TINY_DATA, "--ckpt_path", str(foreign)])
     message = str(error.value)
     assert str(foreign) in message and "does not fit SimZSS" in message

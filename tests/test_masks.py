@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ovseg.benchmark import TrainingClasses
+from ovseg.errors import UserError
 from ovseg.masks import (
     HungarianMatcher,
     MaskSetCriterion,
@@ -103,7 +104,7 @@ def test_semantic_targets_one_mask_per_seen_class_and_no_unseen_pixels():
 def test_training_classes_seen_names():
     classes = TrainingClasses(Vocabulary.from_names(["sky", "cow", "grass"]), ("cow",))
     assert classes.seen_indices == (0, 2) and classes.seen_names == ("sky", "grass")
-    with pytest.raises(KeyError, match="giraffe"):
+    with pytest.raises(UserError, match="giraffe"):
         TrainingClasses(Vocabulary.from_names(["sky"]), ("giraffe",))
 
 

@@ -105,8 +105,8 @@ def check_benchmark(spec: BenchmarkSpec, root: str | Path | None = None, decode_
     """
     spec = spec.resolved()
     report = BenchmarkReport(name=str(spec.name), data_dir=str(spec.data_dir(root)))
-    try:
-        report.classes = len(spec.vocabulary(root))
+    try:  # what validate's setup builds: vocabulary (class count), unseen class names, inference settings
+        report.classes = len(spec.benchmark(root).vocabulary)
     except (OSError, ValueError) as error:
         report.problems.append(str(error))
     samples, problems = find_samples(spec, root, strict=False)
@@ -124,7 +124,7 @@ def check_benchmark(spec: BenchmarkSpec, root: str | Path | None = None, decode_
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(job, samples)
         bar = tqdm(results, total=len(samples), desc=f"check {report.name}", unit="img",
-                   disable=not progress, dynamic_ncols=True, leave=False)
+                   disable=None if progress else True, dynamic_ncols=True, leave=False)
         for image_ok, label_ok, classes, sample_problems in bar:
             report.images_ok += image_ok
             report.labels_ok += label_ok

@@ -26,7 +26,9 @@ from ovseg.concepts import (
     stored_concept_fields,
     use_nltk_paths,
 )
+from ovseg.datamodules.coco_captions import annotation_caption
 from ovseg.datamodules.webdataset import expand_urls
+from ovseg.errors import UserError
 from ovseg.prepare.shards import open_shard, progress_bar
 
 __all__ = ["add_concepts_to_shard", "add_concepts_to_shards", "extract_coco_concepts"]
@@ -66,7 +68,9 @@ def extract_coco_concepts(
         raise FileNotFoundError(f"COCO Captions annotation file {path} does not exist")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-        items = [(int(a["id"]), str(a.get("caption") or "")) for a in doc["annotations"]]
+        items = [(int(a["id"]), annotation_caption(a, path)) for a in doc["annotations"]]
+    except UserError:
+        raise
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ValueError(f"{path}: not a COCO Captions file ({exc})") from exc
     extractor = ConceptExtractor(bank, context_length, max_concepts, max_tokens_per_concept, concept_rules)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -31,7 +32,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from ovseg.datamodules.feature_store import CAPTIONS, FORMAT_VERSION, INDEX
 from ovseg.datamodules.transforms import Compose, RandomResizedCrop, resize_image
+from ovseg.errors import UserError
 from ovseg.io import atomic_write_json
+
+log = logging.getLogger(__name__)
 
 __all__ = ["CacheViews", "FeatureStoreWriter", "build_feature_cache", "center_view", "encoder_fingerprint",
            "frozen_features", "train_dataset_of"]
@@ -138,7 +142,7 @@ class FeatureStoreWriter:
             index = json.loads(path.read_text())
             for key in fresh:
                 if key != "num_done" and index.get(key) != fresh[key]:
-                    raise ValueError(
+                    raise UserError(
                         f"feature store {self.root} was built with {key}={index.get(key)!r}, not "
                         f"{fresh[key]!r}: use another --out or delete it"
                     )
@@ -245,6 +249,8 @@ def build_feature_cache(
     start = writer.num_done
     if start >= total:
         return writer.root
+    if start:
+        log.warning("resuming the feature store %s: %d of %d images already cached", writer.root, start, total)
 
     class _Views(Dataset):
         def __len__(self) -> int:
@@ -261,7 +267,8 @@ def build_feature_cache(
                         collate_fn=lambda s: (torch.stack([x["views"] for x in s]), [x["captions"] for x in s]))
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=start, desc="caching features", unit="img", disable=not progress)
+    bar = tqdm(total=total, initial=start, desc="caching features", unit="img",
+               disable=None if progress else True)  # None: no bar when not on a terminal
     for number, (images, captions) in enumerate(loader):
         if max_batches is not None and number >= max_batches:
             break

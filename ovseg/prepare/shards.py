@@ -63,7 +63,8 @@ def progress_bar(total: int, desc: str, unit: str, progress: bool, leave: bool =
     ``update``."""
     from tqdm.auto import tqdm
 
-    return tqdm(range(total), desc=desc, unit=unit, disable=not progress, leave=leave, dynamic_ncols=True)
+    return tqdm(range(total), desc=desc, unit=unit, disable=None if progress else True, leave=leave,
+                dynamic_ncols=True)  # None: no bar when the output is not a terminal
 
 
 @dataclass

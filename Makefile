@@ -7,7 +7,7 @@ export NLTK_DATA
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 
-.PHONY: install test test-slow demo bench clean check-nltk-data
+.PHONY: install test test-slow lint format demo bench clean check-nltk-data
 
 # The tests need NLTK's tagger (SimZSS concepts): stop at once, with one line, if it is not there.
 check-nltk-data:
@@ -23,8 +23,17 @@ $(BIN)/ovseg: pyproject.toml
 	$(BIN)/pip install -e ".[dev,app]"
 	touch $@
 
-test: check-nltk-data install
+test: check-nltk-data install lint
 	$(BIN)/pytest -q -p no:cacheprovider
+
+# ruff (configured in pyproject.toml): lint and formatting are part of `make test`; `make format` fixes both
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 test-slow: check-nltk-data install
 	$(BIN)/pytest -q -p no:cacheprovider -m slow

@@ -31,12 +31,12 @@ import torch.nn.functional as F
 import yaml
 from jsonargparse import ArgumentParser
 
+from ovseg.concepts import ConceptExtractor
 from ovseg.datamodules.synthetic import CATEGORIES, SyntheticWorld
 from ovseg.datamodules.synthetic.datamodule import SyntheticDataModule
 from ovseg.inference import InferenceSettings, infer_scores, window_starts
 from ovseg.mask_classification import MaskClassificationModule
 from ovseg.methods.simzss import SimZSS
-from ovseg.concepts import ConceptExtractor
 from ovseg.module import MaskPredictions, OVSegModule
 from ovseg.vocabulary import Vocabulary
 
@@ -49,11 +49,20 @@ def machine() -> str:
         device = torch.cuda.get_device_name()
     else:
         cpuinfo = Path("/proc/cpuinfo")
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")] if cpuinfo.exists() else []
+        names = (
+            [
+                line.split(":", 1)[1].strip()
+                for line in cpuinfo.read_text().splitlines()
+                if line.startswith("model name")
+            ]
+            if cpuinfo.exists()
+            else []
+        )
         device = names[0] if names else platform.processor() or "CPU"
-    return (f"{device}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
+    return (
+        f"{device}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, Python {platform.python_version()}"
+    )
 
 
 def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -170,17 +179,18 @@ def window_loop(images: torch.Tensor, score_fn, window: int, stride: int) -> tor
     for y in window_starts(height, window, stride).tolist():
         for x in window_starts(width, window, stride).tolist():
             h, w = min(window, height), min(window, width)
-            scores = F.interpolate(score_fn(images[:, :, y:y + h, x:x + w]), size=(h, w), mode="bilinear")
+            scores = F.interpolate(score_fn(images[:, :, y : y + h, x : x + w]), size=(h, w), mode="bilinear")
             if total is None:
                 total = images.new_zeros(images.shape[0], scores.shape[1], height, width)
                 count = images.new_zeros(1, 1, height, width)
-            total[:, :, y:y + h, x:x + w] += scores
-            count[:, :, y:y + h, x:x + w] += 1
+            total[:, :, y : y + h, x : x + w] += scores
+            count[:, :, y : y + h, x : x + w] += 1
     return total / count
 
 
-def bench_method(model: OVSegModule, device: torch.device, repeats: int,
-                 sizes: tuple[int, int, int, int | None] = TINY_SIZES) -> list[tuple[str, float]]:
+def bench_method(
+    model: OVSegModule, device: torch.device, repeats: int, sizes: tuple[int, int, int, int | None] = TINY_SIZES
+) -> list[tuple[str, float]]:
     """Training and inference rows of one method on synthetic scenes (random images for inference).
 
     Training: AdamW steps on one batch of ``sizes[1]`` synthetic scenes of ``sizes[0]`` px (mask
@@ -189,8 +199,9 @@ def bench_method(model: OVSegModule, device: torch.device, repeats: int,
     windows at half-window stride, the windows as one batch and one by one.
     """
     train_px, batch_size, image_px, window = sizes
-    data = SyntheticDataModule(num_train=batch_size, batch_size=batch_size, image_size=train_px,
-                               ignore_unseen_in_training=True)
+    data = SyntheticDataModule(
+        num_train=batch_size, batch_size=batch_size, image_size=train_px, ignore_unseen_in_training=True
+    )
     if isinstance(model, MaskClassificationModule):
         model.set_training_classes(data.training_classes)
     batch = next(iter(data.train_dataloader()))
@@ -208,7 +219,7 @@ def bench_method(model: OVSegModule, device: torch.device, repeats: int,
     memory = peak_memory(step)
     if memory is not None:
         rows.append((f"peak {memory_kind()} of one training step, above the model (MiB)", memory))
-    del optimizer
+    optimizer.state.clear()  # free the Adam moments before the inference rows
     model.eval()
 
     vocabulary = Vocabulary.from_names([c.name for c in CATEGORIES])
@@ -232,11 +243,12 @@ def bench_method(model: OVSegModule, device: torch.device, repeats: int,
             modes[f"{name}, window-by-window loop"] = lambda: window_loop(image, score_fn, window, stride)
             # batched and loop alternate, and each takes its median, so that a change of load on
             # the machine during the measurement hits both sides alike
-            sliding, loop = timed_pair(modes[f"{name}, batched"], modes[f"{name}, window-by-window loop"],
-                                       2 * repeats)
-            rows += [(f"{name}, batched (images/s)", 1 / sliding),
-                     (f"{name}, window-by-window loop (images/s)", 1 / loop),
-                     ("batched sliding window speed-up over the loop (x)", loop / sliding)]
+            sliding, loop = timed_pair(modes[f"{name}, batched"], modes[f"{name}, window-by-window loop"], 2 * repeats)
+            rows += [
+                (f"{name}, batched (images/s)", 1 / sliding),
+                (f"{name}, window-by-window loop (images/s)", 1 / loop),
+                ("batched sliding window speed-up over the loop (x)", loop / sliding),
+            ]
         for name, run in modes.items():
             memory = peak_memory(run)
             if memory is not None:
@@ -285,27 +297,39 @@ def bench_loading(count: int, workdir: Path) -> list[tuple[str, float]]:
     for workers in (0, 2):
         loaders = {
             "COCO Captions + RandomResizedCrop 224": CocoCaptionsDataModule(
-                coco, batch_size=32, num_workers=workers, concepts=None),
+                coco, batch_size=32, num_workers=workers, concepts=None
+            ),
             "WebDataset shards + RandomResizedCrop 224": WebDatasetDataModule(
-                str(shards / f"{{00000..{len(list(shards.glob('*.tar'))) - 1:05d}}}.tar"), epoch_length=count, batch_size=32,
-                num_workers=workers, shuffle_buffer=100),
+                str(shards / f"{{00000..{len(list(shards.glob('*.tar'))) - 1:05d}}}.tar"),
+                epoch_length=count,
+                batch_size=32,
+                num_workers=workers,
+                shuffle_buffer=100,
+            ),
             "evaluation (mmseg folder, native size)": EvaluationDataModule(
                 [BenchmarkSpec(name="synthetic", data_root=".", class_names="class_names.txt")],
-                root=str(mmseg), batch_size=8, num_workers=workers),
+                root=str(mmseg),
+                batch_size=8,
+                num_workers=workers,
+            ),
         }
         for name, datamodule in loaders.items():
             datamodule.setup("fit" if "evaluation" not in name else "validate")
             loader = datamodule.val_dataloader()[0] if "evaluation" in name else datamodule.train_dataloader()
-            rows.append((f"loader: {name}, {size} px, {workers} workers (images/s)",
-                         _images_per_second(loader, count)))
+            rows.append((f"loader: {name}, {size} px, {workers} workers (images/s)", _images_per_second(loader, count)))
     synthetic = SyntheticDataModule(num_train=count, batch_size=32).train_dataloader()
-    rows.append(("loader: synthetic world generated on the fly, 112 px, 0 workers (images/s)",
-                 _images_per_second(synthetic, count)))
+    rows.append(
+        (
+            "loader: synthetic world generated on the fly, 112 px, 0 workers (images/s)",
+            _images_per_second(synthetic, count),
+        )
+    )
     return rows
 
 
-def bench_predict(model: OVSegModule, workdir: Path, count: int = 100, size: int = 112,
-                  batch_size: int = 8) -> list[tuple[str, float]]:
+def bench_predict(
+    model: OVSegModule, workdir: Path, count: int = 100, size: int = 112, batch_size: int = 8
+) -> list[tuple[str, float]]:
     """``ovseg predict`` end to end on a folder of ``count`` synthetic JPEGs (``ImageFolderDataModule``,
     the synthetic world's class names), without and with the prediction writer (label PNG, overlay
     with legend, JSON line per image): images/second of ``trainer.predict`` and its peak memory."""
@@ -321,8 +345,14 @@ def bench_predict(model: OVSegModule, workdir: Path, count: int = 100, size: int
 
     def predict(writer: bool, folder: Path = images) -> float:
         callbacks = [PredictionWriter(output_dir=str(workdir / "predictions"))] if writer else []
-        trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, callbacks=callbacks,
-                            enable_progress_bar=False, enable_model_summary=False)
+        trainer = L.Trainer(
+            accelerator=accelerator,
+            devices=1,
+            logger=False,
+            callbacks=callbacks,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         datamodule = ImageFolderDataModule(str(folder), str(root / "class_names.txt"), batch_size=batch_size)
         start = time.perf_counter()
         trainer.predict(model, datamodule=datamodule, return_predictions=False)
@@ -335,8 +365,12 @@ def bench_predict(model: OVSegModule, workdir: Path, count: int = 100, size: int
     for writer, label in ((False, "writer off"), (True, "writer on: label PNG + overlay + JSON line")):
         seconds: list[float] = []
         peak = peak_memory(lambda seconds=seconds, writer=writer: seconds.append(predict(writer)))
-        rows.append((f"predict, folder of {count} JPEGs {size}x{size}, batch {batch_size}, {label} (images/s)",
-                     count / seconds[0]))
+        rows.append(
+            (
+                f"predict, folder of {count} JPEGs {size}x{size}, batch {batch_size}, {label} (images/s)",
+                count / seconds[0],
+            )
+        )
         if peak is not None:
             rows.append((f"peak {memory_kind()} of that predict, {label} (MiB)", peak))
     return rows
@@ -347,8 +381,9 @@ def _vit_s_simzss(device: torch.device) -> SimZSS:
     from ovseg.encoders import CLIPTextTransformer, TimmViT
 
     image_encoder = TimmViT("vit_small_patch14_dinov2", model_kwargs={"img_size": 224})
-    text_encoder = CLIPTextTransformer(width=64, layers=2, heads=2, context_length=32,
-                                       output_dim=image_encoder.embed_dim)
+    text_encoder = CLIPTextTransformer(
+        width=64, layers=2, heads=2, context_length=32, output_dim=image_encoder.embed_dim
+    )
     return SimZSS(image_encoder, text_encoder, lambda_local=1.0, class_embedding="concept").to(device)
 
 
@@ -366,10 +401,12 @@ def bench_cached_training(device: torch.device, repeats: int, workdir: Path) -> 
     views = CacheViews("center", size=224)
     images = torch.stack([views.view(dataset[i]["image"], i, 0) for i in range(32)])
     image_batch = {"image": images.to(device), "caption": [dataset[i]["caption"] for i in range(32)]}
-    store = build_feature_cache(model.model.image_encoder, dataset, workdir / "vits_store", views,
-                                batch_size=32, device=device, progress=False)
-    loader = DataLoader(CachedFeaturesDataset(store), batch_size=32, shuffle=True, drop_last=True,
-                        collate_fn=collate_samples)
+    store = build_feature_cache(
+        model.model.image_encoder, dataset, workdir / "vits_store", views, batch_size=32, device=device, progress=False
+    )
+    loader = DataLoader(
+        CachedFeaturesDataset(store), batch_size=32, shuffle=True, drop_last=True, collate_fn=collate_samples
+    )
     for captions in loader.dataset.captions:  # concepts of every caption, outside the timing
         model.concept_batch(captions)
     model.concept_batch(image_batch["caption"])
@@ -413,13 +450,16 @@ def bench_cached_training(device: torch.device, repeats: int, workdir: Path) -> 
 
     image_loader = DataLoader(ImageViews(), batch_size=32, shuffle=True, drop_last=True, collate_fn=collate_samples)
     count = len(dataset)
-    return [("SimZSS training from images, frozen ViT-S/14 at 224 px, batch 32 (samples/s)", 32 / uncached),
-            ("SimZSS training from the feature store, same model, batch 32 (samples/s)", 32 / cached),
-            ("feature-store speed-up of SimZSS training (x)", uncached / cached),
-            (f"SimZSS epoch of {count} images from images, views made while loading, batch 32 (s)",
-             epoch_seconds(image_loader)),
-            (f"SimZSS epoch of the same {count} images from the feature store, batch 32 (s)",
-             epoch_seconds(loader))]
+    return [
+        ("SimZSS training from images, frozen ViT-S/14 at 224 px, batch 32 (samples/s)", 32 / uncached),
+        ("SimZSS training from the feature store, same model, batch 32 (samples/s)", 32 / cached),
+        ("feature-store speed-up of SimZSS training (x)", uncached / cached),
+        (
+            f"SimZSS epoch of {count} images from images, views made while loading, batch 32 (s)",
+            epoch_seconds(image_loader),
+        ),
+        (f"SimZSS epoch of the same {count} images from the feature store, batch 32 (s)", epoch_seconds(loader)),
+    ]
 
 
 def write_random_store(path: Path, num_images: int, num_patches: int = 256, dim: int = 384) -> float:
@@ -432,16 +472,27 @@ def write_random_store(path: Path, num_images: int, num_patches: int = 256, dim:
 
     world = SyntheticWorld(seed=2)
     captions = [world.scene(i).captions for i in range(8)]
-    writer = FeatureStoreWriter(path, num_images, 1, num_patches, dim, (16, 16), shard_size=1024,
-                                meta={"encoder": "random", "views": {"mode": "center"}})
+    writer = FeatureStoreWriter(
+        path,
+        num_images,
+        1,
+        num_patches,
+        dim,
+        (16, 16),
+        shard_size=1024,
+        meta={"encoder": "random", "views": {"mode": "center"}},
+    )
     rng = np.random.default_rng(0)
     for start in range(0, num_images, 200):
         count = min(200, num_images - start)
         patches = rng.standard_normal((count, 1, num_patches, dim), dtype=np.float32)
         patches /= np.linalg.norm(patches, axis=-1, keepdims=True)
         pooled = patches.mean(2)
-        writer.append(patches.astype(np.float16), pooled.astype(np.float16),
-                      [captions[(start + i) % len(captions)] for i in range(count)])
+        writer.append(
+            patches.astype(np.float16),
+            pooled.astype(np.float16),
+            [captions[(start + i) % len(captions)] for i in range(count)],
+        )
     json.loads((path / "index.json").read_text())
     return sum(f.stat().st_size for f in path.glob("*.npy")) / 2**20
 
@@ -456,11 +507,15 @@ def rss_child(store: str) -> None:
 
     torch.manual_seed(0)
     image_encoder = TimmViT("vit_small_patch14_dinov2", model_kwargs={"img_size": 224})
-    model = SimZSS(image_encoder, CLIPTextTransformer(width=64, layers=2, heads=2, context_length=32,
-                                                      output_dim=384), lambda_local=1.0)
+    model = SimZSS(
+        image_encoder,
+        CLIPTextTransformer(width=64, layers=2, heads=2, context_length=32, output_dim=384),
+        lambda_local=1.0,
+    )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    loader = DataLoader(CachedFeaturesDataset(store), batch_size=32, shuffle=True, drop_last=True,
-                        collate_fn=collate_samples)
+    loader = DataLoader(
+        CachedFeaturesDataset(store), batch_size=32, shuffle=True, drop_last=True, collate_fn=collate_samples
+    )
     for batch in loader:
         optimizer.zero_grad()
         model.training_loss(batch)["loss"].backward()
@@ -479,8 +534,13 @@ def bench_cached_memory(workdir: Path, sizes: tuple[int, ...]) -> list[tuple[str
     for size in sizes:
         path = workdir / f"rss_store_{size}"
         mib = write_random_store(path, size)
-        out = subprocess.run([sys.executable, __file__, "--rss-child", str(path)], check=True,
-                             capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, "--rss-child", str(path)],
+            check=True,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        ).stdout
         peak = float(out.split("VmHWM_MiB")[1].split()[0])
         rows.append((f"peak RSS, one cached training epoch, {size}-image store of {mib:,.0f} MiB (MiB)", peak))
     return rows
@@ -513,11 +573,20 @@ def print_table(title: str, rows: list[tuple[str, float]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a rough check)")
-    parser.add_argument("--methods", nargs="+", choices=list(METHOD_CONFIGS), default=list(METHOD_CONFIGS),
-                        help="the methods to measure (default: all)")
-    parser.add_argument("--real-size", action=argparse.BooleanOptionalAction, default=None,
-                        help="also measure the real-size configs with random weights "
-                             "(default: on a GPU only; on a CPU they take minutes)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHOD_CONFIGS),
+        default=list(METHOD_CONFIGS),
+        help="the methods to measure (default: all)",
+    )
+    parser.add_argument(
+        "--real-size",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also measure the real-size configs with random weights "
+        "(default: on a GPU only; on a CPU they take minutes)",
+    )
     parser.add_argument("--no-loading", action="store_true", help="skip the DataModule table")
     parser.add_argument("--rss-child", metavar="STORE", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -536,10 +605,12 @@ def main() -> None:
             model = config_model(tiny, device)
             rows = bench_method(model, device, repeats)
             if method == "SimZSS":
-                rows += [*bench_predict(model, Path(workdir), 20 if args.quick else 100),
-                         *bench_concepts(500 if args.quick else 2000),
-                         *bench_cached_training(device, repeats, Path(workdir)),
-                         *bench_cached_memory(Path(workdir), (200, 2000))]
+                rows += [
+                    *bench_predict(model, Path(workdir), 20 if args.quick else 100),
+                    *bench_concepts(500 if args.quick else 2000),
+                    *bench_cached_training(device, repeats, Path(workdir)),
+                    *bench_cached_memory(Path(workdir), (200, 2000)),
+                ]
             print_table(f"{method}, tiny: {tiny}", rows)
             if real_size:
                 torch.manual_seed(0)

@@ -122,9 +122,7 @@ class TrainDataModule(L.LightningDataModule):
     def __init__(self, eval_data: L.LightningDataModule | None = None, samples_per_epoch: int | None = None) -> None:
         super().__init__()
         if eval_data is not None and not hasattr(eval_data, "benchmarks"):
-            raise TypeError(
-                f"eval_data must be a DataModule with a `benchmarks` list, got {type(eval_data).__name__}"
-            )
+            raise TypeError(f"eval_data must be a DataModule with a `benchmarks` list, got {type(eval_data).__name__}")
         if samples_per_epoch is not None and samples_per_epoch < 1:
             raise ValueError(f"samples_per_epoch must be positive, got {samples_per_epoch}")
         self.eval_data = eval_data
@@ -171,12 +169,22 @@ class TrainDataModule(L.LightningDataModule):
         across ranks)."""
         if getattr(self, "train_set", None) is None:
             self.setup("fit")
-        sampler = (None if self.samples_per_epoch is None
-                   else RandomSampler(self.train_set, num_samples=self.samples_per_epoch))
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=sampler is None, sampler=sampler,
-                          drop_last=True,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0, collate_fn=collate_samples)
+        sampler = (
+            None
+            if self.samples_per_epoch is None
+            else RandomSampler(self.train_set, num_samples=self.samples_per_epoch)
+        )
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=sampler is None,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_samples,
+        )
 
     def val_dataloader(self) -> Any:
         if self.eval_data is not None:
@@ -220,4 +228,3 @@ class TrainDataModule(L.LightningDataModule):
         ):
             return extractor
         return None
-

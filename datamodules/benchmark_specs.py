@@ -127,15 +127,15 @@ class BenchmarkSpec:
         spec = self
         if self.preset is not None:
             if self.preset not in PRESETS:
-                raise UserError(
-                    f"unknown benchmark preset {self.preset!r}; known presets: {sorted(PRESETS)}"
-                )
+                raise UserError(f"unknown benchmark preset {self.preset!r}; known presets: {sorted(PRESETS)}")
             base = copy.deepcopy(PRESETS[self.preset])  # presets hold lists and dicts
-            overrides = {f.name: getattr(self, f.name) for f in fields(self)
-                         if getattr(self, f.name) is not None}
+            overrides = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
             spec = replace(base, **overrides)
-        defaults = {f.name: v for f, v in ((f, _GENERIC_DEFAULTS.get(f.name)) for f in fields(spec))
-                    if v is not None and getattr(spec, f.name) is None}
+        defaults = {
+            f.name: v
+            for f, v in ((f, _GENERIC_DEFAULTS.get(f.name)) for f in fields(spec))
+            if v is not None and getattr(spec, f.name) is None
+        }
         spec = replace(spec, **defaults)
         if spec.name is None:
             raise UserError("a benchmark spec needs a name (or a preset, whose name it takes)")
@@ -143,8 +143,7 @@ class BenchmarkSpec:
             raise UserError(f"benchmark {spec.name!r}: layout must be one of {LAYOUTS}, got {spec.layout!r}")
         if spec.class_names is None:
             raise UserError(
-                f"benchmark {spec.name!r}: class_names is required ('packaged:NAME' or a file with "
-                "one class per line)"
+                f"benchmark {spec.name!r}: class_names is required ('packaged:NAME' or a file with one class per line)"
             )
         if spec.max_images is not None and spec.max_images < 1:
             raise UserError(f"benchmark {spec.name!r}: max_images must be >= 1, got {spec.max_images}")
@@ -162,8 +161,9 @@ class BenchmarkSpec:
         spec = self.resolved()
         if spec.inference is not None:
             return spec.inference
-        return InferenceSettings(short_side=spec.short_side, max_long_side=spec.max_long_side,
-                                 window=spec.window, stride=spec.stride)
+        return InferenceSettings(
+            short_side=spec.short_side, max_long_side=spec.max_long_side, window=spec.window, stride=spec.stride
+        )
 
     def data_dir(self, root: str | Path | None = None) -> Path:
         """The benchmark's folder: ``root / data_root`` (``data_root`` alone if absolute)."""
@@ -193,9 +193,14 @@ class BenchmarkSpec:
                 return str(candidate)
         tried = ", ".join(str(c) for c in dict.fromkeys(candidates))
         data_dir = self.data_dir(root)
-        missing_dir = "" if path.is_absolute() or data_dir.is_dir() else (
-            f" (the data directory {data_dir} does not exist: root={str(root)!r}, "
-            f"data_root={spec.data_root!r}; point the DataModule's root at the folder that holds it)")
+        missing_dir = (
+            ""
+            if path.is_absolute() or data_dir.is_dir()
+            else (
+                f" (the data directory {data_dir} does not exist: root={str(root)!r}, "
+                f"data_root={spec.data_root!r}; point the DataModule's root at the folder that holds it)"
+            )
+        )
         raise FileNotFoundError(
             f"benchmark {spec.name!r}: class-name file {names!r} not found (tried {tried}){missing_dir}; "
             "give class_names as 'packaged:NAME' or a file with one class per line"
@@ -219,8 +224,11 @@ class BenchmarkSpec:
         if spec.background_threshold is not None and classes:
             classes[0] = _drop_shared_names(classes, spec.name, source)
         try:
-            vocabulary = Vocabulary(tuple(classes), resolve_templates(spec.templates),  # type: ignore[arg-type]
-                                    spec.background_threshold)
+            vocabulary = Vocabulary(
+                tuple(classes),
+                resolve_templates(spec.templates),  # type: ignore[arg-type]
+                spec.background_threshold,
+            )
         except ValueError as error:
             raise UserError(f"benchmark {spec.name!r}, class names {source}: {error}") from None
         if spec.num_classes is not None and len(vocabulary) != spec.num_classes:
@@ -272,8 +280,12 @@ def _drop_shared_names(classes: list[tuple[str, ...]], name: str | None, source:
     shared = [n for n in classes[0] if n in others]
     if shared and (name, source) not in _WARNED:
         _WARNED.add((name, source))
-        log.warning("benchmark %r (%s): background names %s also name other classes; they are "
-                    "dropped from the background", name, source, shared)
+        log.warning(
+            "benchmark %r (%s): background names %s also name other classes; they are dropped from the background",
+            name,
+            source,
+            shared,
+        )
     return tuple(n for n in classes[0] if n not in others)
 
 
@@ -281,10 +293,19 @@ def _drop_shared_names(classes: list[tuple[str, ...]], name: str | None, source:
 def _caption(name: str, **kwargs: Any) -> BenchmarkSpec:
     """Caption-trained protocol: mmseg layout; TCL/GroupViT geometry (short side 448, window 448,
     stride 224); 80 ImageNet templates; ClearCLIP background thresholds (see configs/data)."""
-    settings: dict[str, Any] = dict(layout="mmseg", templates="imagenet80", short_side=448,
-                                    max_long_side=2048, window=448, stride=224, absent_policy="zero",
-                                    ignore_index=255, image_suffix=".jpg", label_suffix=".png",
-                                    reduce_zero_label=False)
+    settings: dict[str, Any] = dict(
+        layout="mmseg",
+        templates="imagenet80",
+        short_side=448,
+        max_long_side=2048,
+        window=448,
+        stride=224,
+        absent_policy="zero",
+        ignore_index=255,
+        image_suffix=".jpg",
+        label_suffix=".png",
+        reduce_zero_label=False,
+    )
     settings.update(kwargs)
     return BenchmarkSpec(name=name, **settings)
 
@@ -292,10 +313,17 @@ def _caption(name: str, **kwargs: Any) -> BenchmarkSpec:
 def _mask(name: str, **kwargs: Any) -> BenchmarkSpec:
     """Mask-supervised protocol: detectron2 layout (CAT-Seg style paths); ZegFormer test size
     (short side 640, long side <= 2560, whole image); ZegFormer's prompt; old-formula mIoU."""
-    settings: dict[str, Any] = dict(layout="detectron2", templates=list(ZEGFORMER_SINGLE),
-                                    short_side=640, max_long_side=2560, absent_policy="zero",
-                                    ignore_index=255, image_suffix=".jpg", label_suffix=".png",
-                                    reduce_zero_label=False)
+    settings: dict[str, Any] = dict(
+        layout="detectron2",
+        templates=list(ZEGFORMER_SINGLE),
+        short_side=640,
+        max_long_side=2560,
+        absent_policy="zero",
+        ignore_index=255,
+        image_suffix=".jpg",
+        label_suffix=".png",
+        reduce_zero_label=False,
+    )
     settings.update(kwargs)
     return BenchmarkSpec(name=name, **settings)
 
@@ -303,61 +331,131 @@ def _mask(name: str, **kwargs: Any) -> BenchmarkSpec:
 ZEGFORMER_SINGLE: tuple[str, ...] = ("A photo of a {} in the scene",)
 """ZegFormer's ``PROMPT_ENSEMBLE_TYPE: single`` template (zegformer.md, 1.3)."""
 ZEGFORMER_IMAGENET_SELECT: tuple[str, ...] = (
-    "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
-    "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
     "A photo of a {} in the scene",
 )
 """ZegFormer's ``imagenet_select`` templates, used by its ADE-847 config (zegformer.md, 1.3)."""
 
-_VOC12 = dict(data_root="VOCdevkit/VOC2012", image_dir="JPEGImages", label_dir="SegmentationClass",
-              split_file="ImageSets/Segmentation/val.txt")
-_CONTEXT = dict(data_root="VOCdevkit/VOC2010", image_dir="JPEGImages",
-                label_dir="SegmentationClassContext", split_file="ImageSets/SegmentationContext/val.txt")
+_VOC12 = dict(
+    data_root="VOCdevkit/VOC2012",
+    image_dir="JPEGImages",
+    label_dir="SegmentationClass",
+    split_file="ImageSets/Segmentation/val.txt",
+)
+_CONTEXT = dict(
+    data_root="VOCdevkit/VOC2010",
+    image_dir="JPEGImages",
+    label_dir="SegmentationClassContext",
+    split_file="ImageSets/SegmentationContext/val.txt",
+)
 _COCO164K = dict(data_root="coco_stuff164k", image_dir="images/val2017", label_dir="annotations/val2017")
 
 PRESETS: dict[str, BenchmarkSpec] = {
     # ---- caption-trained protocol (mmseg layouts under e.g. data/, TCL README)
-    "voc21": _caption("voc21", **_VOC12, class_names="packaged:voc21", num_classes=21,
-                      background_threshold=0.5),
-    "voc20": _caption("voc20", **_VOC12, class_names="packaged:voc20", num_classes=20,
-                      reduce_zero_label=True),
-    "context60": _caption("context60", **_CONTEXT, class_names="packaged:context60", num_classes=60,
-                          background_threshold=0.15),
-    "context59": _caption("context59", **_CONTEXT, class_names="packaged:context59", num_classes=59,
-                          reduce_zero_label=True),
-    "coco_object": _caption("coco_object", **_COCO164K, label_suffix="_instanceTrainIds.png",
-                            class_names="packaged:coco_object", num_classes=81, label_map={255: 0},
-                            background_threshold=0.4),
-    "coco_stuff": _caption("coco_stuff", **_COCO164K, label_suffix="_labelTrainIds.png",
-                           class_names="packaged:coco_stuff", num_classes=171),
-    "cityscapes": _caption("cityscapes", data_root="cityscapes", image_dir="leftImg8bit/val",
-                           label_dir="gtFine/val", image_suffix="_leftImg8bit.png",
-                           label_suffix="_gtFine_labelTrainIds.png", class_names="packaged:city_scapes",
-                           num_classes=19),
-    "ade20k": _caption("ade20k", data_root="ade/ADEChallengeData2016", image_dir="images/validation",
-                       label_dir="annotations/validation", class_names="packaged:ade20k",
-                       num_classes=150, reduce_zero_label=True),
+    "voc21": _caption("voc21", **_VOC12, class_names="packaged:voc21", num_classes=21, background_threshold=0.5),
+    "voc20": _caption("voc20", **_VOC12, class_names="packaged:voc20", num_classes=20, reduce_zero_label=True),
+    "context60": _caption(
+        "context60", **_CONTEXT, class_names="packaged:context60", num_classes=60, background_threshold=0.15
+    ),
+    "context59": _caption(
+        "context59", **_CONTEXT, class_names="packaged:context59", num_classes=59, reduce_zero_label=True
+    ),
+    "coco_object": _caption(
+        "coco_object",
+        **_COCO164K,
+        label_suffix="_instanceTrainIds.png",
+        class_names="packaged:coco_object",
+        num_classes=81,
+        label_map={255: 0},
+        background_threshold=0.4,
+    ),
+    "coco_stuff": _caption(
+        "coco_stuff", **_COCO164K, label_suffix="_labelTrainIds.png", class_names="packaged:coco_stuff", num_classes=171
+    ),
+    "cityscapes": _caption(
+        "cityscapes",
+        data_root="cityscapes",
+        image_dir="leftImg8bit/val",
+        label_dir="gtFine/val",
+        image_suffix="_leftImg8bit.png",
+        label_suffix="_gtFine_labelTrainIds.png",
+        class_names="packaged:city_scapes",
+        num_classes=19,
+    ),
+    "ade20k": _caption(
+        "ade20k",
+        data_root="ade/ADEChallengeData2016",
+        image_dir="images/validation",
+        label_dir="annotations/validation",
+        class_names="packaged:ade20k",
+        num_classes=150,
+        reduce_zero_label=True,
+    ),
     # ---- mask-supervised protocol (detectron2 layouts under e.g. $DETECTRON2_DATASETS)
-    "ade847": _mask("ade847", data_root="ADE20K_2021_17_01", image_dir="images_detectron2/validation",
-                    label_dir="annotations_detectron2/validation", label_suffix=".tif",
-                    class_names="ade847.txt", num_classes=847, ignore_index=65535,
-                    templates=list(ZEGFORMER_IMAGENET_SELECT)),
-    "pc459": _mask("pc459", data_root="VOCdevkit/VOC2010", image_dir="JPEGImages",
-                   label_dir="annotations_detectron2/pc459_val", label_suffix=".tif",
-                   class_names="pc459.txt", num_classes=459, ignore_index=65535),
-    "ade150": _mask("ade150", data_root="ADEChallengeData2016", image_dir="images/validation",
-                    label_dir="annotations_detectron2/validation", class_names="packaged:ade20k",
-                    num_classes=150),
-    "pc59": _mask("pc59", data_root="VOCdevkit/VOC2010", image_dir="JPEGImages",
-                  label_dir="annotations_detectron2/pc59_val", class_names="packaged:context59",
-                  num_classes=59),
-    "pas20": _mask("pas20", data_root="VOCdevkit/VOC2012", image_dir="JPEGImages",
-                   label_dir="annotations_detectron2/val", class_names="packaged:voc20", num_classes=20),
+    "ade847": _mask(
+        "ade847",
+        data_root="ADE20K_2021_17_01",
+        image_dir="images_detectron2/validation",
+        label_dir="annotations_detectron2/validation",
+        label_suffix=".tif",
+        class_names="ade847.txt",
+        num_classes=847,
+        ignore_index=65535,
+        templates=list(ZEGFORMER_IMAGENET_SELECT),
+    ),
+    "pc459": _mask(
+        "pc459",
+        data_root="VOCdevkit/VOC2010",
+        image_dir="JPEGImages",
+        label_dir="annotations_detectron2/pc459_val",
+        label_suffix=".tif",
+        class_names="pc459.txt",
+        num_classes=459,
+        ignore_index=65535,
+    ),
+    "ade150": _mask(
+        "ade150",
+        data_root="ADEChallengeData2016",
+        image_dir="images/validation",
+        label_dir="annotations_detectron2/validation",
+        class_names="packaged:ade20k",
+        num_classes=150,
+    ),
+    "pc59": _mask(
+        "pc59",
+        data_root="VOCdevkit/VOC2010",
+        image_dir="JPEGImages",
+        label_dir="annotations_detectron2/pc59_val",
+        class_names="packaged:context59",
+        num_classes=59,
+    ),
+    "pas20": _mask(
+        "pas20",
+        data_root="VOCdevkit/VOC2012",
+        image_dir="JPEGImages",
+        label_dir="annotations_detectron2/val",
+        class_names="packaged:voc20",
+        num_classes=20,
+    ),
 }
 """The standard benchmarks; ``configs/data/eval_caption8.yaml`` and ``eval_mask5.yaml`` spell them out."""
 
-CAPTION_BENCHMARKS: tuple[str, ...] = ("voc21", "context60", "coco_object", "voc20", "context59",
-                                       "coco_stuff", "cityscapes", "ade20k")
+CAPTION_BENCHMARKS: tuple[str, ...] = (
+    "voc21",
+    "context60",
+    "coco_object",
+    "voc20",
+    "context59",
+    "coco_stuff",
+    "cityscapes",
+    "ade20k",
+)
 MASK_BENCHMARKS: tuple[str, ...] = ("ade847", "pc459", "ade150", "pc59", "pas20")
 
 

@@ -34,12 +34,12 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from ovseg.datamodules.base import collate_samples, evaluation_sampler
-from ovseg.datamodules.benchmark_specs import BenchmarkSpec
-from ovseg.datamodules.decode import DecodeError, decode_image, decode_label
 from torch.utils.data import DataLoader, Dataset
 
 from ovseg.benchmark import Benchmark, check_unique_names
+from ovseg.datamodules.base import collate_samples, evaluation_sampler
+from ovseg.datamodules.benchmark_specs import BenchmarkSpec
+from ovseg.datamodules.decode import DecodeError, decode_image, decode_label
 from ovseg.errors import UserError
 
 _MAX_LISTED = 10  # how many offending values / files an error message lists
@@ -81,8 +81,9 @@ def _list_files(folder: Path, suffix: str) -> list[str]:
     return sorted(stems)
 
 
-def find_samples(spec: BenchmarkSpec, root: str | Path | None = None, strict: bool = True
-                 ) -> tuple[list[Sample], list[str]]:
+def find_samples(
+    spec: BenchmarkSpec, root: str | Path | None = None, strict: bool = True
+) -> tuple[list[Sample], list[str]]:
     """The samples of a benchmark, and the problems found while listing them.
 
     Args:
@@ -107,8 +108,10 @@ def find_samples(spec: BenchmarkSpec, root: str | Path | None = None, strict: bo
 
     data_dir = spec.data_dir(root)
     if not data_dir.is_dir():
-        fail(f"data directory {data_dir} does not exist (root={str(root)!r}, "
-             f"data_root={spec.data_root!r}); point the DataModule's root at the folder that holds it")
+        fail(
+            f"data directory {data_dir} does not exist (root={str(root)!r}, "
+            f"data_root={spec.data_root!r}); point the DataModule's root at the folder that holds it"
+        )
         return [], problems
     image_dir, label_dir = data_dir / spec.image_dir, data_dir / spec.label_dir  # type: ignore[operator]
     missing_dirs = [d for d in (image_dir, label_dir) if not d.is_dir()]
@@ -127,8 +130,10 @@ def find_samples(spec: BenchmarkSpec, root: str | Path | None = None, strict: bo
         stems = _list_files(label_dir, spec.label_suffix)  # type: ignore[arg-type]
     if not stems:
         listed = spec.split_file or (spec.image_dir if spec.layout == "mmseg" else spec.label_dir)
-        fail(f"no samples: {data_dir / listed} lists no files ending in "
-             f"{spec.image_suffix if spec.layout == 'mmseg' and not spec.split_file else spec.label_suffix!r}")
+        fail(
+            f"no samples: {data_dir / listed} lists no files ending in "
+            f"{spec.image_suffix if spec.layout == 'mmseg' and not spec.split_file else spec.label_suffix!r}"
+        )
         return [], problems
 
     samples, missing = [], []
@@ -146,14 +151,18 @@ def find_samples(spec: BenchmarkSpec, root: str | Path | None = None, strict: bo
         else:
             other_dir, other_suffix, kind, partner = image_dir, spec.image_suffix, "image", "label"
         listed = set(stems)
-        problems.extend(f"orphan {kind} {other_dir / (stem + other_suffix)}: no matching {partner}"  # type: ignore[operator]
-                        for stem in _list_files(other_dir, other_suffix) if stem not in listed)  # type: ignore[arg-type]
+        problems.extend(
+            f"orphan {kind} {other_dir / (stem + other_suffix)}: no matching {partner}"  # type: ignore[operator]
+            for stem in _list_files(other_dir, other_suffix)
+            if stem not in listed
+        )  # type: ignore[arg-type]
     if missing:
         if strict:
             shown = "; ".join(missing[:_MAX_LISTED])
             more = f" (and {len(missing) - _MAX_LISTED} more)" if len(missing) > _MAX_LISTED else ""
-            raise FileNotFoundError(f"benchmark {spec.name!r}: {len(missing)} of {len(stems)} samples "
-                                    f"incomplete: {shown}{more}")
+            raise FileNotFoundError(
+                f"benchmark {spec.name!r}: {len(missing)} of {len(stems)} samples incomplete: {shown}{more}"
+            )
         problems.extend(missing)
     if spec.max_images is not None:
         samples = samples[: spec.max_images]
@@ -173,8 +182,14 @@ class LabelDecoder:
         benchmark: its name, for error messages.
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, reduce_zero_label: bool = False,
-                 label_map: dict[int, int] | None = None, benchmark: str = "") -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        ignore_index: int = 255,
+        reduce_zero_label: bool = False,
+        label_map: dict[int, int] | None = None,
+        benchmark: str = "",
+    ) -> None:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.reduce_zero_label = reduce_zero_label
@@ -246,9 +261,12 @@ class LabelDecoder:
             steps.append("reduce_zero_label")
         after = f" after {' and '.join(steps)}" if steps else ""
         name = f"benchmark {self.benchmark!r} has " if self.benchmark else ""
-        raise DataError(path, f"label values [{shown}] are out of range{after}: {name}"
-                              f"{self.num_classes} classes (valid 0..{self.num_classes - 1}, "
-                              f"ignore {self.ignore_index}), {int(bad_raw.size)} pixels affected")
+        raise DataError(
+            path,
+            f"label values [{shown}] are out of range{after}: {name}"
+            f"{self.num_classes} classes (valid 0..{self.num_classes - 1}, "
+            f"ignore {self.ignore_index}), {int(bad_raw.size)} pixels affected",
+        )
 
 
 # ------------------------------------------------------------------------------------------ dataset
@@ -275,8 +293,11 @@ class BenchmarkDataset(Dataset):
         image = decode_image(sample.image)
         label = self.decoder(decode_label(sample.label), sample.label)
         if tuple(image.shape[1:]) != label.shape:
-            raise DataError(sample.label, f"label size {label.shape[1]}x{label.shape[0]} differs from "
-                                          f"image {sample.image} size {image.shape[2]}x{image.shape[1]}")
+            raise DataError(
+                sample.label,
+                f"label size {label.shape[1]}x{label.shape[0]} differs from "
+                f"image {sample.image} size {image.shape[2]}x{image.shape[1]}",
+            )
         return {
             "image": image,
             "label": torch.from_numpy(label),
@@ -288,8 +309,9 @@ class BenchmarkDataset(Dataset):
         return f"BenchmarkDataset({self.decoder.benchmark!r}, {len(self)} samples)"
 
 
-def dataset_for(spec: BenchmarkSpec, root: str | Path | None = None, strict: bool = True,
-                num_classes: int | None = None) -> tuple[BenchmarkDataset, list[str]]:
+def dataset_for(
+    spec: BenchmarkSpec, root: str | Path | None = None, strict: bool = True, num_classes: int | None = None
+) -> tuple[BenchmarkDataset, list[str]]:
     """The dataset of one spec and the listing problems (none when ``strict``: it raises).
 
     ``num_classes`` defaults to the length of the spec's vocabulary.
@@ -297,8 +319,13 @@ def dataset_for(spec: BenchmarkSpec, root: str | Path | None = None, strict: boo
     spec = spec.resolved()
     if num_classes is None:
         num_classes = len(spec.vocabulary(root))
-    decoder = LabelDecoder(num_classes, spec.ignore_index, spec.reduce_zero_label,  # type: ignore[arg-type]
-                           spec.label_map, spec.name or "")
+    decoder = LabelDecoder(
+        num_classes,
+        spec.ignore_index,
+        spec.reduce_zero_label,  # type: ignore[arg-type]
+        spec.label_map,
+        spec.name or "",
+    )
     samples, problems = find_samples(spec, root, strict=strict)
     return BenchmarkDataset(samples, decoder), problems
 
@@ -362,17 +389,25 @@ class EvaluationDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """List every benchmark's files (raises naming the benchmark and path on a missing one)."""
         if self.datasets is None:
-            self.datasets = [dataset_for(spec, self.root, num_classes=len(benchmark.vocabulary))[0]
-                             for spec, benchmark in zip(self.specs, self.benchmarks)]
+            self.datasets = [
+                dataset_for(spec, self.root, num_classes=len(benchmark.vocabulary))[0]
+                for spec, benchmark in zip(self.specs, self.benchmarks)
+            ]
 
     def _loaders(self) -> list[DataLoader]:
         self.setup()
         assert self.datasets is not None
         return [
-            DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                       sampler=evaluation_sampler(dataset, self.trainer),
-                       pin_memory=self.pin_memory, collate_fn=collate_samples,
-                       persistent_workers=self.num_workers > 0)
+            DataLoader(
+                dataset,
+                batch_size=self.batch_size,
+                shuffle=False,
+                num_workers=self.num_workers,
+                sampler=evaluation_sampler(dataset, self.trainer),
+                pin_memory=self.pin_memory,
+                collate_fn=collate_samples,
+                persistent_workers=self.num_workers > 0,
+            )
             for dataset in self.datasets
         ]
 

@@ -37,6 +37,10 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ovseg.concepts import ConceptCache, default_concepts_path
 from ovseg.datamodules.base import (
     TrainDataModule,
     check_files_exist,
@@ -45,10 +49,6 @@ from ovseg.datamodules.base import (
 )
 from ovseg.datamodules.decode import DecodeError, SkipCounter, decode_image
 from ovseg.datamodules.transforms import RandomResizedCrop, Transform
-from torch import Tensor
-from torch.utils.data import Dataset
-
-from ovseg.concepts import ConceptCache, default_concepts_path
 from ovseg.errors import UserError
 
 __all__ = ["CocoCaptionsDataModule", "CocoCaptionsDataset", "CocoCaptionsIndex", "read_coco_captions"]
@@ -83,8 +83,10 @@ def annotation_caption(annotation: Mapping[str, Any], path: Path) -> str:
     """The caption of a COCO Captions annotation (``""`` for a null one); a missing ``caption`` key is a
     malformed entry, not an empty caption: :class:`UserError` naming the file and annotation."""
     if "caption" not in annotation:
-        raise UserError(f"{path}: annotation {annotation.get('id')!r} (image {annotation.get('image_id')!r}) has "
-                        "no 'caption' key; a COCO Captions annotation needs 'id', 'image_id' and 'caption'")
+        raise UserError(
+            f"{path}: annotation {annotation.get('id')!r} (image {annotation.get('image_id')!r}) has "
+            "no 'caption' key; a COCO Captions annotation needs 'id', 'image_id' and 'caption'"
+        )
     return str(annotation["caption"] or "")
 
 
@@ -127,8 +129,10 @@ def read_coco_captions(annotations: str | os.PathLike) -> CocoCaptionsIndex:
     except UserError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ValueError(f"{path}: malformed COCO Captions entry ({type(exc).__name__}: {exc}); images "
-                         "need 'id' and 'file_name', annotations 'id', 'image_id' and 'caption'") from exc
+        raise ValueError(
+            f"{path}: malformed COCO Captions entry ({type(exc).__name__}: {exc}); images "
+            "need 'id' and 'file_name', annotations 'id', 'image_id' and 'caption'"
+        ) from exc
     file_names, image_ids, captions, ann_ids = [], [], [], []
     without = 0
     for image_id, items in by_image.items():
@@ -140,8 +144,13 @@ def read_coco_captions(annotations: str | os.PathLike) -> CocoCaptionsIndex:
         captions.append([c for _, c in items])
         ann_ids.append([a for a, _ in items])
     if empty:
-        logger.warning("%s: skipped %d empty caption(s) (annotation ids %s%s)", path, empty,
-                       empty_examples, "..." if empty > len(empty_examples) else "")
+        logger.warning(
+            "%s: skipped %d empty caption(s) (annotation ids %s%s)",
+            path,
+            empty,
+            empty_examples,
+            "..." if empty > len(empty_examples) else "",
+        )
     if without:
         logger.warning("%s: %d image(s) have no non-empty caption and are not used", path, without)
     if orphans:
@@ -313,8 +322,10 @@ class CocoCaptionsDataModule(TrainDataModule):
                 cache.check_compatible(extractor)
         self.skips = SkipCounter("image")
         self.train_set = CocoCaptionsDataset(
-            self.train_annotations, self.train_images, self.transform, cache, self.random_caption,
+            self.train_annotations,
+            self.train_images,
+            self.transform,
+            cache,
+            self.random_caption,
             skips=self.skips,
         )
-
-

@@ -129,8 +129,10 @@ class CocoStuffDataset(Dataset):
         image = decode_image(image_path)
         label = self.read_label(index)
         if tuple(label.shape) != tuple(image.shape[-2:]):
-            raise ValueError(f"{self.label_path(index)}: label size {tuple(label.shape)} differs from "
-                             f"image {image_path} size {tuple(image.shape[-2:])}")
+            raise ValueError(
+                f"{self.label_path(index)}: label size {tuple(label.shape)} differs from "
+                f"image {image_path} size {tuple(image.shape[-2:])}"
+            )
         sample = {"image": image, "label": label, "index": index, "name": self.stems[index]}
         return self.transform(sample) if self.transform is not None else sample
 
@@ -138,11 +140,13 @@ class CocoStuffDataset(Dataset):
 def default_segmentation_transform() -> Compose:
     """ZegFormer's COCO-Stuff training augmentation: short side {320..1280}, max 2560, 640 crop,
     horizontal flip (detectron2 ``ResizeShortestEdge`` choice + absolute crop)."""
-    return Compose([
-        ResizeShortSide([int(x * 0.1 * 640) for x in range(5, 21)], max_long_side=2560),
-        RandomCrop(640),
-        RandomHorizontalFlip(),
-    ])
+    return Compose(
+        [
+            ResizeShortSide([int(x * 0.1 * 640) for x in range(5, 21)], max_long_side=2560),
+            RandomCrop(640),
+            RandomHorizontalFlip(),
+        ]
+    )
 
 
 class CocoStuffDataModule(TrainDataModule):
@@ -250,25 +254,31 @@ class CocoStuffDataModule(TrainDataModule):
     def own_benchmarks(self) -> list[Benchmark]:
         if self.val_split is None:
             return []
-        return [Benchmark(self.benchmark_name, self.vocabulary, self.inference, self.absent_policy,
-                          self.unseen_classes)]
+        return [
+            Benchmark(self.benchmark_name, self.vocabulary, self.inference, self.absent_policy, self.unseen_classes)
+        ]
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if stage == "fit" and self.train_set is None:
             ignore = self.unseen_indices if self.zero_shot else []
-            self.train_set = CocoStuffDataset(self.root, self.train_split, self.num_classes, ignore,
-                                              self.transform)
+            self.train_set = CocoStuffDataset(self.root, self.train_split, self.num_classes, ignore, self.transform)
         if self.eval_data is None and self.val_split is not None and self.val_set is None:
-            self.val_set = CocoStuffDataset(self.root, self.val_split, self.num_classes, (),
-                                            self.eval_transform)
+            self.val_set = CocoStuffDataset(self.root, self.val_split, self.num_classes, (), self.eval_transform)
 
     def own_eval_dataloader(self) -> list[DataLoader]:
         if self.val_split is None:
             return []
         if self.val_set is None:
             self.setup("validate")
-        return [DataLoader(self.val_set, batch_size=self.eval_batch_size, shuffle=False,
-                           sampler=evaluation_sampler(self.val_set, self.trainer), num_workers=self.num_workers,
-                           pin_memory=self.pin_memory, collate_fn=collate_samples)]
-
+        return [
+            DataLoader(
+                self.val_set,
+                batch_size=self.eval_batch_size,
+                shuffle=False,
+                sampler=evaluation_sampler(self.val_set, self.trainer),
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                collate_fn=collate_samples,
+            )
+        ]

@@ -29,9 +29,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from ovseg.datamodules.base import collate_samples
 from torch.utils.data import DataLoader, Dataset
 
+from ovseg.datamodules.base import collate_samples
 from ovseg.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -47,13 +47,17 @@ def read_index(store: str | os.PathLike) -> dict[str, Any]:
     """The store's ``index.json``; a :class:`UserError` naming the file if it is not readable JSON."""
     path = Path(store) / INDEX
     if not path.exists():
-        raise FileNotFoundError(f"no feature store at {store} ({INDEX} missing): build it with "
-                                "`ovseg data cache-features --config CONFIG --out STORE`")
+        raise FileNotFoundError(
+            f"no feature store at {store} ({INDEX} missing): build it with "
+            "`ovseg data cache-features --config CONFIG --out STORE`"
+        )
     try:
         index = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"feature store index {path} is corrupt ({error}); rebuild the store with "
-                        "`ovseg data cache-features` into a new --out") from None
+        raise UserError(
+            f"feature store index {path} is corrupt ({error}); rebuild the store with "
+            "`ovseg data cache-features` into a new --out"
+        ) from None
     missing = [key for key in ("num_done", "num_images", "shard_size", "shards") if key not in index]
     if missing:
         raise UserError(f"feature store index {path} lacks {missing}: not a store written by ovseg data cache-features")
@@ -63,11 +67,13 @@ def read_index(store: str | os.PathLike) -> dict[str, Any]:
 def unfinished_store_message(store: str | os.PathLike, index: Mapping[str, Any]) -> str:
     """What is wrong with a store whose building stopped early, and the two ways on."""
     views = index.get("views") or {}
-    return (f"feature store {store} is unfinished: {index['num_done']} of {index['num_images']} images cached "
-            f"(its `ovseg data cache-features` run stopped early). Finish it by running that command again with "
-            f"the same --config, --views {views.get('mode', '...')} and --size {views.get('size', '...')} and "
-            f"--out {store} (it continues where it stopped), or train on the finished part with "
-            "--data.init_args.allow_partial true")
+    return (
+        f"feature store {store} is unfinished: {index['num_done']} of {index['num_images']} images cached "
+        f"(its `ovseg data cache-features` run stopped early). Finish it by running that command again with "
+        f"the same --config, --views {views.get('mode', '...')} and --size {views.get('size', '...')} and "
+        f"--out {store} (it continues where it stopped), or train on the finished part with "
+        "--data.init_args.allow_partial true"
+    )
 
 
 class CachedFeaturesDataset(Dataset):
@@ -85,19 +91,31 @@ class CachedFeaturesDataset(Dataset):
         release_every: reads between releases of the whole mapping (0: never release pages).
     """
 
-    def __init__(self, store: str | os.PathLike, view: int | None = None, random_caption: bool = True,
-                 release_every: int = 64, allow_partial: bool = False) -> None:
+    def __init__(
+        self,
+        store: str | os.PathLike,
+        view: int | None = None,
+        random_caption: bool = True,
+        release_every: int = 64,
+        allow_partial: bool = False,
+    ) -> None:
         self.root = Path(store)
         self.index = read_index(self.root)
         if self.index["num_done"] < self.index["num_images"] and not allow_partial:
             raise UserError(unfinished_store_message(self.root, self.index))
         written = -(-int(self.index["num_done"]) // int(self.index["shard_size"]))  # shards holding samples
         self.shards = list(self.index["shards"][:written])
-        absent = [str(self.root / name.format(kind)) for name in self.shards for kind in ("patches", "pooled")
-                  if not (self.root / name.format(kind)).is_file()]
+        absent = [
+            str(self.root / name.format(kind))
+            for name in self.shards
+            for kind in ("patches", "pooled")
+            if not (self.root / name.format(kind)).is_file()
+        ]
         if absent:
-            raise UserError(f"feature store {self.root} is damaged: {len(absent)} shard file(s) listed in its "
-                            f"{INDEX} are missing, e.g. {absent[0]}; rebuild it into a new --out")
+            raise UserError(
+                f"feature store {self.root} is damaged: {len(absent)} shard file(s) listed in its "
+                f"{INDEX} are missing, e.g. {absent[0]}; rebuild it into a new --out"
+            )
         if view is not None and not 0 <= view < self.index["num_views"]:
             raise ValueError(f"view {view} out of range: the store has {self.index['num_views']} views")
         self.view = view
@@ -115,8 +133,13 @@ class CachedFeaturesDataset(Dataset):
     def arrays(self) -> list[tuple[np.memmap, np.memmap]]:
         """Per shard: (patches, pooled) memmaps, opened on first use."""
         if self._arrays is None:
-            self._arrays = [tuple(np.load(self.root / name.format(kind), mmap_mode="r")  # type: ignore[misc]
-                                  for kind in ("patches", "pooled")) for name in self.shards]
+            self._arrays = [
+                tuple(
+                    np.load(self.root / name.format(kind), mmap_mode="r")  # type: ignore[misc]
+                    for kind in ("patches", "pooled")
+                )
+                for name in self.shards
+            ]
             for pair in self._arrays:  # shuffled reads: no read-around of neighbouring samples
                 for array in pair:
                     handle = getattr(array, "_mmap", None)
@@ -137,13 +160,18 @@ class CachedFeaturesDataset(Dataset):
             raise IndexError(index)
         number, row = divmod(index, self.index["shard_size"])
         patches, pooled = self.arrays[number]
-        view = self.view if self.view is not None else (
-            int(torch.randint(self.index["num_views"], ())) if self.index["num_views"] > 1 else 0)
+        view = (
+            self.view
+            if self.view is not None
+            else (int(torch.randint(self.index["num_views"], ())) if self.index["num_views"] > 1 else 0)
+        )
         captions = self.captions[index]
         k = int(torch.randint(len(captions), ())) if self.random_caption and len(captions) > 1 else 0
-        sample = {"patches": torch.from_numpy(np.array(patches[row, view])),
-                  "pooled": torch.from_numpy(np.array(pooled[row, view])),
-                  "caption": captions[k]}
+        sample = {
+            "patches": torch.from_numpy(np.array(patches[row, view])),
+            "pooled": torch.from_numpy(np.array(pooled[row, view])),
+            "caption": captions[k],
+        }
         if self.release_every:
             _release_rows(patches, row)
             self._reads += 1
@@ -189,9 +217,16 @@ class CachedFeaturesDataModule(L.LightningDataModule):
             such a store is refused before the first step, with the count done and how to finish it).
     """
 
-    def __init__(self, store: str, batch_size: int = 32, num_workers: int = 0, view: int | None = None,
-                 random_caption: bool = True, eval_data: L.LightningDataModule | None = None,
-                 allow_partial: bool = False) -> None:
+    def __init__(
+        self,
+        store: str,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        view: int | None = None,
+        random_caption: bool = True,
+        eval_data: L.LightningDataModule | None = None,
+        allow_partial: bool = False,
+    ) -> None:
         super().__init__()
         self.store = store
         self.allow_partial = allow_partial
@@ -216,11 +251,16 @@ class CachedFeaturesDataModule(L.LightningDataModule):
             encoder = getattr(getattr(module, "model", None), "image_encoder", None)
             if encoder is not None:
                 self.check_encoder(encoder)
-            self.train_set = CachedFeaturesDataset(self.store, self.view, self.random_caption,
-                                                   allow_partial=self.allow_partial)
+            self.train_set = CachedFeaturesDataset(
+                self.store, self.view, self.random_caption, allow_partial=self.allow_partial
+            )
             if len(self.train_set) < self.train_set.index["num_images"]:
-                log.warning("training on the finished part of the unfinished feature store %s: %d of %d images",
-                            self.store, len(self.train_set), self.train_set.index["num_images"])
+                log.warning(
+                    "training on the finished part of the unfinished feature store %s: %d of %d images",
+                    self.store,
+                    len(self.train_set),
+                    self.train_set.index["num_images"],
+                )
 
     def check_encoder(self, encoder: torch.nn.Module) -> None:
         """Raise unless the store was built with ``encoder`` (class and weights, e.g. with or without the
@@ -239,9 +279,15 @@ class CachedFeaturesDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             self.setup("fit")
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          collate_fn=collate_samples)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_samples,
+        )
 
     def val_dataloader(self) -> Any:
         return self.eval_data.val_dataloader() if self.eval_data is not None else []

@@ -39,11 +39,11 @@ from ovseg.inference import InferenceSettings
 from ovseg.vocabulary import Vocabulary
 
 #: file suffixes listed when a folder is given (any file may be given explicitly)
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
-                            ".pbm", ".jp2", ".jfif"})
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jp2", ".jfif"}
+)
 
-__all__ = ["IMAGE_SUFFIXES", "ImageFolderDataModule", "ImageListDataset", "find_images", "image_names",
-           "parse_classes"]
+__all__ = ["IMAGE_SUFFIXES", "ImageFolderDataModule", "ImageListDataset", "find_images", "image_names", "parse_classes"]
 
 
 def find_images(images: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
@@ -61,8 +61,13 @@ def find_images(images: str | os.PathLike | Sequence[str | os.PathLike]) -> list
         text = os.path.expanduser(os.fspath(entry))
         path = Path(text)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            files = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in IMAGE_SUFFIXES
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
             if not files:
                 raise FileNotFoundError(f"folder {path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
         elif path.is_file():
@@ -95,8 +100,12 @@ def parse_classes(classes: str | Sequence[str]) -> list[str | tuple[str, ...]]:
         return list(classes)
     text = classes.strip()
     if text.startswith("packaged:") or Path(text).expanduser().is_file():
-        return [names for names in Vocabulary.from_file(Path(text).expanduser() if not text.startswith(
-            "packaged:") else text).classes]
+        return [
+            names
+            for names in Vocabulary.from_file(
+                Path(text).expanduser() if not text.startswith("packaged:") else text
+            ).classes
+        ]
     entries = [tuple(name.strip() for name in entry.split("|") if name.strip()) for entry in text.split(",")]
     return [entry for entry in entries if entry]
 
@@ -168,9 +177,15 @@ class ImageFolderDataModule(L.LightningDataModule):
         return self.benchmarks[0].vocabulary
 
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                          sampler=evaluation_sampler(self.dataset, self.trainer), collate_fn=collate_samples,
-                          persistent_workers=False)
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            sampler=evaluation_sampler(self.dataset, self.trainer),
+            collate_fn=collate_samples,
+            persistent_workers=False,
+        )
 
     def __repr__(self) -> str:
         return f"ImageFolderDataModule({len(self.paths)} images, classes={list(self.vocabulary.display_names)})"

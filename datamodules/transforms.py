@@ -24,9 +24,8 @@ dict; the input is not modified) and
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -70,9 +69,7 @@ def _check_sample(sample: Mapping[str, Any]) -> tuple[Tensor, Tensor | None]:
         raise ValueError(f"sample['image'] must be a (3, H, W) tensor, got {shape}")
     label = sample.get("label")
     if label is not None and tuple(label.shape) != tuple(image.shape[-2:]):
-        raise ValueError(
-            f"image {tuple(image.shape[-2:])} and label {tuple(label.shape)} sizes differ"
-        )
+        raise ValueError(f"image {tuple(image.shape[-2:])} and label {tuple(label.shape)} sizes differ")
     return image, label
 
 
@@ -205,9 +202,9 @@ class RandomResizedCrop(Transform):
         image, label = _check_sample(sample)
         top, left, h, w = self.params(*image.shape[-2:])
         out = dict(sample)
-        out["image"] = resize_image(image[:, top:top + h, left:left + w], self.size, self.interpolation)
+        out["image"] = resize_image(image[:, top : top + h, left : left + w], self.size, self.interpolation)
         if label is not None:
-            out["label"] = resize_label(label[top:top + h, left:left + w], self.size)
+            out["label"] = resize_label(label[top : top + h, left : left + w], self.size)
         return out
 
 
@@ -308,7 +305,7 @@ class RandomCrop(Transform):
         top, left = self._draw(height, width)
         if label is not None and self.cat_max_ratio is not None and self.cat_max_ratio < 1.0:
             for _ in range(10):
-                crop = label[top:top + ch, left:left + cw]
+                crop = label[top : top + ch, left : left + cw]
                 values = crop[crop != self.ignore_index]
                 if values.numel():
                     counts = torch.unique(values, return_counts=True)[1]
@@ -316,9 +313,9 @@ class RandomCrop(Transform):
                         break
                 top, left = self._draw(height, width)
         out = dict(sample)
-        out["image"] = image[:, top:top + ch, left:left + cw].contiguous()
+        out["image"] = image[:, top : top + ch, left : left + cw].contiguous()
         if label is not None:
-            out["label"] = label[top:top + ch, left:left + cw].contiguous()
+            out["label"] = label[top : top + ch, left : left + cw].contiguous()
         return out
 
 

@@ -86,8 +86,15 @@ class _SplitByRank:
                 yield item
 
 
-_PROGRAMMING_ERRORS = (TypeError, AttributeError, NameError, ImportError, NotImplementedError,
-                       RecursionError, MemoryError)
+_PROGRAMMING_ERRORS = (
+    TypeError,
+    AttributeError,
+    NameError,
+    ImportError,
+    NotImplementedError,
+    RecursionError,
+    MemoryError,
+)
 
 
 class WebDatasetStream(IterableDataset):
@@ -184,7 +191,9 @@ class WebDatasetStream(IterableDataset):
         return True
 
     # ---------------------------------------------------------------- decoding
-    def _concepts(self, stored: Mapping[str, Any] | None, meta: Mapping[str, Any], where: str) -> dict[str, Tensor] | None:
+    def _concepts(
+        self, stored: Mapping[str, Any] | None, meta: Mapping[str, Any], where: str
+    ) -> dict[str, Tensor] | None:
         if not self.use_stored_concepts or not stored or not all(k in stored for k in CONCEPT_KEYS[:2]):
             return None
         stored_meta = meta.get("concept_meta") or {}
@@ -193,13 +202,18 @@ class WebDatasetStream(IterableDataset):
             if problems:
                 if not self._warned_meta:
                     self._warned_meta = True
-                    logger.warning("%s: stored concepts do not match the model (%s); extracting on the fly",
-                                   where, "; ".join(problems))
+                    logger.warning(
+                        "%s: stored concepts do not match the model (%s); extracting on the fly",
+                        where,
+                        "; ".join(problems),
+                    )
                 return None
             shape = (self.expected_concept_meta["max_concepts"], self.expected_concept_meta["max_tokens_per_concept"])
         else:
-            shape = (stored_meta.get("max_concepts", DEFAULT_MAX_CONCEPTS),
-                     stored_meta.get("max_tokens_per_concept", DEFAULT_MAX_TOKENS))
+            shape = (
+                stored_meta.get("max_concepts", DEFAULT_MAX_CONCEPTS),
+                stored_meta.get("max_tokens_per_concept", DEFAULT_MAX_TOKENS),
+            )
         try:
             return concepts_from_lists(stored, int(shape[0]), int(shape[1]))
         except (ValueError, KeyError, IndexError, TypeError) as exc:
@@ -233,8 +247,10 @@ class WebDatasetStream(IterableDataset):
                 raise BadSample(f"{where}: no .{LABEL_EXTENSION} label map")
             sample["label"] = self._label(raw[LABEL_EXTENSION], f"{where}.{LABEL_EXTENSION}")
             if tuple(sample["label"].shape) != tuple(sample["image"].shape[-2:]):
-                raise BadSample(f"{where}: label size {tuple(sample['label'].shape)} differs from image "
-                                f"size {tuple(sample['image'].shape[-2:])}")
+                raise BadSample(
+                    f"{where}: label size {tuple(sample['label'].shape)} differs from image "
+                    f"size {tuple(sample['image'].shape[-2:])}"
+                )
         return self.transform(sample) if self.transform is not None else sample
 
     def _caption(self, raw: Mapping[str, Any], meta: Mapping[str, Any], where: str) -> tuple[str, Mapping | None]:
@@ -267,8 +283,9 @@ class WebDatasetStream(IterableDataset):
             bad = ((label < 0) | (label >= self.num_classes)) & (label != self.ignore_index)
             if bool(bad.any()):
                 values = torch.unique(label[bad])[:10].tolist()
-                raise BadSample(f"{name}: label values {values} outside 0..{self.num_classes - 1} "
-                                f"and not {self.ignore_index}")
+                raise BadSample(
+                    f"{name}: label values {values} outside 0..{self.num_classes - 1} and not {self.ignore_index}"
+                )
         if self._lut is not None:
             label = self._lut[label.clamp(0, len(self._lut) - 1)].where(label < len(self._lut), label)
         return label
@@ -433,11 +450,24 @@ class WebDatasetDataModule(TrainDataModule):
             self.skips = SkipCounter("sample")
         extractor = self.model_concept_extractor()
         return WebDatasetStream(
-            self.urls, self.batch_size, self.epoch_length, self.resampled, self.shard_shuffle,
-            self.shuffle_buffer, self.transform, self.with_captions, self.with_labels,
-            self.random_caption, self.use_stored_concepts,
+            self.urls,
+            self.batch_size,
+            self.epoch_length,
+            self.resampled,
+            self.shard_shuffle,
+            self.shuffle_buffer,
+            self.transform,
+            self.with_captions,
+            self.with_labels,
+            self.random_caption,
+            self.use_stored_concepts,
             concept_meta(extractor) if extractor is not None else None,
-            self.num_classes, self.ignore_classes, self.ignore_index, rank, world, self.skips,
+            self.num_classes,
+            self.ignore_classes,
+            self.ignore_index,
+            rank,
+            world,
+            self.skips,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -445,15 +475,20 @@ class WebDatasetDataModule(TrainDataModule):
         self._local_shards(stream.urls)
         workers = self.num_workers
         if not self.resampled:
-            per_rank = len(stream.urls[stream.rank::stream.world_size])
+            per_rank = len(stream.urls[stream.rank :: stream.world_size])
             if per_rank == 0:
                 raise ValueError(
                     f"{len(stream.urls)} shard(s) for {stream.world_size} processes: rank {stream.rank} gets "
                     "none; use resampled=True or more shards"
                 )
             if workers > per_rank:
-                logger.warning("WebDatasetDataModule: %d shard(s) for this process, using %d DataLoader "
-                               "worker(s) instead of %d", per_rank, per_rank, workers)
+                logger.warning(
+                    "WebDatasetDataModule: %d shard(s) for this process, using %d DataLoader worker(s) instead of %d",
+                    per_rank,
+                    per_rank,
+                    workers,
+                )
                 workers = per_rank
-        return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
-                          persistent_workers=workers > 0)
+        return DataLoader(
+            stream, batch_size=None, num_workers=workers, pin_memory=self.pin_memory, persistent_workers=workers > 0
+        )

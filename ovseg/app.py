@@ -61,10 +61,16 @@ def segment_file(model: OVSegModule, image_path: str, vocabulary: Vocabulary, ou
     names = vocabulary.display_names
     label_path = out_dir / f"{Path(image_path).stem}_labels.png"
     save_label_png(labels, colours, label_path)
-    rows = [[names[k], round(100 * float(fractions[k]), 2), round(float(confidence[k]), 4)]
-            for k in sorted(range(len(names)), key=lambda k: -fractions[k]) if counts[k] > 0]
-    return {"overlay": overlay(image_path, labels, names, colours, fractions=fractions),
-            "labels": str(label_path), "rows": rows}
+    rows = [
+        [names[k], round(100 * float(fractions[k]), 2), round(float(confidence[k]), 4)]
+        for k in sorted(range(len(names)), key=lambda k: -fractions[k])
+        if counts[k] > 0
+    ]
+    return {
+        "overlay": overlay(image_path, labels, names, colours, fractions=fractions),
+        "labels": str(label_path),
+        "rows": rows,
+    }
 
 
 def build_app(models: Mapping[str, OVSegModule], example: str | None = None) -> Any:
@@ -88,23 +94,28 @@ def build_app(models: Mapping[str, OVSegModule], example: str | None = None) -> 
 
     names = list(models)
     with gr.Blocks(title="ovseg: open-vocabulary segmentation") as demo:
-        gr.Markdown("## ovseg: open-vocabulary semantic segmentation\nUpload an image, type class names "
-                    "(comma-separated, `|` between synonyms), and press **Segment**.")
+        gr.Markdown(
+            "## ovseg: open-vocabulary semantic segmentation\nUpload an image, type class names "
+            "(comma-separated, `|` between synonyms), and press **Segment**."
+        )
         with gr.Row():
             with gr.Column():
-                image = gr.Image(value=example, type="filepath", image_mode=None, label="image",
-                                 sources=["upload", "clipboard"])
+                image = gr.Image(
+                    value=example, type="filepath", image_mode=None, label="image", sources=["upload", "clipboard"]
+                )
                 classes = gr.Textbox(value=DEFAULT_CLASSES, label="class names", lines=2)
                 with gr.Row():
                     templates = gr.Radio(["single", "imagenet80"], value="single", label="prompt templates")
-                    threshold = gr.Slider(0.0, 1.0, value=0.0, step=0.05,
-                                          label="background threshold (0: off; else label 0 = background)")
+                    threshold = gr.Slider(
+                        0.0, 1.0, value=0.0, step=0.05, label="background threshold (0: off; else label 0 = background)"
+                    )
                 checkpoint = gr.Dropdown(names, value=names[0], label="checkpoint", visible=len(names) > 1)
                 button = gr.Button("Segment", variant="primary")
             with gr.Column():
                 overlay_image = gr.Image(type="pil", label="overlay and legend", format="png")
-                table = gr.Dataframe(headers=["class", "pixels (%)", "confidence"], label="classes present",
-                                     interactive=False)
+                table = gr.Dataframe(
+                    headers=["class", "pixels (%)", "confidence"], label="classes present", interactive=False
+                )
                 label_file = gr.File(label="label map (palette PNG, value = class index)")
         inputs, outputs = [image, classes, templates, threshold, checkpoint], [overlay_image, table, label_file]
         button.click(run, inputs, outputs, api_name="segment")
@@ -115,11 +126,16 @@ def build_app(models: Mapping[str, OVSegModule], example: str | None = None) -> 
 
 def main(argv: list[str] | None = None) -> None:
     """``ovseg app``: load the checkpoints and serve the demo."""
-    parser = argparse.ArgumentParser(prog="ovseg app", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt_path", action="append", required=True, metavar="CKPT",
-                        help="an ovseg checkpoint, save_pretrained folder or hf://ORG/NAME (repeat for several, "
-                             "selectable in the app)")
+    parser = argparse.ArgumentParser(
+        prog="ovseg app", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--ckpt_path",
+        action="append",
+        required=True,
+        metavar="CKPT",
+        help="an ovseg checkpoint, save_pretrained folder or hf://ORG/NAME (repeat for several, selectable in the app)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

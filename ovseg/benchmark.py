@@ -92,5 +92,7 @@ def check_unseen_names(names: Sequence[str], vocabulary: Vocabulary, where: str)
     known = {name for synonyms in vocabulary.classes for name in synonyms} | set(vocabulary.display_names)
     unknown = [name for name in names if name not in known]
     if unknown:
-        raise UserError(f"{where}: unseen_classes names {unknown}, which are not in its class names "
-                        f"{list(vocabulary.display_names)}; use the class-name file's spelling")
+        raise UserError(
+            f"{where}: unseen_classes names {unknown}, which are not in its class names "
+            f"{list(vocabulary.display_names)}; use the class-name file's spelling"
+        )

@@ -133,7 +133,7 @@ class StopReport(L.Callback):
         args = list(self.command_line)
         for index, arg in enumerate(args):  # drop an earlier --ckpt_path
             if arg.startswith("--ckpt_path"):
-                del args[index: index + (1 if "=" in arg else 2)]
+                del args[index : index + (1 if "=" in arg else 2)]
                 break
         return "ovseg " + " ".join([*args, "--ckpt_path", "last"])
 
@@ -152,8 +152,11 @@ class StopReport(L.Callback):
             return
         step, total = trainer.global_step, trainer.max_steps
         saved = None
-        folders = [cb.dirpath for cb in trainer.checkpoint_callbacks
-                   if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath]
+        folders = [
+            cb.dirpath
+            for cb in trainer.checkpoint_callbacks
+            if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath
+        ]
         if folders and step > 0 and (name == "SIGTERM" or trainer.world_size == 1):  # Ctrl-C: one rank only
             saved = os.path.join(folders[0], ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION)
             try:
@@ -162,8 +165,11 @@ class StopReport(L.Callback):
                 saved = f"none (saving {saved} failed: {error})"
         of_total = f" of {total}" if total and total > 0 else ""
         checkpoint = f"saved {saved}; resume with: {self.resume_command()}" if saved else "no checkpoint saved"
-        exception.ovseg_stop = (f"training stopped by {name} at step {step}{of_total}, not finished; "  # type: ignore[attr-defined]
-                                f"{checkpoint}", status)
+        exception.ovseg_stop = (
+            f"training stopped by {name} at step {step}{of_total}, not finished; "  # type: ignore[attr-defined]
+            f"{checkpoint}",
+            status,
+        )
 
 
 class OVSegProgressBar(RichProgressBar):

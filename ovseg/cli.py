@@ -38,9 +38,15 @@ from ovseg.hub import HUB_PREFIX, resolve_checkpoint
 from ovseg.module import OVSegModule
 
 #: modules whose DataModules ``--data NAME`` and ``--help`` know by short name (methods: METHODS)
-DATAMODULE_MODULES = ("ovseg.datamodules.synthetic", "ovseg.datamodules.coco_captions", "ovseg.datamodules.coco_stuff",
-                      "ovseg.datamodules.webdataset", "ovseg.datamodules.feature_store", "ovseg.datamodules.benchmarks",
-                      "ovseg.datamodules.image_folder")
+DATAMODULE_MODULES = (
+    "ovseg.datamodules.synthetic",
+    "ovseg.datamodules.coco_captions",
+    "ovseg.datamodules.coco_stuff",
+    "ovseg.datamodules.webdataset",
+    "ovseg.datamodules.feature_store",
+    "ovseg.datamodules.benchmarks",
+    "ovseg.datamodules.image_folder",
+)
 
 
 DESCRIPTION = (
@@ -68,9 +74,13 @@ class OVSegCLI(LightningCLI):
         return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--allow_fresh_start", type=bool, default=False,
-                            help="with --ckpt_path last: start from scratch when there is no checkpoint to resume "
-                                 "(default: that is an error)")
+        parser.add_argument(
+            "--allow_fresh_start",
+            type=bool,
+            default=False,
+            help="with --ckpt_path last: start from scratch when there is no checkpoint to resume "
+            "(default: that is an error)",
+        )
 
     def before_instantiate_classes(self) -> None:
         """Point checkpoints and logs without an explicit folder at the run's ``default_root_dir``."""
@@ -91,8 +101,9 @@ class OVSegCLI(LightningCLI):
         if trainer.get("logger") is None:  # Lightning's default, without its TensorBoard warning
             from jsonargparse import Namespace
 
-            trainer["logger"] = Namespace(class_path="lightning.pytorch.loggers.CSVLogger",
-                                          init_args=Namespace(save_dir=root))
+            trainer["logger"] = Namespace(
+                class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir=root)
+            )
 
     def instantiate_trainer(self, **kwargs: Any):
         from ovseg.callbacks import OVSegProgressBar, StopReport
@@ -135,7 +146,8 @@ class OVSegCLI(LightningCLI):
         raise UserError(
             f"--ckpt_path last: no checkpoint found (looked for last*.ckpt and hpc_ckpt_*.ckpt in "
             f"{', '.join(looked_in)}); check --trainer.default_root_dir and the config, give a checkpoint file, "
-            f"or add --allow_fresh_start true to start from scratch")
+            f"or add --allow_fresh_start true to start from scratch"
+        )
 
     def _note_replaced_checkpoints(self) -> None:
         """A fresh fit in a folder that holds another run's ``last.ckpt`` replaces it: say so once."""
@@ -145,15 +157,20 @@ class OVSegCLI(LightningCLI):
             if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath:
                 last = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
                 if last.is_file() and self.trainer.is_global_zero:
-                    print(f"ovseg: {last} is from an earlier run; this run replaces it (to continue that run "
-                          "instead: --ckpt_path last; to keep both: another --trainer.default_root_dir)",
-                          file=sys.stderr)
+                    print(
+                        f"ovseg: {last} is from an earlier run; this run replaces it (to continue that run "
+                        "instead: --ckpt_path last; to keep both: another --trainer.default_root_dir)",
+                        file=sys.stderr,
+                    )
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         """Lightning's results table is left out when the model prints its own (``print_metrics``)."""
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
-        if "verbose" in kwargs and getattr(self.model, "print_metrics", False) and "--verbose" not in " ".join(
-                getattr(self, "_command_line", [])):
+        if (
+            "verbose" in kwargs
+            and getattr(self.model, "print_metrics", False)
+            and "--verbose" not in " ".join(getattr(self, "_command_line", []))
+        ):
             kwargs["verbose"] = False
         return kwargs
 
@@ -189,8 +206,10 @@ class OVSegCLI(LightningCLI):
         ckpt_path = settings.get("ckpt_path") if settings is not None else None
         if isinstance(ckpt_path, str) and ckpt_path.startswith(HUB_PREFIX):  # a saved model: weights only
             if subcommand == "fit":
-                raise UserError(f"--ckpt_path {ckpt_path}: hf:// models hold weights, not a training state to "
-                                "resume; use them with validate/test/predict")
+                raise UserError(
+                    f"--ckpt_path {ckpt_path}: hf:// models hold weights, not a training state to "
+                    "resume; use them with validate/test/predict"
+                )
             ckpt_path = settings["ckpt_path"] = resolve_checkpoint(ckpt_path)
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not Path(ckpt_path).is_file():
             if "://" not in str(ckpt_path):
@@ -202,8 +221,9 @@ class OVSegCLI(LightningCLI):
         if checkpoint is not None and class_path:
             from jsonargparse.typing import import_object
 
-            OVSegModule.check_checkpoint_method(checkpoint, import_object(class_path), f"checkpoint {ckpt_path}",
-                                                class_path)
+            OVSegModule.check_checkpoint_method(
+                checkpoint, import_object(class_path), f"checkpoint {ckpt_path}", class_path
+            )
         super()._parse_ckpt_path()
         overrides = model_options(getattr(self, "_command_line", []))
         if ckpt_path and overrides and Path(ckpt_path).is_file():
@@ -238,14 +258,18 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         with open(path, "rb") as handle:
             zip_start = handle.read(4) == b"PK\x03\x04"
         if zip_start:
-            raise UserError(f"checkpoint {path} is truncated ({size} bytes, the end is missing): a save that was "
-                            "cut short; use another checkpoint")
+            raise UserError(
+                f"checkpoint {path} is truncated ({size} bytes, the end is missing): a save that was "
+                "cut short; use another checkpoint"
+            )
         raise UserError(f"{path} is not an ovseg/Lightning checkpoint (not a torch.save zip file)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:
-        raise UserError(f"checkpoint {path} cannot be read, it is corrupt or truncated "
-                        f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from error
+        raise UserError(
+            f"checkpoint {path} cannot be read, it is corrupt or truncated "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+        ) from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise UserError(f"{path} is not an ovseg/Lightning checkpoint (no 'state_dict' in it)")
     return checkpoint

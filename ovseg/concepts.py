@@ -171,11 +171,7 @@ class ConceptBank:
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         if path is None:
-            text = (
-                importlib.resources.files("ovseg")
-                .joinpath(DEFAULT_BANK_RESOURCE)
-                .read_text(encoding="utf-8")
-            )
+            text = importlib.resources.files("ovseg").joinpath(DEFAULT_BANK_RESOURCE).read_text(encoding="utf-8")
             self.source = f"ovseg/{DEFAULT_BANK_RESOURCE}"
         else:
             with open(path, encoding="utf-8") as f:
@@ -432,9 +428,7 @@ class ConceptExtractor:
         return starts, ends, first_pos
 
     @staticmethod
-    def _word_positions(
-        span: tuple[int, int], clip: tuple[list[int], list[int], list[int]]
-    ) -> tuple[int, ...]:
+    def _word_positions(span: tuple[int, int], clip: tuple[list[int], list[int], list[int]]) -> tuple[int, ...]:
         """BPE positions of every CLIP word overlapping the character ``span``."""
         starts, ends, first_pos = clip
         begin, end = span
@@ -533,8 +527,9 @@ class ConceptExtractor:
         return words
 
     @staticmethod
-    def _release_find(word: str, clip_words: Sequence[tuple[str, tuple[int, ...]]], start: int
-                      ) -> tuple[tuple[int, ...], int] | None:
+    def _release_find(
+        word: str, clip_words: Sequence[tuple[str, tuple[int, ...]]], start: int
+    ) -> tuple[tuple[int, ...], int] | None:
         """The release's search for ``word`` among ``clip_words[start:]``: (positions, next start), or
         ``None`` when it runs out of words. A CLIP word that is a proper prefix of ``word`` is glued (with
         a space) to the next one before comparing, and both are dropped when that fails."""
@@ -575,8 +570,11 @@ class ConceptExtractor:
                     return concepts  # a concept word not found ends the caption's extraction
                 positions += found[0]
                 concept_cursor = found[1]
-            if (kept < self.max_concepts and chunk_tokens < self.max_tokens_per_concept
-                    and len(positions) < self.max_tokens_per_concept):
+            if (
+                kept < self.max_concepts
+                and chunk_tokens < self.max_tokens_per_concept
+                and len(positions) < self.max_tokens_per_concept
+            ):
                 kept += 1
                 name = f"{chunk.modifier} {chunk.lemma}" if chunk.modifier else chunk.lemma
                 label = self.bank.index(name)
@@ -615,9 +613,7 @@ class ConceptExtractor:
                     continue
                 if clip is None:
                     clip = self._clip_words(text)
-                positions = tuple(
-                    p for i in idx for p in self._word_positions(matches[i].span(), clip)
-                )
+                positions = tuple(p for i in idx for p in self._word_positions(matches[i].span(), clip))
                 if not positions:
                     continue
                 if positions[-1] >= limit:
@@ -679,9 +675,7 @@ class ConceptExtractor:
         import nltk
 
         initargs = (self.__getstate__(), list(nltk.data.path))
-        with mp.get_context().Pool(
-            num_workers, initializer=_worker_init, initargs=initargs
-        ) as pool:
+        with mp.get_context().Pool(num_workers, initializer=_worker_init, initargs=initargs) as pool:
             results = pool.imap(_worker_extract, captions, chunksize=max(1, chunksize))
             if progress:
                 results = _progress(results, len(captions))
@@ -694,8 +688,13 @@ class ConceptExtractor:
         """The concepts; logs how many captions were longer than the context (cut), if any."""
         cut = sum(is_cut for _, is_cut in results)
         if cut:
-            log.warning("%d of %d captions are longer than the text context (%d tokens) and were cut: "
-                        "concepts after the cut are dropped", cut, len(results), self.context_length)
+            log.warning(
+                "%d of %d captions are longer than the text context (%d tokens) and were cut: "
+                "concepts after the cut are dropped",
+                cut,
+                len(results),
+                self.context_length,
+            )
         return [concepts for concepts, _ in results]
 
 
@@ -798,8 +797,9 @@ def concepts_from_lists(stored: Mapping[str, Any], max_concepts: int, max_tokens
     positions_in = stored["concept_token_positions"]
     masks_in = stored.get("concept_token_mask")
     if len(positions_in) != len(labels_in) or (masks_in is not None and len(masks_in) != len(labels_in)):
-        raise ValueError("stored concepts: concept_labels, concept_token_positions and "
-                         "concept_token_mask have different lengths")
+        raise ValueError(
+            "stored concepts: concept_labels, concept_token_positions and concept_token_mask have different lengths"
+        )
     labels = torch.full((max_concepts,), -1, dtype=torch.long)
     positions = torch.zeros((max_concepts, max_tokens), dtype=torch.long)
     mask = torch.zeros((max_concepts, max_tokens), dtype=torch.bool)
@@ -831,8 +831,16 @@ class ConceptCache:
 
     FORMAT = "ovseg-coco-concepts-v1"
 
-    def __init__(self, annotation_ids: Tensor, offsets: Tensor, labels: Tensor, token_positions: Tensor,
-                 token_counts: Tensor, meta: Mapping[str, Any], source: str = "<memory>") -> None:
+    def __init__(
+        self,
+        annotation_ids: Tensor,
+        offsets: Tensor,
+        labels: Tensor,
+        token_positions: Tensor,
+        token_counts: Tensor,
+        meta: Mapping[str, Any],
+        source: str = "<memory>",
+    ) -> None:
         self.annotation_ids = annotation_ids
         self.offsets = offsets
         self.labels = labels
@@ -842,8 +850,9 @@ class ConceptCache:
         self.source = source
 
     @classmethod
-    def build(cls, annotation_ids: Sequence[int], concepts: Sequence[Sequence[Concept]],
-              meta: Mapping[str, Any]) -> ConceptCache:
+    def build(
+        cls, annotation_ids: Sequence[int], concepts: Sequence[Sequence[Concept]], meta: Mapping[str, Any]
+    ) -> ConceptCache:
         """From per-annotation concept lists (as ``ConceptExtractor.extract`` returns them)."""
         if len(annotation_ids) != len(concepts):
             raise ValueError("annotation_ids and concepts differ in length")
@@ -868,11 +877,18 @@ class ConceptCache:
     def save(self, path: str | os.PathLike) -> Path:
         """Write to ``path`` atomically (``torch.save`` of plain tensors and a meta dict)."""
         path = Path(path)
-        atomic_torch_save({
-            "format": self.FORMAT, "meta": self.meta, "annotation_ids": self.annotation_ids,
-            "offsets": self.offsets, "labels": self.labels, "token_positions": self.token_positions,
-            "token_counts": self.token_counts,
-        }, path)
+        atomic_torch_save(
+            {
+                "format": self.FORMAT,
+                "meta": self.meta,
+                "annotation_ids": self.annotation_ids,
+                "offsets": self.offsets,
+                "labels": self.labels,
+                "token_positions": self.token_positions,
+                "token_counts": self.token_counts,
+            },
+            path,
+        )
         return path
 
     @classmethod
@@ -890,8 +906,15 @@ class ConceptCache:
             raise ValueError(f"{path}: cannot read the concepts file ({exc})") from exc
         if not isinstance(data, dict) or data.get("format") != cls.FORMAT:
             raise ValueError(f"{path}: not an ovseg concepts file (expected format {cls.FORMAT!r})")
-        return cls(data["annotation_ids"], data["offsets"], data["labels"], data["token_positions"],
-                   data["token_counts"], data["meta"], source=str(path))
+        return cls(
+            data["annotation_ids"],
+            data["offsets"],
+            data["labels"],
+            data["token_positions"],
+            data["token_counts"],
+            data["meta"],
+            source=str(path),
+        )
 
     def __len__(self) -> int:
         return len(self.annotation_ids)
@@ -908,7 +931,9 @@ class ConceptCache:
             return []
         ids = torch.tensor(list(annotation_ids), dtype=torch.long)
         rows = torch.searchsorted(self.annotation_ids, ids).clamp_(max=max(len(self.annotation_ids) - 1, 0))
-        found = self.annotation_ids[rows] == ids if len(self.annotation_ids) else torch.zeros_like(ids, dtype=torch.bool)
+        found = (
+            self.annotation_ids[rows] == ids if len(self.annotation_ids) else torch.zeros_like(ids, dtype=torch.bool)
+        )
         return ids[~found].tolist()
 
     def __contains__(self, annotation_id: object) -> bool:
@@ -924,9 +949,9 @@ class ConceptCache:
         n = min(stop - start, n_max)
         labels = torch.full((n_max,), -1, dtype=torch.long)
         positions = torch.zeros((n_max, t_max), dtype=torch.long)
-        labels[:n] = self.labels[start:start + n].long()
-        positions[:n] = self.token_positions[start:start + n].long()
-        counts = self.token_counts[start:start + n].long()
+        labels[:n] = self.labels[start : start + n].long()
+        positions[:n] = self.token_positions[start : start + n].long()
+        counts = self.token_counts[start : start + n].long()
         mask = torch.zeros((n_max, t_max), dtype=torch.bool)
         mask[:n] = torch.arange(t_max)[None, :] < counts[:, None]
         return {"concept_labels": labels, "concept_token_positions": positions, "concept_token_mask": mask}
@@ -937,7 +962,8 @@ class ConceptCache:
         if problems:
             raise ValueError(
                 f"concepts file {self.source} does not match the model's concept extractor ("
-                + "; ".join(problems) + "). Re-create it with `ovseg data extract-concepts` and the "
+                + "; ".join(problems)
+                + "). Re-create it with `ovseg data extract-concepts` and the "
                 "model's --context-length / --bank."
             )
 
@@ -949,7 +975,9 @@ def default_concepts_path(annotations: str | os.PathLike) -> Path:
 
 
 def stored_concept_fields(
-    extractor: Any, main: Sequence[Concept] | None, per_caption: Sequence[Sequence[Concept]] | None,
+    extractor: Any,
+    main: Sequence[Concept] | None,
+    per_caption: Sequence[Sequence[Concept]] | None,
 ) -> dict[str, Any]:
     """The JSON fields that store concepts in a shard sample: the main caption's lists
     (:func:`concepts_to_lists`), ``caption_concepts`` (one per caption) and ``concept_meta``."""

@@ -82,8 +82,10 @@ class KeyReport:
         missing = self.unaccounted(official_keys)
         if missing:
             shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-            raise ConversionError(f"{source}: {len(missing)} key(s) the converter does not know: {shown}. "
-                                  "Is this a checkpoint of the method and size named in the config?")
+            raise ConversionError(
+                f"{source}: {len(missing)} key(s) the converter does not know: {shown}. "
+                "Is this a checkpoint of the method and size named in the config?"
+            )
 
     def summary(self, examples: int = 2) -> str:
         """A few lines: counts, then each drop or fill reason with its count and example keys."""
@@ -217,8 +219,10 @@ def training_classes_of(config: str | Path) -> Any:
     try:
         datamodule = parser.instantiate_classes(parser.parse_object({"data": section})).data
     except Exception as error:  # any failure of the user's data section, reported with the config's name
-        raise ConversionError(f"config {config}: its `data:` section (which gives the training classes the "
-                              f"checkpoint must record) cannot be built: {error}") from None
+        raise ConversionError(
+            f"config {config}: its `data:` section (which gives the training classes the "
+            f"checkpoint must record) cannot be built: {error}"
+        ) from None
     return getattr(datamodule, "training_classes", None)
 
 
@@ -241,8 +245,12 @@ def save_converted(model: Any, destination: str | Path, source: str | Path, repo
         "pytorch-lightning_version": lightning.__version__,
         "state_dict": model.state_dict(),
         "hyper_parameters": hparams,
-        "ovseg_converted_from": {"file": str(source), "mapped": len(report.mapped), "dropped": dict(dropped),
-                                 "filled": len(report.filled)},
+        "ovseg_converted_from": {
+            "file": str(source),
+            "mapped": len(report.mapped),
+            "dropped": dict(dropped),
+            "filled": len(report.filled),
+        },
     }
     if getattr(model, "_hparams_name", None):
         checkpoint["hparams_name"] = model._hparams_name
@@ -263,8 +271,14 @@ def converter_for(method: str) -> Callable[[dict[str, Tensor], Any], tuple[dict[
     return getattr(import_module(module), function)
 
 
-def convert(method: str, source: str | Path, destination: str | Path, config: str | Path,
-            overrides: Sequence[str] = (), trust_pickle: bool = False) -> KeyReport:
+def convert(
+    method: str,
+    source: str | Path,
+    destination: str | Path,
+    config: str | Path,
+    overrides: Sequence[str] = (),
+    trust_pickle: bool = False,
+) -> KeyReport:
     """Convert ``source`` (an official ``method`` checkpoint) into an ovseg checkpoint at ``destination``.
 
     The model of ``config`` must be the method's class; the converted weights are loaded strictly
@@ -278,29 +292,39 @@ def convert(method: str, source: str | Path, destination: str | Path, config: st
     model = build_model(config, overrides)
     expected = import_object(METHODS[method]) if method in METHODS else None
     if expected is not None and not isinstance(model, expected):
-        raise ConversionError(f"config {config} builds {type(model).__name__}, not {expected.__name__}: give the "
-                              f"config of the {method} model the checkpoint belongs to")
+        raise ConversionError(
+            f"config {config} builds {type(model).__name__}, not {expected.__name__}: give the "
+            f"config of the {method} model the checkpoint belongs to"
+        )
     state_dict, report = converter_for(method)(official, model)
     report.check_complete(list(official), str(source))
     own = model.state_dict()
     missing = [key for key in own if key not in state_dict]
     unexpected = [key for key in state_dict if key not in own]
-    wrong = [f"{key} {tuple(state_dict[key].shape)} vs {tuple(own[key].shape)}" for key in own
-             if key in state_dict and state_dict[key].shape != own[key].shape]
+    wrong = [
+        f"{key} {tuple(state_dict[key].shape)} vs {tuple(own[key].shape)}"
+        for key in own
+        if key in state_dict and state_dict[key].shape != own[key].shape
+    ]
     if missing or unexpected or wrong:
-        details = "; ".join(f"{what}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-                            for what, keys in (("missing", missing), ("unexpected", unexpected),
-                                               ("shape (file vs config)", wrong)) if keys)
-        raise ConversionError(f"{source} does not fit the model of {config} ({details}); is the config the "
-                              "checkpoint's size?")
+        details = "; ".join(
+            f"{what}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+            for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape (file vs config)", wrong))
+            if keys
+        )
+        raise ConversionError(
+            f"{source} does not fit the model of {config} ({details}); is the config the checkpoint's size?"
+        )
     model.load_state_dict(state_dict, strict=True)
     if hasattr(model, "set_training_classes"):
         # mask-classification methods record their training label space (seen classes: fusion,
         # calibration, seen/unseen metrics), as a checkpoint of `ovseg fit` does
         classes = training_classes_of(config)
         if classes is None:
-            report.training_classes = ("none in the config's data section: evaluation takes the seen classes "
-                                       "from its DataModule's split (give the training config to record them)")
+            report.training_classes = (
+                "none in the config's data section: evaluation takes the seen classes "
+                "from its DataModule's split (give the training config to record them)"
+            )
         else:
             model.set_training_classes(classes)
             report.training_classes = f"{len(classes.seen_indices)} seen of {len(classes.vocabulary)} classes"
@@ -318,10 +342,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("method", choices=sorted(CONVERTERS), help="the method the checkpoint belongs to")
     parser.add_argument("source", type=Path, help="official checkpoint (.pth, .pt, .bin or detectron2 .pkl)")
     parser.add_argument("destination", type=Path, help="ovseg checkpoint to write (.ckpt)")
-    parser.add_argument("-c", "--config", type=Path, required=True,
-                        help="the ovseg config of the same model (its `model:` section is used)")
-    parser.add_argument("--trust-pickle", action="store_true",
-                        help="allow a checkpoint that pickles Python objects (only for files you trust)")
+    parser.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        required=True,
+        help="the ovseg config of the same model (its `model:` section is used)",
+    )
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow a checkpoint that pickles Python objects (only for files you trust)",
+    )
     return parser
 
 

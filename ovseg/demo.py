@@ -59,8 +59,9 @@ def side_by_side(runs: dict[str, tuple[dict, float, list[str]]]) -> Table:
     table.add_row("minutes", *[f"{seconds / 60:.1f}" for _, seconds, _ in runs.values()])
     table.add_section()
     for index, name in enumerate(class_names):
-        table.add_row(f"IoU {name}", *[f"{float(results[benchmark]['IoU'][index]):.1f}"
-                                       for results, _, _ in runs.values()])
+        table.add_row(
+            f"IoU {name}", *[f"{float(results[benchmark]['IoU'][index]):.1f}" for results, _, _ in runs.values()]
+        )
     return table
 
 
@@ -69,8 +70,10 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     args, extra = parser.parse_known_args()
     runs = {}
-    for label, name, flags in (("SimZSS", "simzss", []),
-                               ("LiT (lambda 0)", "lit", ["--model.init_args.lambda_local", "0"])):
+    for label, name, flags in (
+        ("SimZSS", "simzss", []),
+        ("LiT (lambda 0)", "lit", ["--model.init_args.lambda_local", "0"]),
+    ):
         results, seconds, names, cli = train(args.config, name, [*extra, *flags])
         embedding = cli.model.class_embedding
         runs[f"{label}, {embedding}"] = (results, seconds, names)

@@ -40,8 +40,10 @@ def _jsonable(value: Any, key: str) -> Any:
     try:
         return json.loads(json.dumps(value))
     except TypeError as err:
-        raise TypeError(f"the configuration entry {key!r} cannot be written as JSON ({err}); build the model "
-                        "through LightningCLI (ovseg fit/validate) or from YAML-style arguments") from err
+        raise TypeError(
+            f"the configuration entry {key!r} cannot be written as JSON ({err}); build the model "
+            "through LightningCLI (ovseg fit/validate) or from YAML-style arguments"
+        ) from err
 
 
 def model_config(module: OVSegModule) -> dict[str, Any]:
@@ -56,13 +58,20 @@ def model_config(module: OVSegModule) -> dict[str, Any]:
     hparams.setdefault("_class_path", f"{type(module).__module__}.{type(module).__qualname__}")
     extra: dict[str, Any] = {}
     module.on_save_checkpoint(extra)
-    return {"format": FORMAT, "method": extra.pop(module.CHECKPOINT_METHOD_KEY),
-            "hyper_parameters": _jsonable(hparams, "hyper_parameters"),
-            "checkpoint_state": {key: _jsonable(value, key) for key, value in extra.items()}}
+    return {
+        "format": FORMAT,
+        "method": extra.pop(module.CHECKPOINT_METHOD_KEY),
+        "hyper_parameters": _jsonable(hparams, "hyper_parameters"),
+        "checkpoint_state": {key: _jsonable(value, key) for key, value in extra.items()},
+    }
 
 
-def save_pretrained(module: OVSegModule, save_directory: str | os.PathLike, training_data: str | None = None,
-                    eval_results: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
+def save_pretrained(
+    module: OVSegModule,
+    save_directory: str | os.PathLike,
+    training_data: str | None = None,
+    eval_results: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Path:
     """Write ``model.safetensors``, ``config.json`` and a ``README.md`` model card to ``save_directory``.
 
     Args:
@@ -85,8 +94,12 @@ def save_pretrained(module: OVSegModule, save_directory: str | os.PathLike, trai
     return folder
 
 
-def model_card(module: OVSegModule, config: Mapping[str, Any], training_data: str | None = None,
-               eval_results: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+def model_card(
+    module: OVSegModule,
+    config: Mapping[str, Any],
+    training_data: str | None = None,
+    eval_results: Mapping[str, Mapping[str, Any]] | None = None,
+) -> str:
     """A Hub model card (YAML metadata + Markdown): method, training data, evaluation table, usage."""
     from huggingface_hub import ModelCardData
 
@@ -99,12 +112,20 @@ def model_card(module: OVSegModule, config: Mapping[str, Any], training_data: st
     if classes is not None:
         unseen = set(classes["unseen"])
         seen = [names[0] for names in classes["classes"] if names[0] not in unseen]
-        training_data += (f"; {len(seen)} seen classes ({', '.join(seen[:20])}{', ...' if len(seen) > 20 else ''})"
-                          f", unseen (held out): {', '.join(sorted(unseen)) or 'none'}")
+        training_data += (
+            f"; {len(seen)} seen classes ({', '.join(seen[:20])}{', ...' if len(seen) > 20 else ''})"
+            f", unseen (held out): {', '.join(sorted(unseen)) or 'none'}"
+        )
     results = eval_results if eval_results is not None else getattr(module, "last_results", {}) or {}
     rows = []
-    columns = sorted({key for metrics in results.values() for key in metrics
-                      if key in ("mIoU", "mIoU_seen", "mIoU_unseen", "hIoU", "pAcc", "mAcc")})
+    columns = sorted(
+        {
+            key
+            for metrics in results.values()
+            for key in metrics
+            if key in ("mIoU", "mIoU_seen", "mIoU_unseen", "hIoU", "pAcc", "mAcc")
+        }
+    )
     if results and columns:
         rows.append("| benchmark | " + " | ".join(columns) + " |")
         rows.append("|---" * (len(columns) + 1) + "|")
@@ -112,17 +133,22 @@ def model_card(module: OVSegModule, config: Mapping[str, Any], training_data: st
             values = [f"{float(metrics[key]):.2f}" if key in metrics else "-" for key in columns]
             rows.append(f"| {name} | " + " | ".join(values) + " |")
     table = "\n".join(rows) if rows else "No evaluation recorded with this model."
-    card_data = ModelCardData(library_name="ovseg", pipeline_tag="image-segmentation",
-                              tags=["ovseg", "open-vocabulary-segmentation", short.lower()])
-    return (f"---\n{card_data.to_yaml()}\n---\n\n# {short} (ovseg)\n\n"
-            f"Open-vocabulary semantic segmentation with ovseg's `{method}`.\n\n"
-            f"## Training data\n\n{training_data}\n\n"
-            f"## Evaluation (%)\n\n{table}\n\n"
-            "## Usage\n\n```python\nfrom ovseg.module import OVSegModule\n\n"
-            "model = OVSegModule.from_pretrained(\"ORG/NAME\").eval()\n"
-            "labels = model.segment(image, [\"sky\", \"grass\", \"a red ball\"])[0]\n```\n\n"
-            "or `ovseg validate -c CONFIG.yaml --ckpt_path hf://ORG/NAME`.\n\n"
-            "`config.json` holds the configuration that rebuilds the model; `model.safetensors` its weights.\n")
+    card_data = ModelCardData(
+        library_name="ovseg",
+        pipeline_tag="image-segmentation",
+        tags=["ovseg", "open-vocabulary-segmentation", short.lower()],
+    )
+    return (
+        f"---\n{card_data.to_yaml()}\n---\n\n# {short} (ovseg)\n\n"
+        f"Open-vocabulary semantic segmentation with ovseg's `{method}`.\n\n"
+        f"## Training data\n\n{training_data}\n\n"
+        f"## Evaluation (%)\n\n{table}\n\n"
+        "## Usage\n\n```python\nfrom ovseg.module import OVSegModule\n\n"
+        'model = OVSegModule.from_pretrained("ORG/NAME").eval()\n'
+        'labels = model.segment(image, ["sky", "grass", "a red ball"])[0]\n```\n\n'
+        "or `ovseg validate -c CONFIG.yaml --ckpt_path hf://ORG/NAME`.\n\n"
+        "`config.json` holds the configuration that rebuilds the model; `model.safetensors` its weights.\n"
+    )
 
 
 def parse_hub_path(path: str) -> tuple[str, str | None]:
@@ -143,11 +169,16 @@ def snapshot(name_or_path: str, revision: str | None = None) -> Path:
         from huggingface_hub import snapshot_download
 
         try:
-            folder = Path(snapshot_download(name_or_path, revision=revision,
-                                            allow_patterns=[WEIGHTS_NAME, CONFIG_NAME, "README.md"]))
+            folder = Path(
+                snapshot_download(
+                    name_or_path, revision=revision, allow_patterns=[WEIGHTS_NAME, CONFIG_NAME, "README.md"]
+                )
+            )
         except Exception as err:  # not found, offline without a cached copy, no access
-            raise OSError(f"could not get the ovseg model {name_or_path!r} from the Hub (a local folder or "
-                          f"ORG/NAME; offline it must be in the Hugging Face cache): {err}") from err
+            raise OSError(
+                f"could not get the ovseg model {name_or_path!r} from the Hub (a local folder or "
+                f"ORG/NAME; offline it must be in the Hugging Face cache): {err}"
+            ) from err
     for name in (WEIGHTS_NAME, CONFIG_NAME):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder} holds no {name}: not a model saved by ovseg's save_pretrained")
@@ -160,8 +191,10 @@ def read_folder(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 
     config = json.loads((folder / CONFIG_NAME).read_text())
     if config.get("format") != FORMAT:
-        raise ValueError(f"{folder / CONFIG_NAME} is not an ovseg model config (format {config.get('format')!r}, "
-                         f"expected {FORMAT!r})")
+        raise ValueError(
+            f"{folder / CONFIG_NAME} is not an ovseg model config (format {config.get('format')!r}, "
+            f"expected {FORMAT!r})"
+        )
     return config, load_file(str(folder / WEIGHTS_NAME), device="cpu")
 
 
@@ -169,13 +202,24 @@ def lightning_checkpoint(config: Mapping[str, Any], state: dict[str, torch.Tenso
     """A weights-only Lightning checkpoint dict equivalent to a saved model."""
     import lightning
 
-    return {"state_dict": state, "hyper_parameters": dict(config["hyper_parameters"]),
-            "pytorch-lightning_version": lightning.__version__, "epoch": 0, "global_step": 0,
-            "ovseg_method": config["method"], **config["checkpoint_state"]}
+    return {
+        "state_dict": state,
+        "hyper_parameters": dict(config["hyper_parameters"]),
+        "pytorch-lightning_version": lightning.__version__,
+        "epoch": 0,
+        "global_step": 0,
+        "ovseg_method": config["method"],
+        **config["checkpoint_state"],
+    }
 
 
-def from_pretrained(cls: type[OVSegModule], name_or_path: str, revision: str | None = None,
-                    map_location: str | torch.device = "cpu", strict: bool = True) -> OVSegModule:
+def from_pretrained(
+    cls: type[OVSegModule],
+    name_or_path: str,
+    revision: str | None = None,
+    map_location: str | torch.device = "cpu",
+    strict: bool = True,
+) -> OVSegModule:
     """Rebuild a saved model from a local folder, a Hub repository ``ORG/NAME`` (``hf://`` optional)
     or a Lightning checkpoint file written by ``ovseg fit`` or ``ovseg convert``.
 
@@ -189,11 +233,16 @@ def from_pretrained(cls: type[OVSegModule], name_or_path: str, revision: str | N
     if os.path.isfile(name_or_path):
         checkpoint = torch.load(name_or_path, map_location="cpu", weights_only=True)
         if not isinstance(checkpoint, dict) or not checkpoint.get("hyper_parameters"):
-            raise ValueError(f"{name_or_path} records no hyper-parameters: only checkpoints of models built by "
-                             "LightningCLI (ovseg fit, ovseg convert) can be rebuilt without their YAML")
+            raise ValueError(
+                f"{name_or_path} records no hyper-parameters: only checkpoints of models built by "
+                "LightningCLI (ovseg fit, ovseg convert) can be rebuilt without their YAML"
+            )
     else:
-        folder = snapshot(*parse_hub_path(name_or_path)) if name_or_path.startswith(HUB_PREFIX) else snapshot(
-            name_or_path, revision)
+        folder = (
+            snapshot(*parse_hub_path(name_or_path))
+            if name_or_path.startswith(HUB_PREFIX)
+            else snapshot(name_or_path, revision)
+        )
         checkpoint = lightning_checkpoint(*read_folder(folder))
     hparams = dict(checkpoint["hyper_parameters"])
     stored = cls.checkpoint_method(checkpoint)
@@ -223,17 +272,25 @@ def _method_class(class_path: str, source: str) -> type:
 
     module = class_path.rpartition(".")[0]
     if class_path not in METHODS.values() and module not in sys.modules:
-        raise ValueError(f"the model {source} names the class {class_path}, which is not an ovseg method "
-                         f"({', '.join(METHODS.values())}); import its module first if you trust it")
+        raise ValueError(
+            f"the model {source} names the class {class_path}, which is not an ovseg method "
+            f"({', '.join(METHODS.values())}); import its module first if you trust it"
+        )
     method = import_object(class_path)
     if not isinstance(method, type):
         raise TypeError(f"the model {source} names {class_path}, which is not a class")
     return method
 
 
-def push_to_hub(module: OVSegModule, repo_id: str, private: bool | None = None, token: str | None = None,
-                commit_message: str = "Upload ovseg model", training_data: str | None = None,
-                eval_results: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+def push_to_hub(
+    module: OVSegModule,
+    repo_id: str,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload ovseg model",
+    training_data: str | None = None,
+    eval_results: Mapping[str, Mapping[str, Any]] | None = None,
+) -> str:
     """``save_pretrained`` to a temporary folder, then create ``repo_id`` (if needed) and upload it.
 
     Returns the URL of the commit. Needs the network and a token with write access.
@@ -244,8 +301,7 @@ def push_to_hub(module: OVSegModule, repo_id: str, private: bool | None = None, 
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(module, tmp, training_data, eval_results)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        commit = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message,
-                                   repo_type="model")
+        commit = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message, repo_type="model")
     return str(getattr(commit, "commit_url", commit))
 
 

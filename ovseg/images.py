@@ -68,8 +68,10 @@ def as_image_tensor(image: ImageLike) -> Tensor:
         return _from_numpy(image)
     if isinstance(image, Tensor):
         return _check_tensor(image)
-    raise TypeError(f"cannot read an image from a {type(image).__name__}: give a file path, a PIL image, "
-                    "an (H, W, 3) uint8 numpy array or a (3, H, W) tensor")
+    raise TypeError(
+        f"cannot read an image from a {type(image).__name__}: give a file path, a PIL image, "
+        "an (H, W, 3) uint8 numpy array or a (3, H, W) tensor"
+    )
 
 
 def as_image_list(images: ImageLike | Sequence[ImageLike]) -> list[Tensor]:
@@ -87,15 +89,18 @@ def as_image_list(images: ImageLike | Sequence[ImageLike]) -> list[Tensor]:
         if not images:
             raise ValueError("no images given")
         return [as_image_tensor(image) for image in images]
-    raise TypeError(f"cannot read images from a {type(images).__name__}: give a file path, a PIL image, an "
-                    "(H, W, 3) uint8 numpy array, a (3, H, W) or (B, 3, H, W) tensor, or a list of these")
+    raise TypeError(
+        f"cannot read images from a {type(images).__name__}: give a file path, a PIL image, an "
+        "(H, W, 3) uint8 numpy array, a (3, H, W) or (B, 3, H, W) tensor, or a list of these"
+    )
 
 
 def _from_numpy(array: np.ndarray) -> Tensor:
     if array.dtype != np.uint8:
         raise TypeError(
             f"numpy images must be uint8 (H, W, 3) in 0-255, got dtype {array.dtype}: a float array may hold "
-            "0-1 or 0-255 values; convert it, e.g. (array * 255).round().astype(np.uint8) for 0-1 values")
+            "0-1 or 0-255 values; convert it, e.g. (array * 255).round().astype(np.uint8) for 0-1 values"
+        )
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
     if array.ndim != 3 or array.shape[2] != 3:
@@ -119,8 +124,12 @@ def _check_tensor(tensor: Tensor) -> Tensor:
     if tensor.numel():
         low, high = float(tensor.min()), float(tensor.max())
         if high > 1 + UNIT_TOLERANCE or low < -UNIT_TOLERANCE:
-            what = ("0-255 values: divide by 255 or give uint8" if low >= 0
-                    else "negative values (a mean/std-normalised image?): give the image before normalisation")
-            raise ValueError(f"float image tensors must hold values in [0, 1]; this one spans "
-                             f"[{low:.3g}, {high:.3g}], {what}")
+            what = (
+                "0-255 values: divide by 255 or give uint8"
+                if low >= 0
+                else "negative values (a mean/std-normalised image?): give the image before normalisation"
+            )
+            raise ValueError(
+                f"float image tensors must hold values in [0, 1]; this one spans [{low:.3g}, {high:.3g}], {what}"
+            )
     return tensor

@@ -52,8 +52,7 @@ class InferenceSettings:
             raise ValueError("InferenceSettings.stride is set but window is not")
 
 
-def resized_shape(height: int, width: int, short_side: int | None, max_long_side: int | None
-                  ) -> tuple[int, int]:
+def resized_shape(height: int, width: int, short_side: int | None, max_long_side: int | None) -> tuple[int, int]:
     """Size after mmseg's keep-ratio resize to scale (max_long_side, short_side)."""
     if short_side is None:
         return height, width
@@ -98,7 +97,7 @@ def sliding_window_scores(
     crops = crops.permute(0, 2, 3, 1, 4, 5).reshape(batch * rows_y * cols_x, channels, win_h, win_w)
 
     step = max_batch or crops.shape[0]
-    scores = torch.cat([score_fn(crops[start:start + step]) for start in range(0, crops.shape[0], step)])
+    scores = torch.cat([score_fn(crops[start : start + step]) for start in range(0, crops.shape[0], step)])
     num_queries, out_h, out_w = scores.shape[1:]
     # Bilinear upsampling is separable and overlap-adding is too, so neither the per-window
     # full-size score maps nor a per-pixel scatter is needed: along the width, each window's

@@ -46,8 +46,14 @@ class MaskClassificationModule(OVSegModule):
 
     text_encoder_trained = False
 
-    def __init__(self, training_templates: str | list[str] = "single", ignore_index: int = 255,
-                 size_divisibility: int = 32, train_pad_value: float | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        training_templates: str | list[str] = "single",
+        ignore_index: int = 255,
+        size_divisibility: int = 32,
+        train_pad_value: float | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         if train_pad_value is not None and not 0 <= train_pad_value <= 255:
             raise ValueError(f"train_pad_value is a pixel value in 0..255 (or null), got {train_pad_value}")
@@ -118,8 +124,9 @@ class MaskClassificationModule(OVSegModule):
             self._criteria[key] = MaskSetCriterion(num_classes, **self.set_loss).to(self.device)
         return self._criteria[key]
 
-    def pad_batch(self, pixels: Tensor, labels: Tensor | None = None,
-                  fill: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def pad_batch(
+        self, pixels: Tensor, labels: Tensor | None = None, fill: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """Pad at the bottom and right to multiples of ``size_divisibility`` (detectron2's
         ``ImageList``): (B, C, H, W) normalised images with zeros, or with ``fill`` ((C,) normalised
         values, see :meth:`training_pad_fill`), (B, H, W) label maps of the same size with the
@@ -157,8 +164,9 @@ class MaskClassificationModule(OVSegModule):
         if self.training_classes is not None:
             for index in self.training_classes.seen_indices:
                 seen_names.update(self.training_classes.vocabulary.classes[index])
-        seen_classes = torch.tensor([any(name in seen_names for name in names) for names in vocabulary.classes],
-                                    dtype=torch.bool)
+        seen_classes = torch.tensor(
+            [any(name in seen_names for name in names) for names in vocabulary.classes], dtype=torch.bool
+        )
         return seen_classes[vocabulary.query_to_class].to(self.device)
 
     # ------------------------------------------------------------------ checkpoints

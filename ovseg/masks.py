@@ -103,7 +103,7 @@ def pairwise_focal_cost(logits: Tensor, targets: Tensor, alpha: float = 0.25, ga
     pos = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
     neg = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
     pos = alpha * (1 - prob) ** gamma * pos
-    neg = (1 - alpha) * prob ** gamma * neg
+    neg = (1 - alpha) * prob**gamma * neg
     return (pos @ targets.T + neg @ (1 - targets).T) / logits.shape[1]
 
 
@@ -283,8 +283,9 @@ class MaskSetCriterion(nn.Module):
     ) -> dict[str, Tensor]:
         """Unweighted ``ce``, ``mask``, ``dice`` of one decoder layer: (B, Q, K+1), (B, Q, h, w)."""
         if class_logits.shape[-1] != self.num_classes + 1:
-            raise ValueError(f"expected {self.num_classes + 1} class logits (classes + no-object), "
-                             f"got {class_logits.shape[-1]}")
+            raise ValueError(
+                f"expected {self.num_classes + 1} class logits (classes + no-object), got {class_logits.shape[-1]}"
+            )
         matches = self.matcher(class_logits, mask_logits, targets)
         device = class_logits.device
         batch_index = torch.cat([torch.full_like(rows, b) for b, (rows, _) in enumerate(matches)]).to(device)
@@ -304,8 +305,9 @@ class MaskSetCriterion(nn.Module):
             pred_points, gt_points = pred.flatten(1), gt.flatten(1)
         else:
             with torch.no_grad():
-                coords = uncertain_point_coords(pred.detach(), self.num_points, self.oversample_ratio,
-                                                self.importance_ratio)
+                coords = uncertain_point_coords(
+                    pred.detach(), self.num_points, self.oversample_ratio, self.importance_ratio
+                )
                 gt_points = point_sample(gt, coords).squeeze(1)
             pred_points = point_sample(pred, coords).squeeze(1)
         pred_points, gt_points = pred_points.float(), gt_points.float()
@@ -328,7 +330,10 @@ class MaskSetCriterion(nn.Module):
         for layer_class, layer_mask in zip(class_logits, mask_logits):
             for key, value in self.layer_losses(layer_class, layer_mask, targets, num_masks).items():
                 totals[key] = totals[key] + value
-        terms = {"loss_ce": self.class_weight * totals["ce"], "loss_mask": self.mask_weight * totals["mask"],
-                 "loss_dice": self.dice_weight * totals["dice"]}
+        terms = {
+            "loss_ce": self.class_weight * totals["ce"],
+            "loss_mask": self.mask_weight * totals["mask"],
+            "loss_dice": self.dice_weight * totals["dice"],
+        }
         terms["loss"] = terms["loss_ce"] + terms["loss_mask"] + terms["loss_dice"]
         return terms  # type: ignore[return-value]

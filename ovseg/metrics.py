@@ -91,16 +91,13 @@ def _check_unseen(unseen: Sequence[int], num_classes: int) -> list[int]:
             raise ValueError(f"unseen class indices must be ints, got {c!r}") from None
         if not 0 <= c < num_classes:
             raise ValueError(
-                f"unseen class index {c} is out of range for num_classes={num_classes} "
-                f"(valid: 0..{num_classes - 1})"
+                f"unseen class index {c} is out of range for num_classes={num_classes} (valid: 0..{num_classes - 1})"
             )
         out.append(c)
     return sorted(set(out))
 
 
-def confusion_matrix(
-    pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = 255
-) -> Tensor:
+def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = 255) -> Tensor:
     """Confusion matrix of one prediction/target pair of any matching shape ((H, W), (B, H, W)).
 
     Args:
@@ -119,10 +116,7 @@ def confusion_matrix(
     """
     k = _check_num_classes(num_classes)
     if pred.shape != target.shape:
-        raise ValueError(
-            f"pred and target must have the same shape, got {tuple(pred.shape)} and "
-            f"{tuple(target.shape)}"
-        )
+        raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
     for name, t in (("pred", pred), ("target", target)):
         if t.is_floating_point() or t.is_complex():
             raise ValueError(
@@ -136,8 +130,7 @@ def confusion_matrix(
     bad_pred = (pred < 0) | (pred >= k)
     if bool(bad_pred.any()):
         raise ValueError(
-            f"pred contains class indices outside [0, {k}) for num_classes={k}: "
-            f"{_describe_values(pred[bad_pred])}"
+            f"pred contains class indices outside [0, {k}) for num_classes={k}: {_describe_values(pred[bad_pred])}"
         )
     keep = target != ignore_index
     target = target[keep]

@@ -84,7 +84,7 @@ class MaskPredictions:
             image_size: (H, W) of the image inside it (top-left).
         """
         masks = F.interpolate(self.mask_logits, size=padded_size, mode="bilinear", align_corners=False)
-        return MaskPredictions(masks[..., :image_size[0], :image_size[1]], self.class_probs, self.query_offsets)
+        return MaskPredictions(masks[..., : image_size[0], : image_size[1]], self.class_probs, self.query_offsets)
 
     def float(self) -> MaskPredictions:
         """A float32 copy (after autocast)."""
@@ -180,8 +180,9 @@ class OVSegModule(L.LightningModule, ABC):
         self.text_batch_size = text_batch_size
         self.print_metrics = print_metrics
         if inference_precision not in AUTOCAST_DTYPES:
-            raise ValueError(f"inference_precision must be one of {sorted(AUTOCAST_DTYPES)}, "
-                             f"got {inference_precision!r}")
+            raise ValueError(
+                f"inference_precision must be one of {sorted(AUTOCAST_DTYPES)}, got {inference_precision!r}"
+            )
         self.inference_precision = inference_precision
         self.compile_inference = compile
         self._compiled_predict_scores: Any = None
@@ -275,8 +276,9 @@ class OVSegModule(L.LightningModule, ABC):
         return None if method is None else str(method)
 
     @staticmethod
-    def check_checkpoint_method(checkpoint: Mapping[str, Any], method: type, source: str | None = None,
-                                configured: str | None = None) -> None:
+    def check_checkpoint_method(
+        checkpoint: Mapping[str, Any], method: type, source: str | None = None, configured: str | None = None
+    ) -> None:
         """Raise :class:`~ovseg.errors.UserError` naming both methods if ``checkpoint`` was saved by a method that is
         neither ``method`` nor a subclass or base class of it (class paths are compared after
         import, so ``ovseg.methods.simzss.SimZSS`` and its defining module's path are the same).
@@ -336,15 +338,18 @@ class OVSegModule(L.LightningModule, ABC):
                 raise
             raise UserError(message) from error
 
-    def _state_dict_mismatch(self, state_dict: Mapping[str, Any], strict: bool, method: str | None,
-                             shown: int = 4) -> str | None:
+    def _state_dict_mismatch(
+        self, state_dict: Mapping[str, Any], strict: bool, method: str | None, shown: int = 4
+    ) -> str | None:
         """A short account of missing / unexpected / reshaped tensors (None if there are none)."""
         own = self.state_dict()
         missing = [k for k in own if k not in state_dict] if strict else []
         unexpected = [k for k in state_dict if k not in own] if strict else []
-        reshaped = [f"{k}: {tuple(state_dict[k].shape)} in the checkpoint, {tuple(v.shape)} here"
-                    for k, v in own.items() if k in state_dict and hasattr(state_dict[k], "shape")
-                    and tuple(state_dict[k].shape) != tuple(v.shape)]
+        reshaped = [
+            f"{k}: {tuple(state_dict[k].shape)} in the checkpoint, {tuple(v.shape)} here"
+            for k, v in own.items()
+            if k in state_dict and hasattr(state_dict[k], "shape") and tuple(state_dict[k].shape) != tuple(v.shape)
+        ]
         if not (missing or unexpected or reshaped):
             return None
 
@@ -355,14 +360,16 @@ class OVSegModule(L.LightningModule, ABC):
         if missing:
             parts.append(f"{len(missing)} of the model's {len(own)} tensors are missing ({some(missing)})")
         if unexpected:
-            parts.append(f"{len(unexpected)} tensors of the checkpoint are unknown to the model "
-                         f"({some(unexpected)})")
+            parts.append(f"{len(unexpected)} tensors of the checkpoint are unknown to the model ({some(unexpected)})")
         if reshaped:
             parts.append(f"{len(reshaped)} have another shape ({some(reshaped)})")
-        origin = (f"saved by {method}, another configuration of it?" if method is not None
-                  else "a checkpoint of another method or another configuration?")
+        origin = (
+            f"saved by {method}, another configuration of it?"
+            if method is not None
+            else "a checkpoint of another method or another configuration?"
+        )
         source = self._checkpoint_source() or "the state dict"
-        return (f"{source} does not fit {type(self).__name__} ({origin}): " + "; ".join(parts))
+        return f"{source} does not fit {type(self).__name__} ({origin}): " + "; ".join(parts)
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -395,8 +402,7 @@ class OVSegModule(L.LightningModule, ABC):
             kinds.add("logits")
             return output.float()
 
-        scores = infer_scores(to_unit_float(images), score_fn, settings or InferenceSettings(),
-                              output_size).float()
+        scores = infer_scores(to_unit_float(images), score_fn, settings or InferenceSettings(), output_size).float()
         probs = scores.softmax(1) if kinds == {"logits"} else scores
         return reduce_synonyms(probs, vocabulary.query_to_class, len(vocabulary))
 
@@ -517,8 +523,9 @@ class OVSegModule(L.LightningModule, ABC):
     def _evaluate_batch(self, batch: Mapping[str, Any], dataloader_idx: int) -> None:
         benchmark = self.benchmarks()[dataloader_idx]
         labels = list(batch["label"])
-        predictions = self.segment_tensors(batch["image"], benchmark.vocabulary, benchmark.inference,
-                                           [tuple(label.shape[-2:]) for label in labels])
+        predictions = self.segment_tensors(
+            batch["image"], benchmark.vocabulary, benchmark.inference, [tuple(label.shape[-2:]) for label in labels]
+        )
         metric = self._metrics[benchmark.name]
         for prediction, label in zip(predictions, labels):
             metric.update(prediction.labels, label.to(prediction.labels.device))
@@ -538,7 +545,8 @@ class OVSegModule(L.LightningModule, ABC):
                     summary[f"{stage}/{name}/{key}"] = float(results[key])
         if self.last_results:
             summary[f"{stage}/mIoU"] = sum(float(r["mIoU"]) for r in self.last_results.values()) / len(
-                self.last_results)
+                self.last_results
+            )
         self.log_dict(summary, add_dataloader_idx=False, sync_dist=False)
         sanity = self._trainer is not None and self.trainer.sanity_checking
         if self.print_metrics and not sanity:
@@ -584,13 +592,19 @@ class OVSegModule(L.LightningModule, ABC):
         ``path`` when the dataset gives them.
         """
         benchmark = self.benchmarks()[dataloader_idx]
-        results = self.segment_tensors(batch["image"], benchmark.vocabulary, benchmark.inference,
-                                       keep_probabilities=self.predict_probabilities)
+        results = self.segment_tensors(
+            batch["image"], benchmark.vocabulary, benchmark.inference, keep_probabilities=self.predict_probabilities
+        )
         pixels, confidence = zip(*[result.class_statistics(len(benchmark.vocabulary)) for result in results])
-        return {"prediction": [r.labels.cpu() for r in results], "pixels": list(pixels),
-                "confidence": list(confidence),
-                "probabilities": [None if r.probabilities is None else r.probabilities.half().cpu() for r in results],
-                "index": batch.get("index"), "name": batch.get("name"), "path": batch.get("path")}
+        return {
+            "prediction": [r.labels.cpu() for r in results],
+            "pixels": list(pixels),
+            "confidence": list(confidence),
+            "probabilities": [None if r.probabilities is None else r.probabilities.half().cpu() for r in results],
+            "index": batch.get("index"),
+            "name": batch.get("name"),
+            "path": batch.get("path"),
+        }
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
@@ -602,8 +616,9 @@ class OVSegModule(L.LightningModule, ABC):
             values = {key: float(value.detach()) for key, value in terms.items()}
             raise FloatingPointError(f"non-finite loss at step {self.global_step}: {values}")
         batch_size = len(batch["image"]) if "image" in batch else None
-        self.log_dict({f"train/{key}": value.detach() for key, value in terms.items()},
-                      prog_bar=False, batch_size=batch_size)
+        self.log_dict(
+            {f"train/{key}": value.detach() for key, value in terms.items()}, prog_bar=False, batch_size=batch_size
+        )
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch_size)
         return loss
 
@@ -628,8 +643,9 @@ class OVSegModule(L.LightningModule, ABC):
         return batch_size * world / self.lr_reference_batch
 
     def configure_optimizers(self) -> Any:
-        groups = parameter_groups(self, self.lr_multipliers, self.no_weight_decay, self.no_decay_on_1d,
-                                  self.no_decay_on_norms)
+        groups = parameter_groups(
+            self, self.lr_multipliers, self.no_weight_decay, self.no_decay_on_1d, self.no_decay_on_norms
+        )
         optimizer = self.optimizer(groups)
         apply_lr_multipliers(optimizer, self._lr_scale())
         if self.lr_scheduler is None:
@@ -638,9 +654,9 @@ class OVSegModule(L.LightningModule, ABC):
         if needs_total_steps(scheduler):
             total = self.trainer.estimated_stepping_batches
             if not math.isfinite(total):
-                raise RuntimeError("the scheduler needs total_steps, and the trainer cannot estimate "
-                                   "them: set trainer.max_steps or the scheduler's total_steps")
+                raise RuntimeError(
+                    "the scheduler needs total_steps, and the trainer cannot estimate "
+                    "them: set trainer.max_steps or the scheduler's total_steps"
+                )
             set_total_steps(scheduler, int(total))
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
-
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}

@@ -39,8 +39,10 @@ def freeze_by_prefix(module: nn.Module, prefixes: Iterable[str]) -> list[str]:
     names = [name for name, _ in module.named_parameters()]
     for prefix in prefixes:
         if not any(name.startswith(prefix) for name in names):
-            raise ValueError(f"freeze prefix {prefix!r} matches no parameter; names start with "
-                             f"{sorted({name.split('.')[0] for name in names})}")
+            raise ValueError(
+                f"freeze prefix {prefix!r} matches no parameter; names start with "
+                f"{sorted({name.split('.')[0] for name in names})}"
+            )
     frozen = []
     for name, parameter in module.named_parameters():
         if longest_prefix(name, prefixes) is not None:
@@ -80,20 +82,31 @@ def parameter_groups(
     if unknown:
         raise ValueError(f"lr_multipliers prefixes {unknown} match no parameter")
     no_weight_decay = tuple(no_weight_decay)
-    norm_parameters = {id(p) for m in module.modules() if isinstance(m, NORM_LAYERS)
-                       for p in m.parameters(recurse=False)} if no_decay_on_norms else set()
+    norm_parameters = (
+        {id(p) for m in module.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
+        if no_decay_on_norms
+        else set()
+    )
     groups: dict[tuple[float, bool], dict] = {}
     for name, parameter in module.named_parameters():
         if not parameter.requires_grad:
             continue
         prefix = longest_prefix(name, lr_multipliers)
         multiplier = lr_multipliers[prefix] if prefix is not None else 1.0
-        decay = not ((no_decay_on_1d and parameter.ndim <= 1) or id(parameter) in norm_parameters
-                     or any(key in name for key in no_weight_decay))
-        group = groups.setdefault((multiplier, decay), {
-            "params": [], "names": [], "lr_multiplier": multiplier,
-            **({} if decay else {"weight_decay": 0.0}),
-        })
+        decay = not (
+            (no_decay_on_1d and parameter.ndim <= 1)
+            or id(parameter) in norm_parameters
+            or any(key in name for key in no_weight_decay)
+        )
+        group = groups.setdefault(
+            (multiplier, decay),
+            {
+                "params": [],
+                "names": [],
+                "lr_multiplier": multiplier,
+                **({} if decay else {"weight_decay": 0.0}),
+            },
+        )
         group["params"].append(parameter)
         group["names"].append(name)
     if not groups:
@@ -123,8 +136,9 @@ class _StepsLR(LambdaLR):
 
     def step(self, epoch: int | None = None) -> None:
         if self.total_steps is None and self._constructed:
-            raise RuntimeError(f"{type(self).__name__}.total_steps is not set: pass it, or let "
-                               "OVSegModule fill it from the trainer")
+            raise RuntimeError(
+                f"{type(self).__name__}.total_steps is not set: pass it, or let OVSegModule fill it from the trainer"
+            )
         super().step(epoch)
 
     def _warmup_steps(self) -> int:
@@ -152,8 +166,9 @@ class _StepsLR(LambdaLR):
 class WarmupCosineLR(_StepsLR):
     """Linear warm-up (a fraction of the steps, or a number of steps), then cosine decay."""
 
-    def __init__(self, optimizer: Optimizer, warmup: float = 0.1, total_steps: int | None = None,
-                 min_lr_ratio: float = 0.0) -> None:
+    def __init__(
+        self, optimizer: Optimizer, warmup: float = 0.1, total_steps: int | None = None, min_lr_ratio: float = 0.0
+    ) -> None:
         self.min_lr_ratio = min_lr_ratio
         super().__init__(optimizer, total_steps, warmup)
 
@@ -164,8 +179,9 @@ class WarmupCosineLR(_StepsLR):
 class PolyLR(_StepsLR):
     """detectron2's WarmupPolyLR: factor (1 - progress) ** power after an optional warm-up."""
 
-    def __init__(self, optimizer: Optimizer, power: float = 0.9, total_steps: int | None = None,
-                 warmup: float = 0.0) -> None:
+    def __init__(
+        self, optimizer: Optimizer, power: float = 0.9, total_steps: int | None = None, warmup: float = 0.0
+    ) -> None:
         self.power = power
         super().__init__(optimizer, total_steps, warmup)
 
@@ -183,4 +199,3 @@ def set_total_steps(scheduler: _StepsLR, total_steps: int) -> None:
     scheduler.total_steps = int(total_steps)
     for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
         group["lr"] = base_lr * scheduler._factor(scheduler.last_epoch)
-

@@ -119,7 +119,9 @@ def _with_legend(image: Image.Image, entries: list[tuple[np.ndarray, str, float]
     font = _font(size)
     line = round(size * 1.5)
     pad = size // 2
-    texts = [f"{name}  {100 * fraction:.1f}%" if fraction >= 0.0005 else f"{name}  <0.1%" for _, name, fraction in entries]
+    texts = [
+        f"{name}  {100 * fraction:.1f}%" if fraction >= 0.0005 else f"{name}  <0.1%" for _, name, fraction in entries
+    ]
     measure = ImageDraw.Draw(image)
     text_width = max((measure.textlength(text, font=font) for text in texts), default=0)
     width = int(pad * 3 + size + text_width + pad)

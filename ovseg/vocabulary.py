@@ -106,14 +106,11 @@ class Vocabulary:
         for index, names in enumerate(classes):
             if not names and not (index == 0 and self.background_threshold is not None):
                 raise UserError(
-                    f"class {index} has no name (only class 0 may be nameless, and only with a "
-                    "background_threshold)"
+                    f"class {index} has no name (only class 0 may be nameless, and only with a background_threshold)"
                 )
             for name in names:
                 if name in seen and seen[name] != index:
-                    raise UserError(
-                        f"duplicated class name {name!r} in classes {seen[name]} and {index}"
-                    )
+                    raise UserError(f"duplicated class name {name!r} in classes {seen[name]} and {index}")
                 seen[name] = index
         display = tuple(names[0] if names else "background" for names in classes)
         object.__setattr__(self, "display_names", display)
@@ -147,8 +144,7 @@ class Vocabulary:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"class-name file {path} does not exist")
             text = Path(path).read_text(encoding="utf-8")
-        return cls(parse_class_names(text.splitlines()), resolve_templates(templates),
-                   background_threshold)
+        return cls(parse_class_names(text.splitlines()), resolve_templates(templates), background_threshold)
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -161,9 +157,7 @@ class Vocabulary:
     @property
     def query_to_class(self) -> Tensor:
         """(Q,) int64: the class index of each query."""
-        return torch.tensor(
-            [index for index, names in enumerate(self.classes) for _ in names], dtype=torch.long
-        )
+        return torch.tensor([index for index, names in enumerate(self.classes) for _ in names], dtype=torch.long)
 
     def index_of(self, name: str) -> int:
         """Class index of a display name or synonym."""
@@ -245,12 +239,10 @@ class Prompt(NamedTuple):
 
 
 @torch.no_grad()
-def embed_queries(
-    vocabulary: Vocabulary, encode: Callable[[list[Prompt]], Tensor], batch_size: int = 1024
-) -> Tensor:
+def embed_queries(vocabulary: Vocabulary, encode: Callable[[list[Prompt]], Tensor], batch_size: int = 1024) -> Tensor:
     """(Q, D): per query, the normalised mean of its normalised per-template embeddings."""
     prompts = [Prompt(template, query) for query in vocabulary.queries for template in vocabulary.templates]
-    chunks = [encode(prompts[start:start + batch_size]) for start in range(0, len(prompts), batch_size)]
+    chunks = [encode(prompts[start : start + batch_size]) for start in range(0, len(prompts), batch_size)]
     embeddings = torch.nn.functional.normalize(torch.cat(chunks).float(), dim=-1)
     embeddings = embeddings.view(len(vocabulary.queries), len(vocabulary.templates), -1).mean(1)
     return torch.nn.functional.normalize(embeddings, dim=-1)

@@ -43,8 +43,9 @@ class PredictionWriter(BasePredictionWriter):
         alpha: weight of the class colours in the overlays.
     """
 
-    def __init__(self, output_dir: str | None = None, overlays: bool = True, scores: bool = False,
-                 alpha: float = 0.5) -> None:
+    def __init__(
+        self, output_dir: str | None = None, overlays: bool = True, scores: bool = False, alpha: float = 0.5
+    ) -> None:
         super().__init__(write_interval="batch")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -73,8 +74,9 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.root = Path(self.output_dir or Path(trainer.default_root_dir) / "predictions")
         self._benchmarks = list(pl_module.benchmarks())  # type: ignore[operator]
-        self._colours = [palette(len(b.vocabulary), b.vocabulary.background_threshold is not None)
-                         for b in self._benchmarks]
+        self._colours = [
+            palette(len(b.vocabulary), b.vocabulary.background_threshold is not None) for b in self._benchmarks
+        ]
         self.written = 0
         for index, benchmark in enumerate(self._benchmarks):
             folder = self.folder(index)
@@ -82,23 +84,38 @@ class PredictionWriter(BasePredictionWriter):
             if trainer.is_global_zero:
                 self._write_vocabulary(folder / "vocabulary.json", benchmark, self._colours[index])
             # kept open across batches, closed in on_predict_epoch_end
-            self._files[index] = open(folder / f"predictions.rank{trainer.global_rank}.jsonl", "w",  # noqa: SIM115
-                                      encoding="utf-8")
+            self._files[index] = open(
+                folder / f"predictions.rank{trainer.global_rank}.jsonl",
+                "w",  # noqa: SIM115
+                encoding="utf-8",
+            )
 
     @staticmethod
     def _write_vocabulary(path: Path, benchmark: Benchmark, colours: np.ndarray) -> None:
         vocabulary = benchmark.vocabulary
-        info = {"names": list(vocabulary.display_names), "synonyms": [list(c) for c in vocabulary.classes],
-                "templates": list(vocabulary.templates), "background_threshold": vocabulary.background_threshold,
-                "palette": colours.tolist(),
-                "label_png": "palette (P) PNG, value = class index" if len(colours) <= 256
-                else "16-bit grayscale PNG, value = class index"}
+        info = {
+            "names": list(vocabulary.display_names),
+            "synonyms": [list(c) for c in vocabulary.classes],
+            "templates": list(vocabulary.templates),
+            "background_threshold": vocabulary.background_threshold,
+            "palette": colours.tolist(),
+            "label_png": "palette (P) PNG, value = class index"
+            if len(colours) <= 256
+            else "16-bit grayscale PNG, value = class index",
+        }
         path.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
 
     # ------------------------------------------------------------------ per batch
-    def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
-                           batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
-                           dataloader_idx: int = 0) -> None:
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         labels = prediction["prediction"]
         indices = _per_image(prediction.get("index"), len(labels)) or list(batch_indices or [])
         names = _per_image(prediction.get("name"), len(labels))
@@ -131,8 +148,15 @@ class PredictionWriter(BasePredictionWriter):
                 np.save(target, probabilities[i].numpy())
                 record["scores"] = f"scores/{name}.npy"
             present = [int(k) for k in np.argsort(-fractions, kind="stable") if pixels[k] > 0]
-            record["classes"] = [{"index": k, "name": vocabulary.display_names[k], "fraction": round(float(fractions[k]), 6),
-                                  "confidence": round(float(confidence[k]), 6)} for k in present]
+            record["classes"] = [
+                {
+                    "index": k,
+                    "name": vocabulary.display_names[k],
+                    "fraction": round(float(fractions[k]), 6),
+                    "confidence": round(float(confidence[k]), 6),
+                }
+                for k in present
+            ]
             self._files[dataloader_idx].write(json.dumps(record) + "\n")
             self.written += 1
 

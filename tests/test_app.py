@@ -45,8 +45,9 @@ def test_app_round_trip_returns_the_label_map_of_segment(tmp_path):
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         for name, threshold in (("first", 0.0), ("second", 0.4)):
-            overlay, table, label_file = client.predict(handle_file(str(image)), "square, circle|disc, triangle",
-                                                        "single", threshold, name, api_name="/segment")
+            overlay, table, label_file = client.predict(
+                handle_file(str(image)), "square, circle|disc, triangle", "single", threshold, name, api_name="/segment"
+            )
             labels = np.asarray(Image.open(label_file))
             vocabulary = app_vocabulary("square, circle|disc, triangle", "single", threshold)
             expected = models[name].segment(image, vocabulary)[0].numpy()
@@ -54,12 +55,20 @@ def test_app_round_trip_returns_the_label_map_of_segment(tmp_path):
             assert np.array_equal(labels, expected), name
             assert len(vocabulary) == (4 if threshold else 3)
             counts = np.bincount(expected.reshape(-1), minlength=len(vocabulary))
-            assert [row[0] for row in table["data"]] == [vocabulary.display_names[k]
-                                                         for k in np.argsort(-counts, kind="stable") if counts[k]]
+            assert [row[0] for row in table["data"]] == [
+                vocabulary.display_names[k] for k in np.argsort(-counts, kind="stable") if counts[k]
+            ]
             assert Image.open(overlay).width > 40  # image and legend
-        first, second = (np.asarray(Image.open(client.predict(handle_file(str(image)), "square, circle", "single",
-                                                              0.0, name, api_name="/segment")[2]))
-                         for name in ("first", "second"))
+        first, second = (
+            np.asarray(
+                Image.open(
+                    client.predict(handle_file(str(image)), "square, circle", "single", 0.0, name, api_name="/segment")[
+                        2
+                    ]
+                )
+            )
+            for name in ("first", "second")
+        )
         assert not np.array_equal(first, second)  # the menu selects the model
     finally:
         demo.close()

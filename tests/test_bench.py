@@ -34,9 +34,10 @@ def test_every_method_table_has_training_inference_and_memory_rows(bench, method
     assert rows["inference, sliding window 32/16 (9 windows), batched (images/s)"] > 0
     assert rows["inference, sliding window 32/16 (9 windows), window-by-window loop (images/s)"] > 0
     speed_up = rows["batched sliding window speed-up over the loop (x)"]
-    assert speed_up == pytest.approx(rows["inference, sliding window 32/16 (9 windows), batched (images/s)"]
-                                     / rows["inference, sliding window 32/16 (9 windows), "
-                                            "window-by-window loop (images/s)"])
+    assert speed_up == pytest.approx(
+        rows["inference, sliding window 32/16 (9 windows), batched (images/s)"]
+        / rows["inference, sliding window 32/16 (9 windows), window-by-window loop (images/s)"]
+    )
     assert any(name.startswith("peak ") and name.endswith("(MiB)") for name in rows)
 
 
@@ -51,11 +52,17 @@ def test_window_loop_baseline_equals_the_batched_sliding_window(bench):
 
 
 def test_real_size_configs_lose_every_pretrained_weight_source(bench):
-    config = {"class_path": "X", "init_args": {
-        "pretrained": "laion2b_s29b_b131k_ft_soup", "backbone_pretrained": True,
-        "backbone_checkpoint": "r101.pth",
-        "clip_text": {"init_args": {"model_name": "ViT-B-16", "pretrained": "openai", "checkpoint_path": "a.pt"}},
-        "image_encoder": {"init_args": {"pretrained": True}}, "layers": [{"pretrained": True}]}}
+    config = {
+        "class_path": "X",
+        "init_args": {
+            "pretrained": "laion2b_s29b_b131k_ft_soup",
+            "backbone_pretrained": True,
+            "backbone_checkpoint": "r101.pth",
+            "clip_text": {"init_args": {"model_name": "ViT-B-16", "pretrained": "openai", "checkpoint_path": "a.pt"}},
+            "image_encoder": {"init_args": {"pretrained": True}},
+            "layers": [{"pretrained": True}],
+        },
+    }
     cleaned = bench.without_pretrained_weights(config)["init_args"]
     assert cleaned["pretrained"] is None and cleaned["backbone_pretrained"] is False
     assert cleaned["backbone_checkpoint"] is None

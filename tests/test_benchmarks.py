@@ -29,9 +29,21 @@ DATA_CONFIGS = sorted((REPO / "configs" / "data").glob("*.yaml"))
 SIZE = (36, 52)  # small, not square
 NUM_CLASSES = 13  # the synthetic world's categories
 
-CLASS_COUNTS = {"voc21": 21, "voc20": 20, "context59": 59, "context60": 60, "coco_object": 81,
-                "coco_stuff": 171, "cityscapes": 19, "ade20k": 150,
-                "ade150": 150, "pc59": 59, "pas20": 20, "ade847": 847, "pc459": 459}
+CLASS_COUNTS = {
+    "voc21": 21,
+    "voc20": 20,
+    "context59": 59,
+    "context60": 60,
+    "coco_object": 81,
+    "coco_stuff": 171,
+    "cityscapes": 19,
+    "ade20k": 150,
+    "ade150": 150,
+    "pc59": 59,
+    "pas20": 20,
+    "ade847": 847,
+    "pc459": 459,
+}
 
 # A VOC-like colour map: palette index i has a colour whose luminance is not i.
 VOC_PALETTE = [c for i in range(256) for c in ((i * 37) % 256, (i * 91) % 256, (i * 53 + 128) % 256)]
@@ -98,8 +110,9 @@ def reference_decode(spec: BenchmarkSpec, raw: np.ndarray) -> np.ndarray:
     return values
 
 
-def write_benchmark(spec: BenchmarkSpec, root: Path, world: SyntheticWorld, n: int = 2,
-                    written: dict[Path, np.ndarray] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def write_benchmark(
+    spec: BenchmarkSpec, root: Path, world: SyntheticWorld, n: int = 2, written: dict[Path, np.ndarray] | None = None
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Write ``n`` synthetic scenes in ``spec``'s layout; returns stem -> (image, expected label).
 
     ``written`` remembers label files shared by several specs (VOC-21 and VOC-20 read the same
@@ -214,7 +227,7 @@ def test_detectron2_16bit_tiff_variant(tmp_path, world):
 
 
 def test_coco_object_maps_unlabeled_to_background(tmp_path, world):
-    truth = write_benchmark(preset("coco_object"), tmp_path, world, n=2)
+    write_benchmark(preset("coco_object"), tmp_path, world, n=2)
     dm = EvaluationDataModule(["coco_object"], root=str(tmp_path))
     assert len(dm.benchmarks[0].vocabulary) == 81
     assert "bed" not in dm.benchmarks[0].vocabulary.classes[0]  # also a class of its own
@@ -266,8 +279,10 @@ def test_shipped_yamls_spell_out_the_presets():
         for entry in load_data_config(config)["benchmarks"]:
             spec = spec_from_dict(entry).resolved()
             if spec.name in PRESETS:
-                assert {**spec.__dict__, "preset": None} == {**preset(spec.name).__dict__, "preset": None}, \
-                    (config.name, spec.name)
+                assert {**spec.__dict__, "preset": None} == {**preset(spec.name).__dict__, "preset": None}, (
+                    config.name,
+                    spec.name,
+                )
     names = {c.name: [e["name"] for e in load_data_config(c)["benchmarks"]] for c in DATA_CONFIGS}
     assert sorted(names["eval_caption8.yaml"]) == sorted(CAPTION_BENCHMARKS)
     assert sorted(names["eval_mask5.yaml"]) == sorted(MASK_BENCHMARKS)
@@ -289,20 +304,21 @@ def test_every_data_yaml_instantiates_and_reads_synthetic_data(config, tmp_path,
         spec = spec_from_dict(entry).resolved()
         if spec.name == "synthetic":
             write_mmseg(world, spec.data_dir(tmp_path), num_images=2, progress=False)
-            expected[spec.name] = {f"synthetic_val_{i:08d}": world.scene(i, "val").label.astype(np.int64)
-                                   for i in range(2)}
+            expected[spec.name] = {
+                f"synthetic_val_{i:08d}": world.scene(i, "val").label.astype(np.int64) for i in range(2)
+            }
             continue
         if not str(spec.class_names).startswith("packaged:"):
             write_class_file(tmp_path / str(spec.class_names), spec.num_classes)
         truth = write_benchmark(spec, tmp_path, world, n=2, written=written)
         expected[spec.name] = {stem: label for stem, (_, label) in truth.items()}
     parser = data_parser()
-    cfg = parser.parse_args(["--data", str(config), "--data.init_args.root", str(tmp_path),
-                             "--data.init_args.num_workers", "0"])
+    cfg = parser.parse_args(
+        ["--data", str(config), "--data.init_args.root", str(tmp_path), "--data.init_args.num_workers", "0"]
+    )
     dm = parser.instantiate(cfg).data
     assert isinstance(dm, EvaluationDataModule)
-    assert [len(b.vocabulary) for b in dm.benchmarks] == [
-        CLASS_COUNTS.get(b.name, NUM_CLASSES) for b in dm.benchmarks]
+    assert [len(b.vocabulary) for b in dm.benchmarks] == [CLASS_COUNTS.get(b.name, NUM_CLASSES) for b in dm.benchmarks]
     dm.setup("validate")
     loaders = dm.val_dataloader()
     assert len(loaders) == len(dm.benchmarks) == len(expected)
@@ -311,15 +327,28 @@ def test_every_data_yaml_instantiates_and_reads_synthetic_data(config, tmp_path,
         assert {s["name"] for s in samples} == set(expected[benchmark.name]), benchmark.name
         for sample in samples:
             assert sample["image"].shape == (3, *SIZE) and sample["image"].dtype == torch.uint8
-            assert torch.equal(sample["label"], torch.from_numpy(expected[benchmark.name][sample["name"]])), \
-                (benchmark.name, sample["name"])
+            assert torch.equal(sample["label"], torch.from_numpy(expected[benchmark.name][sample["name"]])), (
+                benchmark.name,
+                sample["name"],
+            )
 
 
 def test_several_benchmarks_give_aligned_dataloaders(tmp_path, mmseg_root, world):
     write_benchmark(preset("ade20k"), tmp_path, world, n=3)
-    specs = [synthetic_spec(data_root=str(mmseg_root)), BenchmarkSpec(preset="ade20k", max_images=2),
-             synthetic_spec(name="synthetic_rzl", data_root=str(mmseg_root), max_images=1,
-                            templates=["a {}"], inference=None, short_side=64, window=32, stride=16)]
+    specs = [
+        synthetic_spec(data_root=str(mmseg_root)),
+        BenchmarkSpec(preset="ade20k", max_images=2),
+        synthetic_spec(
+            name="synthetic_rzl",
+            data_root=str(mmseg_root),
+            max_images=1,
+            templates=["a {}"],
+            inference=None,
+            short_side=64,
+            window=32,
+            stride=16,
+        ),
+    ]
     dm = EvaluationDataModule(specs, root=str(tmp_path), batch_size=3)
     dm.setup()
     loaders = dm.val_dataloader()
@@ -357,8 +386,9 @@ def test_missing_label_file_is_named(tmp_path, mmseg_root):
     missing = root / "annotations/validation/synthetic_val_00000002.png"
     missing.unlink()
     dm = EvaluationDataModule([synthetic_spec()], root=str(root))
-    with pytest.raises(FileNotFoundError, match=r"missing label for 'synthetic_val_00000002'.*"
-                                                 + str(missing).replace("/", ".")):
+    with pytest.raises(
+        FileNotFoundError, match=r"missing label for 'synthetic_val_00000002'.*" + str(missing).replace("/", ".")
+    ):
         dm.setup()
 
 
@@ -371,14 +401,18 @@ def test_label_values_outside_the_range_are_named(tmp_path, mmseg_root):
     for workers in (0, 1):  # the error crosses from a worker process with its message
         dm = EvaluationDataModule([synthetic_spec()], root=str(root), num_workers=workers)
         dm.setup()
-        with pytest.raises(DataError, match=rf"{bad}: label values \[40\] are out of range.*'synthetic' has 13 classes"):
+        with pytest.raises(
+            DataError, match=rf"{bad}: label values \[40\] are out of range.*'synthetic' has 13 classes"
+        ):
             all_samples(dm)
 
 
 def test_missing_root_names_the_benchmark_and_path(tmp_path):
     root = tmp_path / "no_such_root"
     dm = EvaluationDataModule(["voc20"], root=str(root))  # packaged names: construction works
-    with pytest.raises(FileNotFoundError, match=rf"benchmark 'voc20': data directory {root}/VOCdevkit/VOC2012 does not exist"):
+    with pytest.raises(
+        FileNotFoundError, match=rf"benchmark 'voc20': data directory {root}/VOCdevkit/VOC2012 does not exist"
+    ):
         dm.setup()
 
 
@@ -446,7 +480,6 @@ def test_exif_orientation_is_applied_to_images_only(tmp_path):
     assert np.array_equal(decode_label(tmp_path / "label.png").numpy(), stored[..., 0])
 
 
-
 def test_rotated_jpeg_is_served_upright_and_checked_by_its_upright_size(tmp_path, mmseg_root):
     """A JPEG stored sideways with EXIF orientation 6 (as phones write them) next to an upright label:
     the dataset serves the upright image, and ``data check`` (full decode or headers only) finds
@@ -465,6 +498,7 @@ def test_rotated_jpeg_is_served_upright_and_checked_by_its_upright_size(tmp_path
     for decode_images in (True, False):
         report = check_benchmark(synthetic_spec(), root, decode_images=decode_images, progress=False)
         assert report.ok and report.images_ok == report.labels_ok == 5, report.problems
+
 
 def test_label_modes(tmp_path):
     values = np.array([[0, 3], [300, 65535]])
@@ -502,8 +536,10 @@ def test_label_decoder_accepts_decoded_int64_labels():
 # ------------------------------------------------------------------------------------------ ovseg data check
 def synthetic_yaml(path: Path, root: Path, **spec) -> Path:
     entry = {"name": "synthetic", "class_names": "class_names.txt", **spec}
-    config = {"class_path": "ovseg.datamodules.EvaluationDataModule",
-              "init_args": {"root": str(root), "batch_size": 2, "benchmarks": [entry]}}
+    config = {
+        "class_path": "ovseg.datamodules.EvaluationDataModule",
+        "init_args": {"root": str(root), "batch_size": 2, "benchmarks": [entry]},
+    }
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -513,8 +549,9 @@ def test_data_check_passes_on_a_clean_root(tmp_path, mmseg_root, capsys):
     assert run(["data", "check", "--data", str(config), "--no-progress"]) is None
     out = capsys.readouterr().out
     assert "synthetic" in out and "no problems found" in out
-    report = check_benchmark(spec_from_dict({"name": "s", "class_names": "class_names.txt"}), mmseg_root,
-                             progress=False)
+    report = check_benchmark(
+        spec_from_dict({"name": "s", "class_names": "class_names.txt"}), mmseg_root, progress=False
+    )
     assert (report.samples, report.images_ok, report.labels_ok, report.classes) == (5, 5, 5, NUM_CLASSES)
     assert 0 < report.classes_present <= NUM_CLASSES and report.ok
 
@@ -549,17 +586,47 @@ def test_validate_end_to_end_with_two_benchmarks(tmp_path, monkeypatch, world):
     write_mmseg(big, tmp_path / "data/synthetic_mmseg", num_images=3, progress=False)
     write_mmseg(world, tmp_path / "data/small", num_images=2, progress=False)
     config = tmp_path / "eval.yaml"
-    config.write_text(yaml.safe_dump({
-        "class_path": "ovseg.datamodules.EvaluationDataModule",
-        "init_args": {"root": str(tmp_path / "data"), "batch_size": 2, "benchmarks": [
-            {"name": "synthetic_eval", "data_root": "synthetic_mmseg", "class_names": "class_names.txt",
-             "unseen_classes": ["sand", "kite"]},
-            {"name": "small", "data_root": "small", "class_names": "class_names.txt", "short_side": 56,
-             "window": 42, "stride": 28, "background_threshold": 0.3},
-        ]},
-    }))
-    cli = run(["validate", "-c", str(REPO / "configs/experiment/smoke.yaml"), "--data", str(config),
-               "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"])
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "class_path": "ovseg.datamodules.EvaluationDataModule",
+                "init_args": {
+                    "root": str(tmp_path / "data"),
+                    "batch_size": 2,
+                    "benchmarks": [
+                        {
+                            "name": "synthetic_eval",
+                            "data_root": "synthetic_mmseg",
+                            "class_names": "class_names.txt",
+                            "unseen_classes": ["sand", "kite"],
+                        },
+                        {
+                            "name": "small",
+                            "data_root": "small",
+                            "class_names": "class_names.txt",
+                            "short_side": 56,
+                            "window": 42,
+                            "stride": 28,
+                            "background_threshold": 0.3,
+                        },
+                    ],
+                },
+            }
+        )
+    )
+    cli = run(
+        [
+            "validate",
+            "-c",
+            str(REPO / "configs/experiment/smoke.yaml"),
+            "--data",
+            str(config),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.logger",
+            "false",
+        ]
+    )
     metrics = cli.trainer.callback_metrics
     for key in ("val/synthetic_eval/mIoU", "val/synthetic_eval/hIoU", "val/small/mIoU", "val/mIoU"):
         assert key in metrics and 0.0 <= float(metrics[key]) <= 100.0, key

@@ -20,8 +20,20 @@ from ovseg.methods.cdt.transfer import ContentDependentTransfer
 from ovseg.module import MaskPredictions
 from ovseg.vocabulary import Vocabulary
 
-TINY_HEAD = dict(num_queries=4, conv_dim=32, mask_dim=32, hidden_dim=32, enc_layers=1, enc_heads=4,
-                 enc_ffn_dim=32, dec_layers=3, dec_heads=4, dec_ffn_dim=32, cdt_heads=4, num_points=256)
+TINY_HEAD = dict(
+    num_queries=4,
+    conv_dim=32,
+    mask_dim=32,
+    hidden_dim=32,
+    enc_layers=1,
+    enc_heads=4,
+    enc_ffn_dim=32,
+    dec_layers=3,
+    dec_heads=4,
+    dec_ffn_dim=32,
+    cdt_heads=4,
+    num_points=256,
+)
 
 
 def tiny_cdt(**kwargs) -> CDT:
@@ -69,7 +81,7 @@ def pod_loop(x: torch.Tensor) -> torch.Tensor:
         grid = torch.zeros(b, c, n, n)
         for i in range(n):
             for j in range(n):
-                grid[:, :, i, j] = x[:, :, i * k:(i + 1) * k, j * k:(j + 1) * k].mean((-1, -2))
+                grid[:, :, i, j] = x[:, :, i * k : (i + 1) * k, j * k : (j + 1) * k].mean((-1, -2))
         height_sum = torch.stack([sum(grid[:, :, i, j] for i in range(n)) for j in range(n)], -1)
         width_sum = torch.stack([sum(grid[:, :, i, j] for j in range(n)) for i in range(n)], -1)
         parts += [height_sum.flatten(1), width_sum.flatten(1)]
@@ -80,7 +92,7 @@ def pod_loop(x: torch.Tensor) -> torch.Tensor:
 def test_rc_loss_matches_a_plain_computation(shape):
     student, teacher = torch.randn(shape), torch.randn(shape)
     diff = pod_loop(student) - pod_loop(teacher)
-    expected = torch.where(diff.abs() < 1, 0.5 * diff ** 2, diff.abs() - 0.5).mean()
+    expected = torch.where(diff.abs() < 1, 0.5 * diff**2, diff.abs() - 0.5).mean()
     assert torch.allclose(representation_compensation_loss(student, teacher), expected, atol=1e-5)
 
 
@@ -99,7 +111,7 @@ def mask_aware_loop(class_logits, mask_logits, targets):
     probs = class_logits.softmax(-1)
     for b, target in enumerate(targets):
         size = target.masks.shape[-2:]
-        masks = F.interpolate(mask_logits[b:b + 1], size=size, mode="bilinear", align_corners=False)[0].sigmoid()
+        masks = F.interpolate(mask_logits[b : b + 1], size=size, mode="bilinear", align_corners=False)[0].sigmoid()
         for label, gt in zip(target.labels.tolist(), target.masks):
             ious = []
             for n in range(masks.shape[0]):
@@ -109,21 +121,26 @@ def mask_aware_loop(class_logits, mask_logits, targets):
             ious = (ious - ious.min()) / (ious.max() - ious.min())
             for n in range(masks.shape[0]):
                 d = (probs[b, n, label] - ious[n]).abs()
-                values.append(0.5 * d ** 2 if d < 1 else d - 0.5)
+                values.append(0.5 * d**2 if d < 1 else d - 0.5)
     return torch.stack(values).mean()
 
 
 def test_mask_aware_loss_matches_a_plain_computation():
     torch.manual_seed(0)
     class_logits, mask_logits = torch.randn(2, 5, 3), torch.randn(2, 5, 4, 4)
-    targets = [MaskTargets(torch.tensor([0, 2]), (torch.rand(2, 8, 8) > 0.5).float()),
-               MaskTargets(torch.tensor([1]), (torch.rand(1, 12, 12) > 0.5).float())]
+    targets = [
+        MaskTargets(torch.tensor([0, 2]), (torch.rand(2, 8, 8) > 0.5).float()),
+        MaskTargets(torch.tensor([1]), (torch.rand(1, 12, 12) > 0.5).float()),
+    ]
     loss = mask_aware_loss(class_logits, mask_logits, targets)
     assert torch.allclose(loss, mask_aware_loop(class_logits, mask_logits, targets), atol=1e-6)
     # images without segments are skipped; a batch without any gives 0 with a graph
     empty = MaskTargets(torch.zeros(0, dtype=torch.long), torch.zeros(0, 8, 8))
-    assert torch.allclose(mask_aware_loss(class_logits, mask_logits, [targets[0], empty]),
-                          mask_aware_loop(class_logits[:1], mask_logits[:1], targets[:1]), atol=1e-6)
+    assert torch.allclose(
+        mask_aware_loss(class_logits, mask_logits, [targets[0], empty]),
+        mask_aware_loop(class_logits[:1], mask_logits[:1], targets[:1]),
+        atol=1e-6,
+    )
     logits = class_logits.clone().requires_grad_(True)
     zero = mask_aware_loss(logits, mask_logits, [empty, empty])
     zero.backward()
@@ -160,7 +177,7 @@ def test_deformable_sampling_equals_direct_bilinear():
             for p in range(points):
                 x, y = locations[bi, q, m, lv, p].tolist()
                 expected += weights[bi, q, m, lv, p] * bilinear(v, x, y)
-        assert torch.allclose(out[bi, q, m * c:(m + 1) * c], expected, atol=1e-5)
+        assert torch.allclose(out[bi, q, m * c : (m + 1) * c], expected, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------ inference rule
@@ -181,7 +198,9 @@ def test_crop_padding_slices_or_resamples_the_image_region():
     assert torch.equal(crop_padding(ramp, (24, 32), (32, 32)), ramp[..., :6, :8])
     cropped = crop_padding(ramp, (32, 30), (32, 32))  # 8 output columns span 30 pixels
     centres = (torch.arange(8) + 0.5) * 30 / 8
-    assert cropped.shape == (1, 1, 8, 8) and torch.allclose(cropped[0, 0, 0], (centres / 4 - 0.5).clamp(min=0), atol=1e-5)
+    assert cropped.shape == (1, 1, 8, 8) and torch.allclose(
+        cropped[0, 0, 0], (centres / 4 - 0.5).clamp(min=0), atol=1e-5
+    )
 
 
 # ------------------------------------------------------------------------------ the module
@@ -197,8 +216,9 @@ def test_predict_scores_shapes_for_convnext_and_vit():
 
 
 def test_what_is_trained_and_at_which_learning_rate(tmp_path):
-    model = tiny_cdt(optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
-                     lr_multipliers={"model.backbone.": 0.1})
+    model = tiny_cdt(
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3), lr_multipliers={"model.backbone.": 0.1}
+    )
     data, batch = synthetic_batch()
     model.set_training_classes(data.training_classes)
     model.train()
@@ -208,10 +228,17 @@ def test_what_is_trained_and_at_which_learning_rate(tmp_path):
     optimizer = model.configure_optimizers()
     lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
     params = dict(model.named_parameters())
-    trunk = [n for n in params if n.startswith("model.backbone.encoder.visual.trunk.")
-             and not n.startswith("model.backbone.encoder.visual.trunk.head.")]
-    head = [n for n in params if n.startswith(("model.backbone.encoder.visual.trunk.head.",
-                                               "model.backbone.encoder.visual.head."))]
+    trunk = [
+        n
+        for n in params
+        if n.startswith("model.backbone.encoder.visual.trunk.")
+        and not n.startswith("model.backbone.encoder.visual.trunk.head.")
+    ]
+    head = [
+        n
+        for n in params
+        if n.startswith(("model.backbone.encoder.visual.trunk.head.", "model.backbone.encoder.visual.head."))
+    ]
     frozen = head + [n for n in params if n.startswith(("text_encoder.", "teacher."))]
     assert trunk and head
     for name in trunk:  # fine-tuned at x0.1 by the mask-aware and RC losses
@@ -220,8 +247,13 @@ def test_what_is_trained_and_at_which_learning_rate(tmp_path):
     for name in frozen:  # text tower, CLIP head, teacher: no gradient, not in the optimizer
         assert not params[name].requires_grad and params[name].grad is None and id(params[name]) not in lr_of
     assert "model.clip_logit_scale" in dict(model.named_buffers())  # CLIP's logit scale: a buffer
-    for name in ("model.cdt.linear.weight", "model.void_embedding.weight", "model.decoder.logit_scale",
-                 "model.pixel_decoder.mask_features.weight", "model.decoder.query_feat.weight"):
+    for name in (
+        "model.cdt.linear.weight",
+        "model.void_embedding.weight",
+        "model.decoder.logit_scale",
+        "model.pixel_decoder.mask_features.weight",
+        "model.decoder.query_feat.weight",
+    ):
         assert lr_of[id(params[name])] == pytest.approx(1e-3), name
         assert params[name].grad is not None and params[name].grad.abs().sum() > 0, name
     # the teacher is training-only state: not in checkpoints, which still load strictly
@@ -271,8 +303,9 @@ def test_paper_config_weight_decay_is_the_releases():
     groups = parameter_groups(model, None, args["no_weight_decay"], args["no_decay_on_1d"], args["no_decay_on_norms"])
     undecayed = {id(p) for g in groups if g.get("weight_decay") == 0.0 for p in g["params"]}
     norms = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.Embedding)
-    expected = {id(p) for m in model.modules() if isinstance(m, norms) for p in m.parameters(recurse=False)
-                if p.requires_grad}
+    expected = {
+        id(p) for m in model.modules() if isinstance(m, norms) for p in m.parameters(recurse=False) if p.requires_grad
+    }
     assert undecayed == expected
     decayed = {n for g in groups if "weight_decay" not in g for n in g["names"]}
     assert {"model.pixel_decoder.level_embed", "model.decoder.logit_scale", "model.cdt.linear.bias"} <= decayed
@@ -320,7 +353,8 @@ def test_packaged_maftplus_training_names_follow_the_coco_stuff_label_order() ->
     coco = Vocabulary.from_file("packaged:coco_stuff")
     assert len(maftplus) == len(coco) == 171
     squash = str.maketrans("", "", " -")
-    differing = [k for k in range(171)
-                 if maftplus.classes[k][0].translate(squash) != coco.classes[k][0].translate(squash)]
+    differing = [
+        k for k in range(171) if maftplus.classes[k][0].translate(squash) != coco.classes[k][0].translate(squash)
+    ]
     assert differing == [84]  # "building" for "building-other"
     assert maftplus.classes[0][:3] == ("person", "child", "girl")

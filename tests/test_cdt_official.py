@@ -26,8 +26,13 @@ from ovseg.vocabulary import Vocabulary, reduce_synonyms
 FIXTURES = Path(__file__).parent / "fixtures" / "maftplus"
 TOLERANCE = 1e-5
 #: the release's behaviour (configs/cdt/coco_stuff_convnext_*.yaml); False everywhere is ovseg's
-RELEASE_SWITCHES = {"cdt_flatten_without_permute": True, "upsample_masks_before_sigmoid": True,
-                    "synonym_logit_max": True, "mask_aware_sigmoid_first": True, "rc_kernel_from_unresized_width": True}
+RELEASE_SWITCHES = {
+    "cdt_flatten_without_permute": True,
+    "upsample_masks_before_sigmoid": True,
+    "synonym_logit_max": True,
+    "mask_aware_sigmoid_first": True,
+    "rc_kernel_from_unresized_width": True,
+}
 
 
 def tiny_clip_module():
@@ -50,10 +55,22 @@ def init_args(golden: dict, **switches) -> dict:
     """CDT's arguments for the fixture's tiny model (and the release's fixed encoder FFN of 1024)."""
     sizes = golden["sizes"]
     dim = sizes["hidden_dim"]
-    return dict(clip_config=tiny_clip_module().CLIP_CONFIG, num_queries=sizes["num_queries"], conv_dim=dim,
-                mask_dim=dim, hidden_dim=dim, enc_layers=sizes["enc_layers"], enc_heads=sizes["heads"], enc_points=4,
-                enc_ffn_dim=1024, dec_layers=sizes["dec_layers"], dec_heads=sizes["heads"],
-                dec_ffn_dim=sizes["dec_ffn_dim"], cdt_heads=sizes["heads"], **switches)
+    return dict(
+        clip_config=tiny_clip_module().CLIP_CONFIG,
+        num_queries=sizes["num_queries"],
+        conv_dim=dim,
+        mask_dim=dim,
+        hidden_dim=dim,
+        enc_layers=sizes["enc_layers"],
+        enc_heads=sizes["heads"],
+        enc_points=4,
+        enc_ffn_dim=1024,
+        dec_layers=sizes["dec_layers"],
+        dec_heads=sizes["heads"],
+        dec_ffn_dim=sizes["dec_ffn_dim"],
+        cdt_heads=sizes["heads"],
+        **switches,
+    )
 
 
 def build_cdt(golden: dict, **switches) -> CDT:
@@ -125,8 +142,9 @@ def test_losses_match_the_official_ones(case):
     rc = representation_compensation_loss(golden["student"], golden["teacher"], kernel_from_unresized_width=True)
     assert abs(float(rc) - float(golden["rc_loss"])) <= TOLERANCE
     targets = [MaskTargets(labels, masks) for labels, masks in zip(golden["labels"], golden["masks"])]
-    ma = mask_aware_loss(golden["class_logits"][..., :-1], golden["mask_logits"], targets,
-                         sigmoid_before_upsampling=True)
+    ma = mask_aware_loss(
+        golden["class_logits"][..., :-1], golden["mask_logits"], targets, sigmoid_before_upsampling=True
+    )
     assert abs(float(ma) - float(golden["mask_aware_loss"])) <= TOLERANCE
     # ovseg's own order differs everywhere; its RC kernel only on non-square maps
     ma_ovseg = mask_aware_loss(golden["class_logits"][..., :-1], golden["mask_logits"], targets)
@@ -170,8 +188,13 @@ def test_real_size_release_layout_converts_and_loads_strictly(tmp_path):
     model = build_model(config, ["--model.init_args.pretrained", "null"])
     own = model.state_dict()
     official = release_layout(own, RULES)
-    official.update({"backbone_t." + k.removeprefix("backbone."): v for k, v in official.items()
-                     if k.startswith("backbone.clip_model.visual.")})
+    official.update(
+        {
+            "backbone_t." + k.removeprefix("backbone."): v
+            for k, v in official.items()
+            if k.startswith("backbone.clip_model.visual.")
+        }
+    )
     official["criterion.empty_weight"] = torch.ones(172)
     path = tmp_path / "maftplus_large.pth"
     torch.save({"model": official, "iteration": 55000}, path)
@@ -189,7 +212,8 @@ def release_layout(own: dict[str, torch.Tensor], rules) -> dict[str, torch.Tenso
     from ovseg.methods.cdt.convert import map_key
 
     inverse = {
-        "model.backbone.encoder.visual.": "backbone.clip_model.visual.", "text_encoder.": "backbone.clip_model.",
+        "model.backbone.encoder.visual.": "backbone.clip_model.visual.",
+        "text_encoder.": "backbone.clip_model.",
         "model.clip_logit_scale": "backbone.clip_model.logit_scale",
         "model.pixel_decoder.level_embed": "sem_seg_head.pixel_decoder.transformer.level_embed",
         "model.pixel_decoder.lateral.0.": "sem_seg_head.pixel_decoder.adapter_1.",
@@ -198,22 +222,35 @@ def release_layout(own: dict[str, torch.Tensor], rules) -> dict[str, torch.Tenso
         "model.pixel_decoder.output.1.": "sem_seg_head.pixel_decoder.layer_1.norm.",
         "model.pixel_decoder.": "sem_seg_head.pixel_decoder.",
         "model.decoder.mask_pooling_proj.": "sem_seg_head.predictor._mask_pooling_proj.",
-        "model.decoder.": "sem_seg_head.predictor.", "model.void_embedding.": "void_embedding.",
-        "model.cdt.attention.": "cdt.cross_atten.multihead_attn.", "model.cdt.linear.": "cdt.cross_atten.MLP.",
+        "model.decoder.": "sem_seg_head.predictor.",
+        "model.void_embedding.": "void_embedding.",
+        "model.cdt.attention.": "cdt.cross_atten.multihead_attn.",
+        "model.cdt.linear.": "cdt.cross_atten.MLP.",
         "model.cdt.norm.": "cdt.cross_atten.norm.",
     }
     official = {}
     for key, value in own.items():
         prefix = max((p for p in inverse if key.startswith(p)), key=len)
         name = inverse[prefix] + key.removeprefix(prefix)
-        name = re.sub(r"pixel_decoder\.layers\.(\d+)\.attention\.", r"pixel_decoder.transformer.encoder.layers.\1.self_attn.",
-                      name)
+        name = re.sub(
+            r"pixel_decoder\.layers\.(\d+)\.attention\.",
+            r"pixel_decoder.transformer.encoder.layers.\1.self_attn.",
+            name,
+        )
         name = re.sub(r"pixel_decoder\.layers\.(\d+)\.", r"pixel_decoder.transformer.encoder.layers.\1.", name)
-        name = re.sub(r"predictor\.self_attention\.(\d+)\.attention\.", r"predictor.transformer_self_attention_layers.\1."
-                      "self_attn.", name)
+        name = re.sub(
+            r"predictor\.self_attention\.(\d+)\.attention\.",
+            r"predictor.transformer_self_attention_layers.\1."
+            "self_attn.",
+            name,
+        )
         name = re.sub(r"predictor\.self_attention\.(\d+)\.", r"predictor.transformer_self_attention_layers.\1.", name)
-        name = re.sub(r"predictor\.cross_attention\.(\d+)\.attention\.", r"predictor.transformer_cross_attention_layers."
-                      r"\1.multihead_attn.", name)
+        name = re.sub(
+            r"predictor\.cross_attention\.(\d+)\.attention\.",
+            r"predictor.transformer_cross_attention_layers."
+            r"\1.multihead_attn.",
+            name,
+        )
         name = re.sub(r"predictor\.cross_attention\.(\d+)\.", r"predictor.transformer_cross_attention_layers.\1.", name)
         name = re.sub(r"predictor\.ffn\.", "predictor.transformer_ffn_layers.", name)
         name = name.replace(".weight.weight", ".weight")
@@ -243,8 +280,11 @@ def test_converted_checkpoint_loads_and_reproduces_the_release(golden, tmp_path,
     else:
         torch.save({"model": official, "iteration": 0}, source)
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump({"model": {"class_path": "ovseg.methods.cdt.CDT",
-                                                "init_args": init_args(golden, **RELEASE_SWITCHES)}}))
+    config.write_text(
+        yaml.safe_dump(
+            {"model": {"class_path": "ovseg.methods.cdt.CDT", "init_args": init_args(golden, **RELEASE_SWITCHES)}}
+        )
+    )
     report = convert("cdt", source, tmp_path / "converted.ckpt", config)
     assert len(report.mapped) == len(model.state_dict())
     loaded = CDT.load_from_checkpoint(tmp_path / "converted.ckpt").eval()

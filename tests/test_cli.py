@@ -22,32 +22,61 @@ FAST = REPO / "tests" / "fast"
 
 
 def synthetic_data_args(tmp_path: Path) -> list[str]:
-    return ["--data.init_args.num_train", "8", "--data.init_args.num_val", "2",
-            "--data.init_args.batch_size", "4", "--data.init_args.eval_batch_size", "2"]
+    return [
+        "--data.init_args.num_train",
+        "8",
+        "--data.init_args.num_val",
+        "2",
+        "--data.init_args.batch_size",
+        "4",
+        "--data.init_args.eval_batch_size",
+        "2",
+    ]
 
 
 def _synthetic_eval_args() -> list[str]:
     """Training DataModules evaluate on a tiny synthetic benchmark (their ``eval_data``)."""
-    return ["--data.init_args.eval_data", "ovseg.datamodules.SyntheticDataModule",
-            "--data.init_args.eval_data.init_args.num_train", "0",
-            "--data.init_args.eval_data.init_args.num_val", "2",
-            "--data.init_args.eval_data.init_args.eval_batch_size", "2"]
+    return [
+        "--data.init_args.eval_data",
+        "ovseg.datamodules.SyntheticDataModule",
+        "--data.init_args.eval_data.init_args.num_train",
+        "0",
+        "--data.init_args.eval_data.init_args.num_val",
+        "2",
+        "--data.init_args.eval_data.init_args.eval_batch_size",
+        "2",
+    ]
 
 
 def _small_crop_args(size: int = 56) -> list[str]:
-    return ["--data.init_args.transform", "ovseg.datamodules.transforms.RandomResizedCrop",
-            "--data.init_args.transform.init_args.size", str(size)]
+    return [
+        "--data.init_args.transform",
+        "ovseg.datamodules.transforms.RandomResizedCrop",
+        "--data.init_args.transform.init_args.size",
+        str(size),
+    ]
 
 
 def coco_captions_data_args(tmp_path: Path) -> list[str]:
     from ovseg.prepare.synthetic import make_synthetic
 
     root = make_synthetic("coco", tmp_path / "coco", num_images=8, image_size=56, progress=False)
-    return ["--data.init_args.root", str(root),
-            "--data.init_args.train_annotations", str(root / "annotations/captions_train2017.json"),
-            "--data.init_args.train_images", str(root / "train2017"), "--data.init_args.concepts", "null",
-            "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
-            *_small_crop_args(), *_synthetic_eval_args()]
+    return [
+        "--data.init_args.root",
+        str(root),
+        "--data.init_args.train_annotations",
+        str(root / "annotations/captions_train2017.json"),
+        "--data.init_args.train_images",
+        str(root / "train2017"),
+        "--data.init_args.concepts",
+        "null",
+        "--data.init_args.batch_size",
+        "4",
+        "--data.init_args.num_workers",
+        "0",
+        *_small_crop_args(),
+        *_synthetic_eval_args(),
+    ]
 
 
 def coco_stuff_data_args(tmp_path: Path) -> list[str]:
@@ -55,36 +84,71 @@ def coco_stuff_data_args(tmp_path: Path) -> list[str]:
 
     root = make_synthetic("coco-stuff", tmp_path / "coco_stuff", num_images=4, image_size=56, progress=False)
     make_synthetic("coco-stuff", root, num_images=2, split="val2017", image_size=56, progress=False)
-    return ["--data.init_args.root", str(root), "--data.init_args.train_split", "train2017",
-            "--data.init_args.val_split", "val2017", "--data.init_args.class_names", str(root / "class_names.txt"),
-            "--data.init_args.unseen_classes", "null", "--data.init_args.eval_data", "null",
-            "--data.init_args.batch_size", "2", "--data.init_args.eval_batch_size", "2",
-            "--data.init_args.num_workers", "0", *_small_crop_args()]
+    return [
+        "--data.init_args.root",
+        str(root),
+        "--data.init_args.train_split",
+        "train2017",
+        "--data.init_args.val_split",
+        "val2017",
+        "--data.init_args.class_names",
+        str(root / "class_names.txt"),
+        "--data.init_args.unseen_classes",
+        "null",
+        "--data.init_args.eval_data",
+        "null",
+        "--data.init_args.batch_size",
+        "2",
+        "--data.init_args.eval_batch_size",
+        "2",
+        "--data.init_args.num_workers",
+        "0",
+        *_small_crop_args(),
+    ]
 
 
 def webdataset_data_args(tmp_path: Path) -> list[str]:
     from ovseg.prepare.synthetic import make_synthetic
 
     root = make_synthetic("wds", tmp_path / "wds", num_images=8, image_size=56, progress=False)
-    return ["--data.init_args.urls", str(root / "00000.tar"), "--data.init_args.epoch_length", "8",
-            "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
-            "--data.init_args.resampled", "false", *_small_crop_args(), *_synthetic_eval_args()]
+    return [
+        "--data.init_args.urls",
+        str(root / "00000.tar"),
+        "--data.init_args.epoch_length",
+        "8",
+        "--data.init_args.batch_size",
+        "4",
+        "--data.init_args.num_workers",
+        "0",
+        "--data.init_args.resampled",
+        "false",
+        *_small_crop_args(),
+        *_synthetic_eval_args(),
+    ]
 
 
 def cached_features_data_args(tmp_path: Path) -> list[str]:
     """A tiny feature store built by the fast-mode SimZSS backbone (tests/fast/simzss.yaml) over 8
     synthetic scenes, so the cached config trains on features of the model's own shapes."""
-    from ovseg.prepare.feature_cache import CacheViews, build_feature_cache
     from ovseg.datamodules.synthetic import SyntheticDataModule
     from ovseg.encoders import TimmViT
+    from ovseg.prepare.feature_cache import CacheViews, build_feature_cache
 
     fast = yaml.safe_load((FAST / "simzss.yaml").read_text())["model"]["init_args"]["image_encoder"]
     encoder = TimmViT(**fast["init_args"])
     dataset = SyntheticDataModule(num_train=8, image_size=56).train_dataset()
-    store = build_feature_cache(encoder, dataset, tmp_path / "store", CacheViews("center", 56),
-                                batch_size=8, device="cpu", progress=False)
-    return ["--data.init_args.store", str(store), "--data.init_args.batch_size", "4",
-            "--data.init_args.num_workers", "0", *_synthetic_eval_args()]
+    store = build_feature_cache(
+        encoder, dataset, tmp_path / "store", CacheViews("center", 56), batch_size=8, device="cpu", progress=False
+    )
+    return [
+        "--data.init_args.store",
+        str(store),
+        "--data.init_args.batch_size",
+        "4",
+        "--data.init_args.num_workers",
+        "0",
+        *_synthetic_eval_args(),
+    ]
 
 
 # Fast-mode data settings per DataModule class: a new DataModule needs an entry here, so no
@@ -112,9 +176,20 @@ def fast_args(config: Path, tmp_path: Path) -> list[str]:
     data_path = content["data"]["class_path"]
     assert data_path in DATA_OVERLAYS, f"no fast-mode data overlay for {data_path} ({config})"
     return [
-        "-c", str(config), "-c", str(FAST / f"{method_key(model_path)}.yaml"),
-        "--trainer.fast_dev_run", "2", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-        "--trainer.precision", "32-true", "--trainer.enable_progress_bar", "false",
+        "-c",
+        str(config),
+        "-c",
+        str(FAST / f"{method_key(model_path)}.yaml"),
+        "--trainer.fast_dev_run",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "1",
+        "--trainer.precision",
+        "32-true",
+        "--trainer.enable_progress_bar",
+        "false",
         *DATA_OVERLAYS[data_path](tmp_path),
     ]
 
@@ -138,10 +213,26 @@ def test_config_runs_in_fast_mode(config, tmp_path, monkeypatch):
 
 
 def smoke(tmp_path: Path, *extra: str):
-    return run(["fit", "-c", str(REPO / "configs/experiment/smoke.yaml"), "--trainer.max_steps", "4",
-                 "--trainer.val_check_interval", "4", "--trainer.enable_progress_bar", "false",
-                 "--data.init_args.num_train", "64", "--data.init_args.batch_size", "16",
-                 "--data.init_args.num_val", "8", *extra])
+    return run(
+        [
+            "fit",
+            "-c",
+            str(REPO / "configs/experiment/smoke.yaml"),
+            "--trainer.max_steps",
+            "4",
+            "--trainer.val_check_interval",
+            "4",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--data.init_args.num_train",
+            "64",
+            "--data.init_args.batch_size",
+            "16",
+            "--data.init_args.num_val",
+            "8",
+            *extra,
+        ]
+    )
 
 
 def test_smoke_fit_prints_table_and_validate_reproduces_it(tmp_path, monkeypatch, capsys):
@@ -155,15 +246,47 @@ def test_smoke_fit_prints_table_and_validate_reproduces_it(tmp_path, monkeypatch
     # The resolved config was saved in the run directory.
     assert list((tmp_path / "runs/smoke").rglob("config.yaml"))
 
-    validated = run(["validate", "-c", str(REPO / "configs/experiment/smoke.yaml"),
-                      "--data.init_args.num_val", "8", "--trainer.enable_progress_bar", "false",
-                      "--ckpt_path", str(checkpoint)])
+    validated = run(
+        [
+            "validate",
+            "-c",
+            str(REPO / "configs/experiment/smoke.yaml"),
+            "--data.init_args.num_val",
+            "8",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--ckpt_path",
+            str(checkpoint),
+        ]
+    )
     assert float(validated.trainer.callback_metrics["val/synthetic/mIoU"]) == pytest.approx(fit_miou, abs=1e-6)
-    tested = run(["test", "-c", str(REPO / "configs/experiment/smoke.yaml"), "--data.init_args.num_val", "8",
-                  "--trainer.enable_progress_bar", "false", "--ckpt_path", str(checkpoint)])
+    tested = run(
+        [
+            "test",
+            "-c",
+            str(REPO / "configs/experiment/smoke.yaml"),
+            "--data.init_args.num_val",
+            "8",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--ckpt_path",
+            str(checkpoint),
+        ]
+    )
     assert float(tested.trainer.callback_metrics["test/synthetic/mIoU"]) == pytest.approx(fit_miou, abs=1e-6)
-    run(["predict", "-c", str(REPO / "configs/experiment/smoke.yaml"), "--data.init_args.num_val", "4",
-         "--trainer.enable_progress_bar", "false", "--ckpt_path", str(checkpoint)])
+    run(
+        [
+            "predict",
+            "-c",
+            str(REPO / "configs/experiment/smoke.yaml"),
+            "--data.init_args.num_val",
+            "4",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--ckpt_path",
+            str(checkpoint),
+        ]
+    )
     # The checkpoint rebuilds the model from Python alone and segments the same way.
     loaded = SimZSS.load_from_checkpoint(checkpoint)
     image = torch.randint(0, 256, (3, 40, 52), dtype=torch.uint8)
@@ -175,15 +298,15 @@ def test_smoke_fit_prints_table_and_validate_reproduces_it(tmp_path, monkeypatch
 
 def test_swap_model_and_override_options_on_the_command_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = smoke(tmp_path, "--model.init_args.lambda_local", "0", "--trainer.max_steps", "2",
-                "--trainer.val_check_interval", "2")
+    cli = smoke(
+        tmp_path, "--model.init_args.lambda_local", "0", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"
+    )
     assert cli.model.lambda_local == 0
     assert cli.trainer.global_step == 2
 
 
 def ovseg_subprocess(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ovseg", *args], capture_output=True, text=True,
-                          timeout=120, cwd=REPO)
+    return subprocess.run([sys.executable, "-m", "ovseg", *args], capture_output=True, text=True, timeout=120, cwd=REPO)
 
 
 def test_help_and_bad_configs_give_clear_messages(tmp_path):
@@ -196,7 +319,9 @@ def test_help_and_bad_configs_give_clear_messages(tmp_path):
     run = ovseg_subprocess("fit", "-c", str(bad_class))
     assert run.returncode != 0 and "SimZZS" in run.stderr
 
-    run = ovseg_subprocess("fit", "-c", str(REPO / "configs/experiment/smoke.yaml"), "--model.init_args.lamda_local", "0")
+    run = ovseg_subprocess(
+        "fit", "-c", str(REPO / "configs/experiment/smoke.yaml"), "--model.init_args.lamda_local", "0"
+    )
     assert run.returncode != 0 and "lamda_local" in run.stderr
 
 
@@ -211,12 +336,15 @@ def test_synthetic_configs_of_all_methods_validate_on_the_same_scenes():
     """Moving between methods on the synthetic world is a change of ``-c`` file only: the three
     demo configs read the same DataModule with the same validation scenes and vocabulary (the mask
     methods additionally ignore unseen pixels in training, which is their zero-shot protocol)."""
-    configs = {name: yaml.safe_load((REPO / f"configs/{name}/synthetic.yaml").read_text())["data"]
-               for name in ("simzss", "zegformer", "cdt")}
+    configs = {
+        name: yaml.safe_load((REPO / f"configs/{name}/synthetic.yaml").read_text())["data"]
+        for name in ("simzss", "zegformer", "cdt")
+    }
     assert {c["class_path"] for c in configs.values()} == {"ovseg.datamodules.SyntheticDataModule"}
     validation_keys = ("num_val", "image_size", "seed", "use_synonyms")
-    settings = {name: {key: config["init_args"].get(key) for key in validation_keys}
-                for name, config in configs.items()}
+    settings = {
+        name: {key: config["init_args"].get(key) for key in validation_keys} for name, config in configs.items()
+    }
     simzss = settings.pop("simzss")
     for name, setting in settings.items():
         differing = {k for k in validation_keys if setting[k] != simzss[k]}
@@ -234,21 +362,59 @@ def test_mask_method_checkpoint_validates_the_same_and_on_the_evaluation_datamod
 
     monkeypatch.chdir(tmp_path)
     config = REPO / f"configs/{method}/synthetic.yaml"
-    common = ["-c", str(config), "-c", str(FAST / f"{method}.yaml"), "--trainer.logger", "false",
-              "--trainer.enable_progress_bar", "false", "--data.init_args.num_val", "2",
-              "--data.init_args.eval_batch_size", "2"]
-    fitted = run(["fit", *common, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-                  "--data.init_args.num_train", "8", "--data.init_args.batch_size", "4"])
+    common = [
+        "-c",
+        str(config),
+        "-c",
+        str(FAST / f"{method}.yaml"),
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--data.init_args.num_val",
+        "2",
+        "--data.init_args.eval_batch_size",
+        "2",
+    ]
+    fitted = run(
+        [
+            "fit",
+            *common,
+            "--trainer.max_steps",
+            "2",
+            "--trainer.val_check_interval",
+            "2",
+            "--data.init_args.num_train",
+            "8",
+            "--data.init_args.batch_size",
+            "4",
+        ]
+    )
     checkpoint = tmp_path / f"runs/{method}_synthetic/checkpoints/last.ckpt"
     assert checkpoint.is_file()
     validated = run(["validate", *common, "--ckpt_path", str(checkpoint)])
     for key in ("val/synthetic/mIoU_seen", "val/synthetic/mIoU_unseen", "val/synthetic/hIoU"):
         assert float(validated.trainer.callback_metrics[key]) == pytest.approx(
-            float(fitted.trainer.callback_metrics[key]), abs=1e-6), key
+            float(fitted.trainer.callback_metrics[key]), abs=1e-6
+        ), key
 
-    write_mmseg(SyntheticWorld(image_size=(64, 80), seed=4), tmp_path / "data/synthetic_mmseg", num_images=2,
-                progress=False)
-    evaluated = run(["validate", *common[:4], "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-                     "--data", str(REPO / "configs/data/eval_synthetic.yaml"),
-                     "--data.init_args.root", str(tmp_path / "data"), "--ckpt_path", str(checkpoint)])
+    write_mmseg(
+        SyntheticWorld(image_size=(64, 80), seed=4), tmp_path / "data/synthetic_mmseg", num_images=2, progress=False
+    )
+    evaluated = run(
+        [
+            "validate",
+            *common[:4],
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--data",
+            str(REPO / "configs/data/eval_synthetic.yaml"),
+            "--data.init_args.root",
+            str(tmp_path / "data"),
+            "--ckpt_path",
+            str(checkpoint),
+        ]
+    )
     assert 0.0 <= float(evaluated.trainer.callback_metrics["val/synthetic/hIoU"]) <= 100.0

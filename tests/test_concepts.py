@@ -6,9 +6,7 @@ import os
 import pickle
 from pathlib import Path
 
-_NLTK_DATA = os.environ.get("NLTK_DATA") or str(
-    Path(__file__).resolve().parents[2] / "shared" / "nltk_data"
-)
+_NLTK_DATA = os.environ.get("NLTK_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "nltk_data")
 os.environ["NLTK_DATA"] = _NLTK_DATA
 
 import nltk  # noqa: E402
@@ -97,9 +95,7 @@ def test_compound(extractor: ConceptExtractor) -> None:
 
 def test_adjectives_dropped(extractor: ConceptExtractor) -> None:
     caption = "a big brown dog"
-    assert extractor.extract(caption) == [
-        Concept("dog", extractor.bank.index("dog"), (4,))
-    ]
+    assert extractor.extract(caption) == [Concept("dog", extractor.bank.index("dog"), (4,))]
 
 
 def test_head_fallback_and_plural_bank_entries(extractor: ConceptExtractor) -> None:

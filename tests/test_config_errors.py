@@ -19,8 +19,16 @@ from ovseg.module import OVSegModule
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "configs/experiment/smoke.yaml")
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
-TINY_DATA = ["--data.init_args.num_train", "16", "--data.init_args.batch_size", "8",
-             "--data.init_args.num_val", "2", "--data.init_args.eval_batch_size", "2"]
+TINY_DATA = [
+    "--data.init_args.num_train",
+    "16",
+    "--data.init_args.batch_size",
+    "8",
+    "--data.init_args.num_val",
+    "2",
+    "--data.init_args.eval_batch_size",
+    "2",
+]
 
 
 class OtherMethod(OVSegModule):
@@ -86,8 +94,9 @@ def smoke_checkpoint(tmp_path_factory) -> tuple[Path, object]:
     cwd = os.getcwd()
     os.chdir(workdir)
     try:
-        cli = run(["fit", "-c", SMOKE, *QUIET, *TINY_DATA, "--trainer.max_steps", "1",
-                   "--trainer.limit_val_batches", "0"])
+        cli = run(
+            ["fit", "-c", SMOKE, *QUIET, *TINY_DATA, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"]
+        )
     finally:
         os.chdir(cwd)
     path = workdir / "runs/smoke/checkpoints/last.ckpt"
@@ -95,8 +104,9 @@ def smoke_checkpoint(tmp_path_factory) -> tuple[Path, object]:
     return path, cli
 
 
-def _edited(source: Path, target: Path, method: str | None = None, hparams: bool = True,
-            rename_keys: bool = False) -> Path:
+def _edited(
+    source: Path, target: Path, method: str | None = None, hparams: bool = True, rename_keys: bool = False
+) -> Path:
     checkpoint = torch.load(source, weights_only=False)
     if method is not None:
         checkpoint[OVSegModule.CHECKPOINT_METHOD_KEY] = method
@@ -106,8 +116,9 @@ def _edited(source: Path, target: Path, method: str | None = None, hparams: bool
         checkpoint.pop("hparams_name", None)
         checkpoint.pop(OVSegModule.CHECKPOINT_METHOD_KEY)
     if rename_keys:
-        checkpoint["state_dict"] = {(f"other.{k}" if i % 2 else k): v
-                                    for i, (k, v) in enumerate(checkpoint["state_dict"].items())}
+        checkpoint["state_dict"] = {
+            (f"other.{k}" if i % 2 else k): v for i, (k, v) in enumerate(checkpoint["state_dict"].items())
+        }
     torch.save(checkpoint, target)
     return target
 
@@ -164,14 +175,18 @@ def _eval_data(tmp_path: Path, class_names: Path) -> Path:
     config.write_text(
         "class_path: ovseg.datamodules.EvaluationDataModule\n"
         f"init_args:\n  root: {tmp_path}\n  benchmarks:\n"
-        f"    - {{name: mine, data_root: ., class_names: {class_names}}}\n")
+        f"    - {{name: mine, data_root: ., class_names: {class_names}}}\n"
+    )
     return config
 
 
-@pytest.mark.parametrize("content, expected", [
-    ("\n\n", "the vocabulary is empty"),
-    ("sky\ngrass\nsea\nsky, heaven\n", "duplicated class name 'sky' in classes 0 and 3"),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("\n\n", "the vocabulary is empty"),
+        ("sky\ngrass\nsea\nsky, heaven\n", "duplicated class name 'sky' in classes 0 and 3"),
+    ],
+)
 def test_empty_or_duplicated_vocabulary_names_the_file(tmp_path, content, expected):
     names = tmp_path / "names.txt"
     names.write_text(content)
@@ -184,13 +199,35 @@ def test_missing_benchmark_root_names_the_path(tmp_path):
     missing = tmp_path / "no_such_root"
     # a preset with packaged class names: the folder listing fails, naming the data directory
     with pytest.raises(FileNotFoundError) as error:
-        run(["validate", "-c", SMOKE, *QUIET, "--data", str(REPO / "configs/data/eval_caption8.yaml"),
-             "--data.init_args.root", str(missing), "--data.init_args.select", "[voc21]"])
+        run(
+            [
+                "validate",
+                "-c",
+                SMOKE,
+                *QUIET,
+                "--data",
+                str(REPO / "configs/data/eval_caption8.yaml"),
+                "--data.init_args.root",
+                str(missing),
+                "--data.init_args.select",
+                "[voc21]",
+            ]
+        )
     assert f"data directory {missing}/VOCdevkit/VOC2012 does not exist" in str(error.value)
     # class names read from the (missing) data folder: the error says the folder is missing
     with pytest.raises(ValueError) as error:
-        run(["validate", "-c", SMOKE, *QUIET, "--data", str(REPO / "configs/data/eval_synthetic.yaml"),
-             "--data.init_args.root", str(missing)])
+        run(
+            [
+                "validate",
+                "-c",
+                SMOKE,
+                *QUIET,
+                "--data",
+                str(REPO / "configs/data/eval_synthetic.yaml"),
+                "--data.init_args.root",
+                str(missing),
+            ]
+        )
     assert f"the data directory {missing}/synthetic_mmseg does not exist" in str(error.value)
 
 
@@ -202,9 +239,25 @@ def test_nan_loss_stops_with_the_step_and_the_loss_terms(tmp_path, monkeypatch):
     the step and every loss term instead of training on garbage."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FloatingPointError) as error:
-        run(["fit", "-c", SMOKE, *QUIET, *TINY_DATA, "--trainer.max_steps", "4",
-             "--trainer.limit_val_batches", "0", "--trainer.enable_checkpointing", "false",
-             "--trainer.callbacks", "[]", "--model.init_args.optimizer.init_args.lr", "1e30"])
+        run(
+            [
+                "fit",
+                "-c",
+                SMOKE,
+                *QUIET,
+                *TINY_DATA,
+                "--trainer.max_steps",
+                "4",
+                "--trainer.limit_val_batches",
+                "0",
+                "--trainer.enable_checkpointing",
+                "false",
+                "--trainer.callbacks",
+                "[]",
+                "--model.init_args.optimizer.init_args.lr",
+                "1e30",
+            ]
+        )
     message = str(error.value)
     assert message.startswith("non-finite loss at step ")
     assert int(message.split("step ")[1].split(":")[0]) >= 1
@@ -215,8 +268,9 @@ def test_nan_loss_stops_with_the_step_and_the_loss_terms(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ command line over checkpoint
 
 
-@pytest.mark.parametrize("override", [[], ["--model.init_args.lambda_local", "0.5"],
-                                      ["--model.init_args.lambda_local=0.5"]])
+@pytest.mark.parametrize(
+    "override", [[], ["--model.init_args.lambda_local", "0.5"], ["--model.init_args.lambda_local=0.5"]]
+)
 def test_command_line_model_options_win_over_checkpoint_hyper_parameters(smoke_checkpoint, tmp_path, override):
     """LightningCLI applies the checkpoint's hyper-parameters over the config (kept: a run trained
     with lambda_local 0.25 is rebuilt with it), but explicit ``--model.*`` options come last."""

@@ -78,9 +78,25 @@ def test_converted_checkpoint_validates_through_the_cli(official_file, tmp_path:
     source, _ = official_file
     destination = tmp_path / "converted.ckpt"
     run(["convert", "simzss", str(source), str(destination), "-c", str(SMOKE)])
-    cli = run(["validate", "-c", str(SMOKE), "--ckpt_path", str(destination), "--data.init_args.num_val", "4",
-               "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
-               "--trainer.enable_progress_bar", "false", "--model.init_args.print_metrics", "false"])
+    cli = run(
+        [
+            "validate",
+            "-c",
+            str(SMOKE),
+            "--ckpt_path",
+            str(destination),
+            "--data.init_args.num_val",
+            "4",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--model.init_args.print_metrics",
+            "false",
+        ]
+    )
     assert 0.0 <= float(cli.trainer.callback_metrics["val/mIoU"]) <= 100.0
 
 
@@ -129,8 +145,9 @@ def test_unknown_keys_and_wrong_shapes_stop_the_conversion(official_file, tmp_pa
     del weights["surprise.weight"]
     torch.save(weights, source)
     with pytest.raises(ConversionError, match=r"shape \(file vs config\)"):
-        convert_module.convert("simzss", source, tmp_path / "x.ckpt", SMOKE,
-                               ["--model.init_args.text_encoder.init_args.width", "32"])
+        convert_module.convert(
+            "simzss", source, tmp_path / "x.ckpt", SMOKE, ["--model.init_args.text_encoder.init_args.width", "32"]
+        )
     assert not (tmp_path / "x.ckpt").exists()
 
 

@@ -108,8 +108,14 @@ def test_decode_every_image_mode_to_rgb_uint8_and_labels_as_raw_indices():
     rgb = (np.arange(24 * 32 * 3) % 251).astype(np.uint8).reshape(24, 32, 3)
     gray = Image.fromarray(rgb[..., 0])
     cases = {
-        "gray": (encoded(gray, "PNG"), lambda t: torch.equal(t[0], t[1]) and torch.equal(t[0], torch.from_numpy(rgb[..., 0]))),
-        "rgba": (encoded(Image.fromarray(rgb).convert("RGBA"), "PNG"), lambda t: torch.equal(t, torch.from_numpy(rgb).permute(2, 0, 1))),
+        "gray": (
+            encoded(gray, "PNG"),
+            lambda t: torch.equal(t[0], t[1]) and torch.equal(t[0], torch.from_numpy(rgb[..., 0])),
+        ),
+        "rgba": (
+            encoded(Image.fromarray(rgb).convert("RGBA"), "PNG"),
+            lambda t: torch.equal(t, torch.from_numpy(rgb).permute(2, 0, 1)),
+        ),
         "cmyk": (encoded(Image.fromarray(rgb).convert("CMYK"), "JPEG"), lambda t: t.float().std() > 10),
         "palette": (encoded(Image.fromarray(rgb).quantize(16), "PNG"), lambda t: t.shape == (3, 24, 32)),
     }
@@ -194,9 +200,11 @@ def test_resize_crop_pad_and_flip_keep_label_values():
     label = torch.zeros(64, 64, dtype=torch.long)
     label[:, 56:] = 1
     mixed = {"image": torch.zeros(3, 64, 64, dtype=torch.uint8), "label": label}
+
     def two_classes(ratio):
         crops = [RandomCrop(16, cat_max_ratio=ratio)(mixed)["label"] for _ in range(30)]
         return sum(len(c.unique()) > 1 for c in crops)
+
     assert two_classes(0.95) > two_classes(None)
 
     pipeline = Compose([ResizeShortSide(48), RandomCrop(32), RandomHorizontalFlip()])
@@ -258,7 +266,7 @@ def test_coco_odd_image_modes_are_decoded_to_rgb(data, tmp_path, world):
         names[0]: encoded(rgb.convert("L"), "JPEG"),
         names[1]: encoded(rgb.convert("RGBA"), "PNG"),
         names[2]: encoded(rgb.convert("CMYK"), "JPEG"),
-        names[3]: encoded(Image.fromarray((np.asarray(rgb.convert("L")).astype(np.uint16) * 257)), "PNG"),
+        names[3]: encoded(Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257), "PNG"),
     }
     for name, payload in replaced.items():
         (root / "train2017" / name).write_bytes(payload)
@@ -377,8 +385,14 @@ def test_coco_stuff_bad_inputs(data, tmp_path):
 
 # ---------------------------------------------------------------------------------- WebDataset
 def test_webdataset_round_trip_with_labels_and_epochs(data, world):
-    stream = WebDatasetStream(str(data["wds"] / "{00000..00002}.tar"), batch_size=1, shuffle_buffer=0,
-                              shard_shuffle=0, transform=IDENTITY, with_labels=True)
+    stream = WebDatasetStream(
+        str(data["wds"] / "{00000..00002}.tar"),
+        batch_size=1,
+        shuffle_buffer=0,
+        shard_shuffle=0,
+        transform=IDENTITY,
+        with_labels=True,
+    )
     samples = one_pass(stream)
     assert len(samples) == N_WDS and stream.skips.value == 0
     for sample in samples:
@@ -388,8 +402,13 @@ def test_webdataset_round_trip_with_labels_and_epochs(data, world):
         assert sample["caption"] in scene.captions
         assert torch.equal(sample["label"], torch.from_numpy(scene.label.astype(np.int64)))
     # epoch_length: samples per epoch per process, whatever the workers
-    dm = WebDatasetDataModule(str(data["wds"] / "{00000..00002}.tar"), epoch_length=8, batch_size=2,
-                              num_workers=2, transform=RandomResizedCrop(56))
+    dm = WebDatasetDataModule(
+        str(data["wds"] / "{00000..00002}.tar"),
+        epoch_length=8,
+        batch_size=2,
+        num_workers=2,
+        transform=RandomResizedCrop(56),
+    )
     loader = dm.train_dataloader()
     assert len(loader) == 4
     for _ in range(2):
@@ -398,9 +417,18 @@ def test_webdataset_round_trip_with_labels_and_epochs(data, world):
     assert "concept_labels" not in batches[0]  # these shards store no concepts
     # with ignore classes (the zero-shot split)
     unseen = [i for i, c in enumerate(world.categories) if not c.seen]
-    zero = one_pass(WebDatasetStream(str(data["wds"] / "00000.tar"), 1, shuffle_buffer=0, transform=IDENTITY,
-                                     with_labels=True, with_captions=False, ignore_classes=unseen,
-                                     num_classes=len(world.categories)))
+    zero = one_pass(
+        WebDatasetStream(
+            str(data["wds"] / "00000.tar"),
+            1,
+            shuffle_buffer=0,
+            transform=IDENTITY,
+            with_labels=True,
+            with_captions=False,
+            ignore_classes=unseen,
+            num_classes=len(world.categories),
+        )
+    )
     for sample in zero:
         assert not bool(torch.isin(sample["label"], torch.tensor(unseen)).any())
         assert "caption" not in sample
@@ -408,22 +436,35 @@ def test_webdataset_round_trip_with_labels_and_epochs(data, world):
 
 def test_webdataset_bad_samples_are_skipped_and_counted(data, tmp_path, world, caplog):
     root = copy(data["wds"], tmp_path / "wds")
-    jpeg = (root / "00000.tar")
+    jpeg = root / "00000.tar"
     with tarfile.open(jpeg) as tar:
         good = tar.extractfile("000000001.jpg").read()
-    rewrite_tar(root / "00000.tar", {"000000001.jpg": good[: len(good) // 2],  # corrupt JPEG
-                                     "000000002.txt": b"  "})  # empty caption
+    rewrite_tar(
+        root / "00000.tar",
+        {
+            "000000001.jpg": good[: len(good) // 2],  # corrupt JPEG
+            "000000002.txt": b"  ",
+        },
+    )  # empty caption
     label = np.full((112, 112), 77, np.uint8)
-    rewrite_tar(root / "00002.tar", {"000020000.seg.png": encoded(Image.fromarray(label), "PNG"),
-                                     "000020002.seg.png": None})  # missing label map
+    rewrite_tar(
+        root / "00002.tar", {"000020000.seg.png": encoded(Image.fromarray(label), "PNG"), "000020002.seg.png": None}
+    )  # missing label map
     size = (root / "00001.tar").stat().st_size
     with open(root / "00001.tar", "r+b") as f:  # truncated tar
         f.truncate(size // 2)
 
     urls = str(root / "{00000..00002}.tar")
     with caplog.at_level(logging.WARNING, logger="ovseg.data"):
-        stream = WebDatasetStream(urls, 1, shuffle_buffer=0, transform=IDENTITY, with_labels=True,
-                                  num_classes=len(world.categories), random_caption=False)
+        stream = WebDatasetStream(
+            urls,
+            1,
+            shuffle_buffer=0,
+            transform=IDENTITY,
+            with_labels=True,
+            num_classes=len(world.categories),
+            random_caption=False,
+        )
         samples = one_pass(stream)
     keys = {s["key"] for s in samples}
     assert {"000000001", "000000002", "000020000", "000020002"}.isdisjoint(keys)
@@ -435,8 +476,15 @@ def test_webdataset_bad_samples_are_skipped_and_counted(data, tmp_path, world, c
     assert "label values [77]" in caplog.text and "so far" in caplog.text
 
     # the count is shared by DataLoader workers and exposed by the DataModule; training goes on
-    dm = WebDatasetDataModule(urls, epoch_length=12, batch_size=2, num_workers=2, transform=RandomResizedCrop(32),
-                              with_labels=True, num_classes=len(world.categories))
+    dm = WebDatasetDataModule(
+        urls,
+        epoch_length=12,
+        batch_size=2,
+        num_workers=2,
+        transform=RandomResizedCrop(32),
+        with_labels=True,
+        num_classes=len(world.categories),
+    )
     batches = list(dm.train_dataloader())
     assert len(batches) == 6 and dm.skipped >= 4
 
@@ -450,13 +498,29 @@ def test_webdataset_bad_samples_are_skipped_and_counted(data, tmp_path, world, c
 def test_make_shards_concepts_and_simzss_steps(data, tmp_path, monkeypatch, extractor32):
     coco = data["coco"]
     out = tmp_path / "shards"
-    run(["data", "make-shards", "--coco-captions", str(coco / "annotations/captions_train2017.json"),
-         "--images", str(coco / "train2017"), "--out", str(out), "--shard-size", "5", "--concepts",
-         "--context-length", "32", "--no-progress"])
+    run(
+        [
+            "data",
+            "make-shards",
+            "--coco-captions",
+            str(coco / "annotations/captions_train2017.json"),
+            "--images",
+            str(coco / "train2017"),
+            "--out",
+            str(out),
+            "--shard-size",
+            "5",
+            "--concepts",
+            "--context-length",
+            "32",
+            "--no-progress",
+        ]
+    )
     assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar", "00001.tar", "00002.tar"]
     urls = str(out / "{00000..00002}.tar")
-    stream = WebDatasetStream(urls, 1, shuffle_buffer=0, transform=IDENTITY,
-                              expected_concept_meta=concept_meta(extractor32))
+    stream = WebDatasetStream(
+        urls, 1, shuffle_buffer=0, transform=IDENTITY, expected_concept_meta=concept_meta(extractor32)
+    )
     samples = one_pass(stream)
     assert len(samples) == N_COCO
     for sample in samples:
@@ -464,24 +528,56 @@ def test_make_shards_concepts_and_simzss_steps(data, tmp_path, monkeypatch, extr
         for key, value in expected.items():
             assert torch.equal(sample[key], value), key
     # concepts stored for another context length are not used
-    other = one_pass(WebDatasetStream(urls, 1, shuffle_buffer=0, transform=IDENTITY,
-                                      expected_concept_meta=concept_meta(ConceptExtractor())))
+    other = one_pass(
+        WebDatasetStream(
+            urls, 1, shuffle_buffer=0, transform=IDENTITY, expected_concept_meta=concept_meta(ConceptExtractor())
+        )
+    )
     assert all("concept_labels" not in s for s in other)
 
     monkeypatch.chdir(tmp_path)
     # The shipped shard config, with tiny encoders (tests/fast) and the shards just written.
-    cli = run(["fit", "-c", str(REPO / "configs/simzss/wds_vitb14.yaml"), "-c", str(REPO / "tests/fast/simzss.yaml"),
-               "--trainer.fast_dev_run", "2", "--trainer.enable_progress_bar", "false",
-               "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
-               "--data.init_args.urls", urls, "--data.init_args.resampled", "false",
-               "--data.init_args.epoch_length", "8", "--data.init_args.batch_size", "4",
-               "--model.init_args.concept_rules", "ovseg",  # the rules the shards' concepts were made with
-               "--data.init_args.num_workers", "0",
-               "--data.init_args.transform", "ovseg.datamodules.transforms.RandomResizedCrop",
-               "--data.init_args.transform.init_args.size", "56",
-               "--data.init_args.eval_data", "ovseg.datamodules.SyntheticDataModule",
-               "--data.init_args.eval_data.init_args.num_train", "0",
-               "--data.init_args.eval_data.init_args.num_val", "2"])
+    cli = run(
+        [
+            "fit",
+            "-c",
+            str(REPO / "configs/simzss/wds_vitb14.yaml"),
+            "-c",
+            str(REPO / "tests/fast/simzss.yaml"),
+            "--trainer.fast_dev_run",
+            "2",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            "1",
+            "--trainer.precision",
+            "32-true",
+            "--data.init_args.urls",
+            urls,
+            "--data.init_args.resampled",
+            "false",
+            "--data.init_args.epoch_length",
+            "8",
+            "--data.init_args.batch_size",
+            "4",
+            "--model.init_args.concept_rules",
+            "ovseg",  # the rules the shards' concepts were made with
+            "--data.init_args.num_workers",
+            "0",
+            "--data.init_args.transform",
+            "ovseg.datamodules.transforms.RandomResizedCrop",
+            "--data.init_args.transform.init_args.size",
+            "56",
+            "--data.init_args.eval_data",
+            "ovseg.datamodules.SyntheticDataModule",
+            "--data.init_args.eval_data.init_args.num_train",
+            "0",
+            "--data.init_args.eval_data.init_args.num_val",
+            "2",
+        ]
+    )
     assert cli.trainer.global_step == 2 and "val/mIoU" in cli.trainer.callback_metrics
     assert cli.model._concept_cache == {}  # stored concepts were used, none extracted on the fly
     assert cli.datamodule.skipped == 0
@@ -497,8 +593,17 @@ def test_extract_concepts_rewrites_shards_atomically(data, tmp_path, extractor32
         f.truncate(truncated.stat().st_size // 3)
     broken = truncated.read_bytes()
     with pytest.raises(SystemExit, match="00002.tar"):
-        run(["data", "extract-concepts", "--shards", str(root / "{00000..00002}.tar"),
-             "--context-length", "32", "--no-progress"])
+        run(
+            [
+                "data",
+                "extract-concepts",
+                "--shards",
+                str(root / "{00000..00002}.tar"),
+                "--context-length",
+                "32",
+                "--no-progress",
+            ]
+        )
     assert truncated.read_bytes() == broken  # left unchanged
     with tarfile.open(root / "00000.tar") as tar:
         after = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
@@ -506,8 +611,15 @@ def test_extract_concepts_rewrites_shards_atomically(data, tmp_path, extractor32
     for name, payload in before.items():
         if not name.endswith(".json"):
             assert after[name] == payload
-    samples = one_pass(WebDatasetStream(str(root / "{00000..00001}.tar"), 1, shuffle_buffer=0,
-                                        transform=IDENTITY, expected_concept_meta=concept_meta(extractor32)))
+    samples = one_pass(
+        WebDatasetStream(
+            str(root / "{00000..00001}.tar"),
+            1,
+            shuffle_buffer=0,
+            transform=IDENTITY,
+            expected_concept_meta=concept_meta(extractor32),
+        )
+    )
     assert len(samples) == 2 * SHARD
     for sample in samples:  # a random one of the five captions, with its own concepts
         for key, value in extractor32.encode(sample["caption"]).items():
@@ -516,10 +628,32 @@ def test_extract_concepts_rewrites_shards_atomically(data, tmp_path, extractor32
 
 def test_make_shards_from_coco_stuff(data, tmp_path, world):
     out = tmp_path / "stuff_shards"
-    run(["data", "make-shards", "--coco-stuff", str(data["stuff"]), "--split", "train2017", "--out", str(out),
-         "--shard-size", "4", "--no-progress"])
-    samples = one_pass(WebDatasetStream(str(out / "{00000..00001}.tar"), 1, shuffle_buffer=0, transform=IDENTITY,
-                                        with_captions=False, with_labels=True, num_classes=13))
+    run(
+        [
+            "data",
+            "make-shards",
+            "--coco-stuff",
+            str(data["stuff"]),
+            "--split",
+            "train2017",
+            "--out",
+            str(out),
+            "--shard-size",
+            "4",
+            "--no-progress",
+        ]
+    )
+    samples = one_pass(
+        WebDatasetStream(
+            str(out / "{00000..00001}.tar"),
+            1,
+            shuffle_buffer=0,
+            transform=IDENTITY,
+            with_captions=False,
+            with_labels=True,
+            num_classes=13,
+        )
+    )
     assert len(samples) == N_STUFF
     stems = sorted(p.stem for p in (data["stuff"] / "images" / "train2017").iterdir())
     for sample in samples:

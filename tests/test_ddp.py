@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from spawn_ranks import free_port, run_ranks  # tests/spawn_ranks.py
 
 from ovseg.datamodules.base import UnpaddedDistributedSampler, evaluation_sampler
-from spawn_ranks import free_port, run_ranks  # tests/spawn_ranks.py
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -83,20 +83,36 @@ def _validate(trainer_kwargs, data_root: str) -> dict:
     results = {}
     for name, datamodule in _datamodules(data_root).items():
         record = Record()
-        trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, callbacks=[record], **trainer_kwargs())
+        trainer = L.Trainer(
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[record],
+            **trainer_kwargs(),
+        )
         model = _model()
         trainer.validate(model, datamodule=datamodule, verbose=False)
         (result,) = model.last_results.values()
-        results[name] = {"indices": record.indices, "confmat": record.confmat,
-                         "metrics": {k: v.cpu() for k, v in result.items()},
-                         "mIoU": float(trainer.callback_metrics["val/mIoU"])}
+        results[name] = {
+            "indices": record.indices,
+            "confmat": record.confmat,
+            "metrics": {k: v.cpu() for k, v in result.items()},
+            "mIoU": float(trainer.callback_metrics["val/mIoU"]),
+        }
     return results
 
 
 def _worker(rank: int, port: int, out_dir: str, data_root: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD),
-                      RANK=str(rank), LOCAL_RANK=str(rank), NODE_RANK="0", GLOO_SOCKET_IFNAME="lo")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(WORLD),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+        GLOO_SOCKET_IFNAME="lo",
+    )
     torch.set_num_threads(1)
     import torch.distributed as dist
     from lightning.pytorch.strategies import DDPStrategy

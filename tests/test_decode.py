@@ -248,15 +248,22 @@ def jpeg_with_app1(base: bytes, *segments: bytes) -> bytes:
 def test_jpeg_orientation_header_walk(scene, spy, monkeypatch):
     base = jpeg(Image.fromarray(scene), quality=90)
     assert decode._jpeg_orientation(base) == 1  # no Exif segment
-    big_endian = jpeg_with_app1(base, exif_block(b"MM", [(0x0110, 2, 4, b"cam\x00"), (0x0112, 3, 1, b"\x00\x06\x00\x00")]))
+    big_endian = jpeg_with_app1(
+        base, exif_block(b"MM", [(0x0110, 2, 4, b"cam\x00"), (0x0112, 3, 1, b"\x00\x06\x00\x00")])
+    )
     little = jpeg_with_app1(base, exif_block(b"II", [(0x0112, 3, 1, b"\x03\x00\x00\x00")]))
     no_tag = jpeg_with_app1(base, exif_block(b"II", [(0x0110, 2, 4, b"cam\x00")]))
     assert [decode._jpeg_orientation(p) for p in (big_endian, little, no_tag)] == [6, 3, 1]
     # unsure -> None: Pillow reads the orientation (and decodes the pixels)
     long_tag = jpeg_with_app1(base, exif_block(b"II", [(0x0112, 4, 1, b"\x06\x00\x00\x00")]))
-    twice = jpeg_with_app1(base, exif_block(b"II", [(0x0112, 3, 1, b"\x06\x00\x00\x00")]),
-                           exif_block(b"II", [(0x0112, 3, 1, b"\x03\x00\x00\x00")]))
-    xmp = jpeg_with_app1(base, b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta><rdf:Description tiff:Orientation=\"8\"/></x:xmpmeta>")
+    twice = jpeg_with_app1(
+        base,
+        exif_block(b"II", [(0x0112, 3, 1, b"\x06\x00\x00\x00")]),
+        exif_block(b"II", [(0x0112, 3, 1, b"\x03\x00\x00\x00")]),
+    )
+    xmp = jpeg_with_app1(
+        base, b'http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta><rdf:Description tiff:Orientation="8"/></x:xmpmeta>'
+    )
     garbage = jpeg_with_app1(base, b"Exif\x00\x00garbage!")
     for payload in (long_tag, twice, xmp, garbage, base[:2] + b"\xff\xe1\xff\xff"):
         assert decode._jpeg_orientation(payload) is None

@@ -212,7 +212,9 @@ def test_open_clip_text_matches_encode_text(tiny_clip) -> None:
     _, model = tiny_clip
     enc = OpenCLIPText(model=model).eval()
     ids = enc.tokenize(["a photo of a cat", "a diagram", "an extremely " + "long " * 100 + "caption"])
-    assert torch.equal(ids, open_clip.tokenize(["a photo of a cat", "a diagram", "an extremely " + "long " * 100 + "caption"]))
+    assert torch.equal(
+        ids, open_clip.tokenize(["a photo of a cat", "a diagram", "an extremely " + "long " * 100 + "caption"])
+    )
     with torch.no_grad():
         out = enc(ids)
         ref = model.encode_text(ids)

@@ -23,8 +23,18 @@ from ovseg.command import main
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "configs/experiment/smoke.yaml")
-TINY = ["--data.init_args.num_train", "8", "--data.init_args.batch_size", "4", "--data.init_args.num_val", "2",
-        "--data.init_args.eval_batch_size", "2", "--trainer.enable_progress_bar", "false"]
+TINY = [
+    "--data.init_args.num_train",
+    "8",
+    "--data.init_args.batch_size",
+    "4",
+    "--data.init_args.num_val",
+    "2",
+    "--data.init_args.eval_batch_size",
+    "2",
+    "--trainer.enable_progress_bar",
+    "false",
+]
 
 SIGNALLIB = '''
 import os, signal
@@ -41,10 +51,14 @@ class TermAtStep(L.Callback):
 
 
 def ovseg(cwd: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), os.environ.get("PYTHONPATH", "")]),
-                **(env or {})}
-    return subprocess.run([sys.executable, "-m", "ovseg", *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=180)
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(cwd), os.environ.get("PYTHONPATH", "")]),
+        **(env or {}),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "ovseg", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=180
+    )
 
 
 def exits(capsys, *args: str) -> tuple[int, str, str]:
@@ -78,8 +92,18 @@ def _in_tmp_path(tmp_path, monkeypatch):
 
 def test_sigterm_saves_reports_and_exits_143_then_resumes_and_validates_with_the_real_step(tmp_path, capsys):
     (tmp_path / "signallib.py").write_text(SIGNALLIB)
-    fit = ["fit", "-c", SMOKE, *TINY[:-2], "--trainer.max_steps", "6", "--trainer.val_check_interval", "6",
-           "--trainer.default_root_dir", "run"]
+    fit = [
+        "fit",
+        "-c",
+        SMOKE,
+        *TINY[:-2],
+        "--trainer.max_steps",
+        "6",
+        "--trainer.val_check_interval",
+        "6",
+        "--trainer.default_root_dir",
+        "run",
+    ]
     stopped = ovseg(tmp_path, *fit, "--trainer.callbacks+=signallib.TermAtStep")
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
     checkpoint = tmp_path / "run/checkpoints/last.ckpt"
@@ -112,8 +136,9 @@ def test_ckpt_path_last_needs_a_checkpoint_and_each_run_owns_its_folder(tmp_path
     code, _, err = exits(capsys, *one_step, "--trainer.default_root_dir", "wrong", "--ckpt_path", "last")
     assert_one_line_error(code, err, "--ckpt_path last", str(Path("wrong") / "checkpoints"), "--allow_fresh_start")
     assert not (tmp_path / "wrong/checkpoints").exists()
-    code, _, err = exits(capsys, "validate", *one_step[1:3], *TINY, "--trainer.default_root_dir", "wrong",
-                         "--ckpt_path", "last")
+    code, _, err = exits(
+        capsys, "validate", *one_step[1:3], *TINY, "--trainer.default_root_dir", "wrong", "--ckpt_path", "last"
+    )
     assert_one_line_error(code, err, "--ckpt_path last: no checkpoint found", str(Path("wrong") / "checkpoints"))
 
     main([*one_step, "--trainer.default_root_dir", "a", "--ckpt_path", "last", "--allow_fresh_start", "true"])
@@ -140,8 +165,12 @@ def test_bad_checkpoint_files_are_named(tmp_path, capsys):
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     validate = ["validate", "-c", SMOKE, *TINY, "--trainer.logger", "false", "--ckpt_path"]
-    for path, words in ((empty, "is empty (0 bytes)"), (noise, "is not an ovseg/Lightning checkpoint"),
-                        (truncated, "is truncated"), (missing, "no such checkpoint file")):
+    for path, words in (
+        (empty, "is empty (0 bytes)"),
+        (noise, "is not an ovseg/Lightning checkpoint"),
+        (truncated, "is truncated"),
+        (missing, "no such checkpoint file"),
+    ):
         code, _, err = exits(capsys, *validate, str(path))
         assert_one_line_error(code, err, str(path), words)
 
@@ -153,9 +182,11 @@ def _eval_config(tmp_path: Path, names: str, num_classes: int | None = None) -> 
     (tmp_path / "names.txt").write_text(names)
     count = "" if num_classes is None else f", num_classes: {num_classes}"
     config = tmp_path / "eval.yaml"
-    config.write_text("class_path: ovseg.datamodules.benchmarks.EvaluationDataModule\n"
-                      f"init_args:\n  root: {tmp_path}\n  benchmarks:\n"
-                      f"    - {{name: mine, data_root: ., class_names: {tmp_path / 'names.txt'}{count}}}\n")
+    config.write_text(
+        "class_path: ovseg.datamodules.benchmarks.EvaluationDataModule\n"
+        f"init_args:\n  root: {tmp_path}\n  benchmarks:\n"
+        f"    - {{name: mine, data_root: ., class_names: {tmp_path / 'names.txt'}{count}}}\n"
+    )
     return config
 
 
@@ -169,18 +200,40 @@ def test_user_errors_are_one_line_without_traceback_unless_debug(tmp_path, capsy
     with pytest.raises(ValueError, match="the vocabulary is empty"):  # --debug: the raw exception and its traceback
         main([*args, "--debug"])
     (tmp_path / "no_nltk_data").mkdir()
-    no_tagger = ovseg(tmp_path, "fit", "-c", SMOKE, *TINY, "--trainer.max_steps", "1", "--trainer.logger", "false",
-                      "--trainer.limit_val_batches", "0", "--trainer.enable_checkpointing", "false",
-                      "--trainer.callbacks", "[]", env={"NLTK_DATA": str(tmp_path / "no_nltk_data")})
+    no_tagger = ovseg(
+        tmp_path,
+        "fit",
+        "-c",
+        SMOKE,
+        *TINY,
+        "--trainer.max_steps",
+        "1",
+        "--trainer.logger",
+        "false",
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.enable_checkpointing",
+        "false",
+        "--trainer.callbacks",
+        "[]",
+        env={"NLTK_DATA": str(tmp_path / "no_nltk_data")},
+    )
     assert_one_line_error(no_tagger.returncode, no_tagger.stderr, "averaged_perceptron_tagger_eng", "NLTK_DATA")
     assert "Traceback" not in no_tagger.stderr
 
-    for names, count, words in (("sky\ngrass\nsky\n", None, "duplicated class name 'sky' in classes 0 and 2"),
-                                ("sky\ngrass\n", 3, "has 2 classes, expected 3")):
+    for names, count, words in (
+        ("sky\ngrass\nsky\n", None, "duplicated class name 'sky' in classes 0 and 2"),
+        ("sky\ngrass\n", 3, "has 2 classes, expected 3"),
+    ):
         code, _, err = exits(capsys, *args[:-1], str(_eval_config(tmp_path, names, count)))
         assert_one_line_error(code, err, "benchmark 'mine'", str(tmp_path / "names.txt"), words)
-    code, _, err = exits(capsys, *args[:-1], str(REPO / "configs/data/eval_synthetic.yaml"),
-                         "--data.init_args.root", str(tmp_path / "nope"))
+    code, _, err = exits(
+        capsys,
+        *args[:-1],
+        str(REPO / "configs/data/eval_synthetic.yaml"),
+        "--data.init_args.root",
+        str(tmp_path / "nope"),
+    )
     assert_one_line_error(code, err, str(tmp_path / "nope"))
 
 
@@ -199,8 +252,9 @@ def test_help_is_fast_and_lists_commands_methods_and_datamodules(tmp_path, capsy
     assert bare.returncode == 2 and "commands:" in bare.stderr
 
     # 11: progress bars stay off when the output is not a terminal (no lines run together by "\r")
-    made = ovseg(tmp_path, "data", "make-synthetic", "--format", "mmseg", "--out", "m", "--num-images", "3",
-                 "--image-size", "32")
+    made = ovseg(
+        tmp_path, "data", "make-synthetic", "--format", "mmseg", "--out", "m", "--num-images", "3", "--image-size", "32"
+    )
     assert made.returncode == 0 and "\r" not in made.stderr + made.stdout, made.stderr[-500:]
     assert len(list((tmp_path / "m").rglob("*.png"))) == 3
 
@@ -213,8 +267,19 @@ def test_help_is_fast_and_lists_commands_methods_and_datamodules(tmp_path, capsy
 
 
 def test_short_class_names_and_exact_option_names(tmp_path, capsys):
-    code, out, _ = exits(capsys, "fit", "-c", SMOKE, "--model", "SimZSS", "--model.lambda_local", "0.5",
-                         "--data", "SyntheticDataModule", "--print_config")
+    code, out, _ = exits(
+        capsys,
+        "fit",
+        "-c",
+        SMOKE,
+        "--model",
+        "SimZSS",
+        "--model.lambda_local",
+        "0.5",
+        "--data",
+        "SyntheticDataModule",
+        "--print_config",
+    )
     assert code == 0
     assert "class_path: ovseg.methods.simzss.SimZSS" in out and "lambda_local: 0.5" in out
     code, _, err = exits(capsys, "fit", "-c", SMOKE, "--trainer.max_step", "20", "--print_config")
@@ -236,9 +301,11 @@ def test_ci_run_and_make_test_stop_when_the_nltk_data_is_missing(tmp_path):
     assert ci.returncode == 1
     assert ci.stderr.strip().splitlines() == [
         f".ci/run: error: {repo}/../shared/nltk_data does not exist (NLTK's tagger for the tests); put the shared "
-        "folder next to the repository or set NLTK_DATA and run make test"]
-    made = subprocess.run(["make", "-C", str(repo), "test", f"NLTK_DATA={tmp_path}/none"], capture_output=True,
-                          text=True, timeout=60)
+        "folder next to the repository or set NLTK_DATA and run make test"
+    ]
+    made = subprocess.run(
+        ["make", "-C", str(repo), "test", f"NLTK_DATA={tmp_path}/none"], capture_output=True, text=True, timeout=60
+    )
     assert made.returncode != 0 and f"NLTK_DATA={tmp_path}/none does not exist" in made.stderr
     assert not (repo / ".venv").exists()  # stopped before installing anything
 
@@ -257,8 +324,13 @@ def test_progress_bar_counts_the_epoch_not_the_remaining_steps():
 
     def trainer(ready: int, step: int):
         progress = SimpleNamespace(current=SimpleNamespace(ready=ready))
-        return SimpleNamespace(num_training_batches=32, max_epochs=-1, max_steps=44, global_step=step,
-                               fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
+        return SimpleNamespace(
+            num_training_batches=32,
+            max_epochs=-1,
+            max_steps=44,
+            global_step=step,
+            fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)),
+        )
 
     lightning_bar, bar = RichProgressBar(), OVSegProgressBar()
     for progress_bar in (lightning_bar, bar):
@@ -284,10 +356,12 @@ def test_data_check_rejects_what_validate_rejects_and_reports_orphans(tmp_path, 
     orphan = labels[0].with_name("copied_without_image.png")
     orphan.write_bytes(labels[0].read_bytes())
     config = tmp_path / "eval.yaml"
-    config.write_text("class_path: ovseg.datamodules.benchmarks.EvaluationDataModule\n"
-                      f"init_args:\n  root: {tmp_path / 'data'}\n  benchmarks:\n"
-                      "    - {name: synthetic, data_root: synthetic_mmseg, class_names: class_names.txt, "
-                      "unseen_classes: [sky, giraffe]}\n")
+    config.write_text(
+        "class_path: ovseg.datamodules.benchmarks.EvaluationDataModule\n"
+        f"init_args:\n  root: {tmp_path / 'data'}\n  benchmarks:\n"
+        "    - {name: synthetic, data_root: synthetic_mmseg, class_names: class_names.txt, "
+        "unseen_classes: [sky, giraffe]}\n"
+    )
     code, out, _ = exits(capsys, "data", "check", "--data", str(config), "--no-progress")
     assert code == 1
     assert "unseen_classes names ['giraffe'], which are not in its class names" in out
@@ -302,28 +376,68 @@ def test_data_check_rejects_what_validate_rejects_and_reports_orphans(tmp_path, 
 def test_unfinished_feature_store_is_refused_before_the_first_step_unless_allowed(tmp_path, capsys, caplog):
     import yaml
 
-    from ovseg.prepare.feature_cache import CacheViews, build_feature_cache
     from ovseg.datamodules.synthetic import SyntheticDataModule
     from ovseg.encoders import TimmViT
+    from ovseg.prepare.feature_cache import CacheViews, build_feature_cache
 
     fast = yaml.safe_load((REPO / "tests/fast/simzss.yaml").read_text())["model"]["init_args"]["image_encoder"]
     dataset = SyntheticDataModule(num_train=8, image_size=56).train_dataset()
+
     def build(**options):
         torch.manual_seed(0)  # the same random backbone each time (the store checks its fingerprint)
-        return build_feature_cache(TimmViT(**fast["init_args"]), dataset, tmp_path / "store",
-                                   CacheViews("center", 56), batch_size=4, device="cpu", progress=False, **options)
+        return build_feature_cache(
+            TimmViT(**fast["init_args"]),
+            dataset,
+            tmp_path / "store",
+            CacheViews("center", 56),
+            batch_size=4,
+            device="cpu",
+            progress=False,
+            **options,
+        )
 
     store = build(max_batches=1)  # as if killed after its first batch
-    fit = ["fit", "-c", str(REPO / "configs/simzss/coco_vitb14_cached.yaml"), "-c",
-           str(REPO / "tests/fast/simzss.yaml"), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-           "--trainer.precision", "32-true", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
-           "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
-           "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]",
-           "--data.init_args.store", str(store), "--data.init_args.batch_size", "2",
-           "--data.init_args.num_workers", "0", "--data.init_args.eval_data", "null"]
+    fit = [
+        "fit",
+        "-c",
+        str(REPO / "configs/simzss/coco_vitb14_cached.yaml"),
+        "-c",
+        str(REPO / "tests/fast/simzss.yaml"),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "1",
+        "--trainer.precision",
+        "32-true",
+        "--trainer.max_steps",
+        "1",
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_checkpointing",
+        "false",
+        "--trainer.callbacks",
+        "[]",
+        "--data.init_args.store",
+        str(store),
+        "--data.init_args.batch_size",
+        "2",
+        "--data.init_args.num_workers",
+        "0",
+        "--data.init_args.eval_data",
+        "null",
+    ]
     code, _, err = exits(capsys, *fit)
-    assert_one_line_error(code, err, f"feature store {store} is unfinished: 4 of 8 images cached",
-                          "--views center and --size 56", "--data.init_args.allow_partial true")
+    assert_one_line_error(
+        code,
+        err,
+        f"feature store {store} is unfinished: 4 of 8 images cached",
+        "--views center and --size 56",
+        "--data.init_args.allow_partial true",
+    )
     main([*fit, "--data.init_args.allow_partial", "true"])  # trains on the 4 finished images
     assert "training on the finished part of the unfinished feature store" in caplog.text
     capsys.readouterr()

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -35,7 +34,7 @@ class KillAtStep(L.Callback):
 
 # 8 steps of 8 images (4 steps per epoch), a checkpoint (and last.ckpt) every 4 steps, validation
 # every 4 steps; ReseedEveryEpoch makes the resumed run draw the same random numbers.
-OVERLAY = '''
+OVERLAY = """
 trainer:
   max_steps: 8
   val_check_interval: 4
@@ -51,14 +50,18 @@ model:
   init_args: {print_metrics: false}
 data:
   init_args: {num_train: 32, batch_size: 8, num_val: 2, eval_batch_size: 2}
-'''
+"""
 
 
 def _ovseg(cwd: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), os.environ.get("PYTHONPATH", "")]),
-                **(env or {})}
-    return subprocess.run([sys.executable, "-m", "ovseg", *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=TIMEOUT_S)
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(cwd), os.environ.get("PYTHONPATH", "")]),
+        **(env or {}),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "ovseg", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=TIMEOUT_S
+    )
 
 
 def _workdir(path: Path) -> Path:
@@ -79,8 +82,7 @@ def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 def test_sigkill_then_resume_from_last_equals_an_uninterrupted_run(tmp_path):
     # 1) killed after step 6: the last checkpoint is the one of step 4
     killed = _workdir(tmp_path / "killed")
-    first = _ovseg(killed, *_fit_args(), "--trainer.callbacks+=faultlib.KillAtStep",
-                   env={"OVSEG_KILL_AT_STEP": "6"})
+    first = _ovseg(killed, *_fit_args(), "--trainer.callbacks+=faultlib.KillAtStep", env={"OVSEG_KILL_AT_STEP": "6"})
     assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
     last = killed / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
@@ -143,8 +145,7 @@ def test_a_save_killed_half_way_leaves_the_previous_checkpoint_intact(tmp_path):
     script.write_text(KILL_DURING_SAVE)
     folder = tmp_path / "checkpoints"
     path = folder / "last.ckpt"
-    result = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True,
-                            timeout=TIMEOUT_S)
+    result = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=TIMEOUT_S)
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     # the target still holds the complete previous checkpoint ...
     assert torch.load(path, weights_only=False)["step"] == 1
@@ -175,8 +176,9 @@ def test_configs_use_the_atomic_checkpoint_io(tmp_path, monkeypatch):
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ovseg", *args], capture_output=True, text=True,
-                          timeout=TIMEOUT_S, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "ovseg", *args], capture_output=True, text=True, timeout=TIMEOUT_S, cwd=REPO
+    )
 
 
 def test_missing_benchmark_root_through_the_cli_names_benchmark_and_path(tmp_path, monkeypatch):
@@ -186,9 +188,20 @@ def test_missing_benchmark_root_through_the_cli_names_benchmark_and_path(tmp_pat
     missing = tmp_path / "no_such_data"
     # raised when the DataModule is built (jsonargparse wraps it in a ValueError that keeps the text)
     with pytest.raises((FileNotFoundError, ValueError)) as error:
-        run(["validate", "-c", str(SMOKE), "--data", str(REPO / "configs/data/eval_synthetic.yaml"),
-             "--data.init_args.root", str(missing), "--trainer.enable_progress_bar", "false",
-             "--trainer.logger", "false"])
+        run(
+            [
+                "validate",
+                "-c",
+                str(SMOKE),
+                "--data",
+                str(REPO / "configs/data/eval_synthetic.yaml"),
+                "--data.init_args.root",
+                str(missing),
+                "--trainer.enable_progress_bar",
+                "false",
+                "--trainer.logger",
+                "false",
+            ]
+        )
     message = str(error.value)
     assert "benchmark 'synthetic'" in message and str(missing) in message and "not found" in message
-

@@ -12,15 +12,21 @@ import torch
 from ovseg.cli import run
 from ovseg.datamodules.base import collate_samples
 from ovseg.datamodules.feature_store import CachedFeaturesDataModule, CachedFeaturesDataset, read_index
-from ovseg.prepare.feature_cache import CacheViews, build_feature_cache
 from ovseg.encoders import CLIPTextTransformer, TimmViT
 from ovseg.methods.simzss import SimZSS
+from ovseg.prepare.feature_cache import CacheViews, build_feature_cache
 from ovseg.vocabulary import Vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
 WIDTH = 64
-CAPTIONS = ["a dog sitting next to a red car", "two traffic lights above a busy street",
-            "a cat sleeping on a bed", "a dog chasing a cat", "a red car on a street", "a bed and a cat"]
+CAPTIONS = [
+    "a dog sitting next to a red car",
+    "two traffic lights above a busy street",
+    "a cat sleeping on a bed",
+    "a dog chasing a cat",
+    "a red car on a street",
+    "a bed and a cat",
+]
 
 
 class Images(torch.utils.data.Dataset):
@@ -28,8 +34,9 @@ class Images(torch.utils.data.Dataset):
 
     def __init__(self, count: int = 6) -> None:
         g = torch.Generator().manual_seed(3)
-        self.images = [torch.randint(0, 256, (3, 60 + 4 * i, 56 + 2 * i), generator=g, dtype=torch.uint8)
-                       for i in range(count)]
+        self.images = [
+            torch.randint(0, 256, (3, 60 + 4 * i, 56 + 2 * i), generator=g, dtype=torch.uint8) for i in range(count)
+        ]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -61,8 +68,10 @@ def test_cached_path_gives_the_image_paths_loss_and_gradients(tmp_path, mode):
     batch_cached = collate_samples([cached[i] for i in range(len(cached))])
     assert batch_cached["patches"].dtype == torch.float16 and "image" not in batch_cached
     view = 1 if mode == "rrc" else 0
-    batch_images = {"image": torch.stack([views.view(dataset[i]["image"], i, view) for i in range(len(dataset))]),
-                    "caption": [dataset[i]["caption"] for i in range(len(dataset))]}
+    batch_images = {
+        "image": torch.stack([views.view(dataset[i]["image"], i, view) for i in range(len(dataset))]),
+        "caption": [dataset[i]["caption"] for i in range(len(dataset))],
+    }
     assert batch_cached["caption"] == batch_images["caption"]
     loss_images, grads_images = _text_grads(module, batch_images)
     loss_cached, grads_cached = _text_grads(module, batch_cached)
@@ -105,8 +114,15 @@ def test_build_resumes_where_it_stopped_and_checks_the_encoder(tmp_path):
 
 def test_reading_is_memory_mapped_and_trains_without_images(tmp_path):
     module = make_module()
-    build_feature_cache(module.model.image_encoder, Images(), tmp_path, CacheViews("rrc", 56, 3),
-                        batch_size=3, shard_size=4, progress=False)
+    build_feature_cache(
+        module.model.image_encoder,
+        Images(),
+        tmp_path,
+        CacheViews("rrc", 56, 3),
+        batch_size=3,
+        shard_size=4,
+        progress=False,
+    )
     data = CachedFeaturesDataModule(str(tmp_path), batch_size=3)
     data.setup("fit")
     arrays = data.train_set.arrays
@@ -121,8 +137,21 @@ def test_reading_is_memory_mapped_and_trains_without_images(tmp_path):
 
 
 def test_cache_features_command(tmp_path, capsys):
-    args = ["data", "cache-features", "--config", str(REPO / "configs/experiment/smoke.yaml"), "--out",
-            str(tmp_path), "--size", "56", "--num-images", "4", "--batch-size", "2", "--no-progress"]
+    args = [
+        "data",
+        "cache-features",
+        "--config",
+        str(REPO / "configs/experiment/smoke.yaml"),
+        "--out",
+        str(tmp_path),
+        "--size",
+        "56",
+        "--num-images",
+        "4",
+        "--batch-size",
+        "2",
+        "--no-progress",
+    ]
     run(args)
     assert "cached 4/4 images" in capsys.readouterr().out
     index = read_index(tmp_path)
@@ -168,13 +197,24 @@ def test_trainer_fits_from_the_store_and_validates_on_images(tmp_path):
     from ovseg.datamodules.synthetic import SyntheticDataModule
 
     module = make_module()
-    build_feature_cache(module.model.image_encoder, Images(), tmp_path / "store", CacheViews("center", 56),
-                        batch_size=6, progress=False)
-    data = CachedFeaturesDataModule(str(tmp_path / "store"), batch_size=3,
-                                    eval_data=SyntheticDataModule(num_val=2, image_size=56, eval_batch_size=2))
+    build_feature_cache(
+        module.model.image_encoder, Images(), tmp_path / "store", CacheViews("center", 56), batch_size=6, progress=False
+    )
+    data = CachedFeaturesDataModule(
+        str(tmp_path / "store"),
+        batch_size=3,
+        eval_data=SyntheticDataModule(num_val=2, image_size=56, eval_batch_size=2),
+    )
     assert [b.name for b in data.benchmarks] == ["synthetic"]
     module.print_metrics = False
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, data)
     assert trainer.global_step == 2 and "val/synthetic/mIoU" in trainer.callback_metrics

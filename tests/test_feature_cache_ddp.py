@@ -11,7 +11,6 @@ from datetime import timedelta
 import numpy as np
 import pytest
 import torch
-
 from spawn_ranks import free_port, run_ranks  # tests/spawn_ranks.py
 
 WORLD = 2
@@ -27,8 +26,16 @@ def _write_store(path) -> None:
     2 views (the DataModule draws one per visit)."""
     from ovseg.prepare.feature_cache import FeatureStoreWriter
 
-    writer = FeatureStoreWriter(path, NUM_IMAGES, num_views=2, num_patches=4, dim=DIM, grid=(2, 2),
-                                shard_size=5, meta={"encoder": "test", "views": {"mode": "rrc"}})
+    writer = FeatureStoreWriter(
+        path,
+        NUM_IMAGES,
+        num_views=2,
+        num_patches=4,
+        dim=DIM,
+        grid=(2, 2),
+        shard_size=5,
+        meta={"encoder": "test", "views": {"mode": "rrc"}},
+    )
     pooled = np.zeros((NUM_IMAGES, 2, DIM), dtype=np.float16)
     pooled[np.arange(NUM_IMAGES), :, np.arange(NUM_IMAGES)] = 1
     patches = np.repeat(pooled[:, :, None, :], 4, axis=2)
@@ -36,8 +43,15 @@ def _write_store(path) -> None:
 
 
 def _worker(rank: int, port: int, out_dir: str, store: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD),
-                      RANK=str(rank), LOCAL_RANK=str(rank), NODE_RANK="0", GLOO_SOCKET_IFNAME="lo")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(WORLD),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+        GLOO_SOCKET_IFNAME="lo",
+    )
     torch.set_num_threads(1)
     import lightning as L
     import torch.distributed as dist
@@ -66,13 +80,26 @@ def _worker(rank: int, port: int, out_dir: str, store: str) -> None:
 
     L.seed_everything(0)
     model = Reader()
-    trainer = L.Trainer(accelerator="cpu", devices=WORLD, max_epochs=EPOCHS, logger=False,
-                        strategy=DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=60)),
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=WORLD,
+        max_epochs=EPOCHS,
+        logger=False,
+        strategy=DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=60)),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(model, CachedFeaturesDataModule(store, batch_size=BATCH, num_workers=0))
-    result = {"seen": model.seen, "rows_match": model.rows_match, "world": dist.get_world_size(),
-              "sampler": type(trainer.train_dataloader.sampler).__name__, "steps": trainer.global_step}
+    result = {
+        "seen": model.seen,
+        "rows_match": model.rows_match,
+        "world": dist.get_world_size(),
+        "sampler": type(trainer.train_dataloader.sampler).__name__,
+        "steps": trainer.global_step,
+    }
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()

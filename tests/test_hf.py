@@ -50,14 +50,21 @@ def tiny_siglip(tmp_path_factory) -> Path:
     torch.manual_seed(1)
     tower = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
     config = transformers.SiglipConfig(
-        text_config={**tower, "vocab_size": 49408, "max_position_embeddings": 24, "pad_token_id": 49407,
-                     "eos_token_id": 49407},
-        vision_config={**tower, "image_size": 32, "patch_size": 8})
+        text_config={
+            **tower,
+            "vocab_size": 49408,
+            "max_position_embeddings": 24,
+            "pad_token_id": 49407,
+            "eos_token_id": 49407,
+        },
+        vision_config={**tower, "image_size": 32, "patch_size": 8},
+    )
     folder = tmp_path_factory.mktemp("hf") / "tiny-siglip"
     transformers.SiglipModel(config).eval().save_pretrained(folder)
     clip_bpe_hf_tokenizer().save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.4, 0.5, 0.6],
-                                                                  "image_std": [0.2, 0.3, 0.4]}))
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.4, 0.5, 0.6], "image_std": [0.2, 0.3, 0.4]})
+    )
     return folder
 
 
@@ -65,32 +72,50 @@ def timm_to_hf_dinov2(timm_vit: TimmViT, registers: int = 0) -> torch.nn.Module:
     """A transformers Dinov2(WithRegisters)Model with the weights of a timm DINOv2 ViT (test-only converter)."""
     vit = timm_vit.model
     width, depth = vit.embed_dim, len(vit.blocks)
-    common = {"hidden_size": width, "num_hidden_layers": depth, "num_attention_heads": vit.blocks[0].attn.num_heads,
-              "mlp_ratio": vit.blocks[0].mlp.fc1.out_features // width, "image_size": vit.patch_embed.img_size[0],
-              "patch_size": timm_vit.patch_size, "layer_norm_eps": 1e-6}
-    model = (transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(
-        num_register_tokens=registers, **common)) if registers else
-        transformers.Dinov2Model(transformers.Dinov2Config(**common))).eval()
+    common = {
+        "hidden_size": width,
+        "num_hidden_layers": depth,
+        "num_attention_heads": vit.blocks[0].attn.num_heads,
+        "mlp_ratio": vit.blocks[0].mlp.fc1.out_features // width,
+        "image_size": vit.patch_embed.img_size[0],
+        "patch_size": timm_vit.patch_size,
+        "layer_norm_eps": 1e-6,
+    }
+    model = (
+        transformers.Dinov2WithRegistersModel(
+            transformers.Dinov2WithRegistersConfig(num_register_tokens=registers, **common)
+        )
+        if registers
+        else transformers.Dinov2Model(transformers.Dinov2Config(**common))
+    ).eval()
     src = vit.state_dict()
     pos = src["pos_embed"]
     if registers:  # timm keeps no position for [CLS] in register models: a zero one is the same
         pos = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
-    state = {"embeddings.cls_token": src["cls_token"], "embeddings.position_embeddings": pos,
-             "embeddings.patch_embeddings.projection.weight": src["patch_embed.proj.weight"],
-             "embeddings.patch_embeddings.projection.bias": src["patch_embed.proj.bias"],
-             "layernorm.weight": src["norm.weight"], "layernorm.bias": src["norm.bias"]}
+    state = {
+        "embeddings.cls_token": src["cls_token"],
+        "embeddings.position_embeddings": pos,
+        "embeddings.patch_embeddings.projection.weight": src["patch_embed.proj.weight"],
+        "embeddings.patch_embeddings.projection.bias": src["patch_embed.proj.bias"],
+        "layernorm.weight": src["norm.weight"],
+        "layernorm.bias": src["norm.bias"],
+    }
     if registers:
         state["embeddings.register_tokens"] = src["reg_token"]
     own = model.state_dict()
     new_names = "encoder.layer.0.attention.q_proj.weight" in own
     for i in range(depth):
         b, h = f"blocks.{i}.", f"encoder.layer.{i}."
-        qkv = ("attention.q_proj", "attention.k_proj", "attention.v_proj") if new_names else (
-            "attention.attention.query", "attention.attention.key", "attention.attention.value")
+        qkv = (
+            ("attention.q_proj", "attention.k_proj", "attention.v_proj")
+            if new_names
+            else ("attention.attention.query", "attention.attention.key", "attention.attention.value")
+        )
         out = "attention.o_proj" if new_names else "attention.output.dense"
         for param in ("weight", "bias"):
-            state.update({f"{h}{name}.{param}": part for name, part in
-                          zip(qkv, src[f"{b}attn.qkv.{param}"].chunk(3, dim=0))})
+            state.update(
+                {f"{h}{name}.{param}": part for name, part in zip(qkv, src[f"{b}attn.qkv.{param}"].chunk(3, dim=0))}
+            )
             state[f"{h}{out}.{param}"] = src[f"{b}attn.proj.{param}"]
             for part in ("norm1", "norm2", "mlp.fc1", "mlp.fc2"):
                 state[f"{h}{part}.{param}"] = src[f"{b}{part}.{param}"]
@@ -224,9 +249,17 @@ def test_hf_metaclip2_towers_match_its_features(tmp_path):
     """MetaCLIP 2 (model_type metaclip_2) goes through the CLIP path with its own classes."""
     tower = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
     config = transformers.MetaClip2Config(
-        text_config={**tower, "vocab_size": 49408, "max_position_embeddings": 16, "bos_token_id": 49406,
-                     "eos_token_id": 49407, "pad_token_id": 49407},
-        vision_config={**tower, "image_size": 32, "patch_size": 8}, projection_dim=24)
+        text_config={
+            **tower,
+            "vocab_size": 49408,
+            "max_position_embeddings": 16,
+            "bos_token_id": 49406,
+            "eos_token_id": 49407,
+            "pad_token_id": 49407,
+        },
+        vision_config={**tower, "image_size": 32, "patch_size": 8},
+        projection_dim=24,
+    )
     model = transformers.MetaClip2Model(config).eval()
     model.save_pretrained(tmp_path)
     clip_bpe_hf_tokenizer().save_pretrained(tmp_path)
@@ -247,8 +280,9 @@ def test_unsupported_checkpoints_give_clear_errors(tiny_siglip, tiny_dinov2, tmp
     with pytest.raises(OSError, match="could not read the transformers config of"):
         HFImage(str(tmp_path / "missing"))
     bert = tmp_path / "bert"
-    transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                            intermediate_size=32).save_pretrained(bert)
+    transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    ).save_pretrained(bert)
     with pytest.raises(ValueError, match="model_type 'bert'; ovseg's transformers towers support CLIP"):
         HFImage(str(bert))
     siglip2 = tmp_path / "siglip2"
@@ -262,13 +296,15 @@ def test_unsupported_checkpoints_give_clear_errors(tiny_siglip, tiny_dinov2, tmp
 def hf_overlay(method: str, folder: Path, tmp_path: Path) -> Path:
     """A YAML overlay giving ``method`` the transformers towers of ``folder``."""
     if method == "simzss":
-        model = {"image_encoder": {"class_path": "ovseg.encoders.HFImage",
-                                   "init_args": {"model_name_or_path": str(folder)}},
-                 "text_encoder": {"init_args": {"output_dim": 64}}}  # the tiny DINOv2 is 64 wide
+        model = {
+            "image_encoder": {"class_path": "ovseg.encoders.HFImage", "init_args": {"model_name_or_path": str(folder)}},
+            "text_encoder": {"init_args": {"output_dim": 64}},
+        }  # the tiny DINOv2 is 64 wide
     elif method == "zegformer":  # text and crop towers of one checkpoint: they share the joint space
-        model = {"clip_text": {"class_path": "ovseg.encoders.HFText", "init_args": {"model_name_or_path": str(folder)}},
-                 "clip_image": {"class_path": "ovseg.encoders.HFImage",
-                                "init_args": {"model_name_or_path": str(folder)}}}
+        model = {
+            "clip_text": {"class_path": "ovseg.encoders.HFText", "init_args": {"model_name_or_path": str(folder)}},
+            "clip_image": {"class_path": "ovseg.encoders.HFImage", "init_args": {"model_name_or_path": str(folder)}},
+        }
     else:
         model = {"model_name": f"transformers:{folder}", "clip_config": None}
     path = tmp_path / f"{method}_hf.yaml"
@@ -276,10 +312,12 @@ def hf_overlay(method: str, folder: Path, tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("method", "towers"), [("simzss", "dinov2"), ("zegformer", "siglip"),
-                                                ("zegformer", "clip"), ("cdt", "clip")])
-def test_methods_train_validate_and_round_trip_with_hf_towers(method, towers, tiny_clip, tiny_siglip, tiny_dinov2,
-                                                              tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("method", "towers"), [("simzss", "dinov2"), ("zegformer", "siglip"), ("zegformer", "clip"), ("cdt", "clip")]
+)
+def test_methods_train_validate_and_round_trip_with_hf_towers(
+    method, towers, tiny_clip, tiny_siglip, tiny_dinov2, tmp_path, monkeypatch
+):
     """One training step and one validation on the synthetic world with transformers towers given by
     folder in YAML; ``save_pretrained`` -> ``from_pretrained`` gives identical predictions."""
     from ovseg.cli import run
@@ -287,13 +325,35 @@ def test_methods_train_validate_and_round_trip_with_hf_towers(method, towers, ti
 
     monkeypatch.chdir(tmp_path)
     folder = {"clip": tiny_clip[0], "siglip": tiny_siglip, "dinov2": tiny_dinov2[0]}[towers]
-    cli = run(["fit", "-c", str(REPO / f"configs/{method}/synthetic.yaml"),
-               "-c", str(REPO / f"tests/fast/{method}.yaml"), "-c", str(hf_overlay(method, folder, tmp_path)),
-               "--trainer.max_steps", "1", "--trainer.val_check_interval", "1", "--trainer.logger", "false",
-               "--trainer.enable_progress_bar", "false",
-               "--data.init_args.num_train", "2", "--data.init_args.batch_size", "2",
-               "--data.init_args.num_val", "2", "--data.init_args.eval_batch_size", "2",
-               "--data.init_args.image_size", "64"])
+    cli = run(
+        [
+            "fit",
+            "-c",
+            str(REPO / f"configs/{method}/synthetic.yaml"),
+            "-c",
+            str(REPO / f"tests/fast/{method}.yaml"),
+            "-c",
+            str(hf_overlay(method, folder, tmp_path)),
+            "--trainer.max_steps",
+            "1",
+            "--trainer.val_check_interval",
+            "1",
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--data.init_args.num_train",
+            "2",
+            "--data.init_args.batch_size",
+            "2",
+            "--data.init_args.num_val",
+            "2",
+            "--data.init_args.eval_batch_size",
+            "2",
+            "--data.init_args.image_size",
+            "64",
+        ]
+    )
     assert cli.trainer.global_step == 1
     assert "val/mIoU" in cli.trainer.callback_metrics
     model = cli.model.eval()
@@ -306,8 +366,12 @@ def test_methods_train_validate_and_round_trip_with_hf_towers(method, towers, ti
     images = torch.rand(2, 3, 64, 64)
     names = ["sky", "grass", "a red ball"]
     with torch.no_grad():
-        torch.testing.assert_close(loaded.class_probabilities(images, _vocabulary(names)),
-                                   model.class_probabilities(images, _vocabulary(names)), atol=0, rtol=0)
+        torch.testing.assert_close(
+            loaded.class_probabilities(images, _vocabulary(names)),
+            model.class_probabilities(images, _vocabulary(names)),
+            atol=0,
+            rtol=0,
+        )
 
 
 def _vocabulary(names: list[str]):

@@ -18,9 +18,20 @@ from ovseg.cli import run
 from ovseg.vocabulary import Vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
-COMMON = ["-c", str(REPO / "configs/zegformer/synthetic.yaml"), "-c", str(REPO / "tests/fast/zegformer.yaml"),
-          "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-          "--data.init_args.num_val", "2", "--data.init_args.eval_batch_size", "2"]
+COMMON = [
+    "-c",
+    str(REPO / "configs/zegformer/synthetic.yaml"),
+    "-c",
+    str(REPO / "tests/fast/zegformer.yaml"),
+    "--trainer.logger",
+    "false",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--data.init_args.num_val",
+    "2",
+    "--data.init_args.eval_batch_size",
+    "2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +41,20 @@ def trained(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        cli = run(["fit", *COMMON, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-                   "--data.init_args.num_train", "4", "--data.init_args.batch_size", "2"])
+        cli = run(
+            [
+                "fit",
+                *COMMON,
+                "--trainer.max_steps",
+                "2",
+                "--trainer.val_check_interval",
+                "2",
+                "--data.init_args.num_train",
+                "4",
+                "--data.init_args.batch_size",
+                "2",
+            ]
+        )
     finally:
         os.chdir(cwd)
     model = cli.model.eval()
@@ -102,8 +125,12 @@ def test_a_lightning_checkpoint_goes_to_the_hub_format(trained, tmp_path):
     resaved = loaded.save_pretrained(tmp_path / "from_ckpt")
     assert json.loads((resaved / "config.json").read_text()) == json.loads((folder / "config.json").read_text())
     images, vocabulary = torch.rand(1, 3, 48, 56), Vocabulary.from_names(["sky", "sand", "kite"])
-    torch.testing.assert_close(loaded.eval().class_probabilities(images, vocabulary),
-                               model.class_probabilities(images, vocabulary), atol=0, rtol=0)
+    torch.testing.assert_close(
+        loaded.eval().class_probabilities(images, vocabulary),
+        model.class_probabilities(images, vocabulary),
+        atol=0,
+        rtol=0,
+    )
     torch.save({"state_dict": model.state_dict()}, tmp_path / "bare.ckpt")
     with pytest.raises(ValueError, match="records no hyper-parameters"):
         OVSegModule.from_pretrained(str(tmp_path / "bare.ckpt"))
@@ -140,8 +167,12 @@ def test_push_to_hub_uploads_the_saved_folder(trained, monkeypatch):
     assert url == "https://huggingface.co/org/zegformer-synthetic/commit/abc"
     assert [name for name, _ in calls] == ["init", "create_repo", "upload_folder"]
     assert calls[0][1] == {"token": "hf_x"}
-    assert calls[1][1] == {"repo_id": "org/zegformer-synthetic", "private": True, "exist_ok": True,
-                           "repo_type": "model"}
+    assert calls[1][1] == {
+        "repo_id": "org/zegformer-synthetic",
+        "private": True,
+        "exist_ok": True,
+        "repo_type": "model",
+    }
     uploaded = calls[2][1]["files"]  # what save_pretrained writes, the same weights
     assert sorted(uploaded) == ["README.md", "config.json", "model.safetensors"]
     assert uploaded["model.safetensors"] == (folder / "model.safetensors").stat().st_size

@@ -41,9 +41,16 @@ def loop_reference(image, score_fn, window, stride):
     return total / count
 
 
-@pytest.mark.parametrize("size,window,stride", [
-    ((37, 53), 16, 8), ((40, 40), 16, 16), ((31, 29), 12, 5), ((20, 50), 32, 7), ((64, 48), 24, 24),
-])
+@pytest.mark.parametrize(
+    "size,window,stride",
+    [
+        ((37, 53), 16, 8),
+        ((40, 40), 16, 16),
+        ((31, 29), 12, 5),
+        ((20, 50), 32, 7),
+        ((64, 48), 24, 24),
+    ],
+)
 def test_sliding_window_equals_loop_reference(size, window, stride):
     image = torch.rand(2, 3, *size)
     score_fn = conv_score_fn()

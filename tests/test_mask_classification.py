@@ -46,7 +46,7 @@ class TinyMaskMethod(MaskClassificationModule):
         b, _, h, w = images.shape
         masks = torch.full((b, 2, h, w), -5.0)
         masks[:, 0, :, : w // 2] = 5.0
-        masks[:, 1, :, w // 2:] = 5.0
+        masks[:, 1, :, w // 2 :] = 5.0
         logits = torch.cat([self.queries @ text.T, torch.zeros(2, 1)], dim=1)  # (2, K + 1)
         return logits.expand(b, -1, -1), masks + self.mask_bias
 
@@ -63,8 +63,15 @@ class TinyMaskMethod(MaskClassificationModule):
 def test_training_classes_come_from_the_datamodule_and_travel_in_the_checkpoint(tmp_path):
     data = SyntheticDataModule(num_train=8, num_val=4, image_size=32, batch_size=4, ignore_unseen_in_training=True)
     module = TinyMaskMethod(optimizer=lambda params: torch.optim.SGD(params, lr=0.1), print_metrics=False)
-    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = L.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(module, data)
     seen = tuple(c.name for c in CATEGORIES if c.seen)
     assert module.seen_class_names == seen and module.num_training_classes == len(seen)

@@ -32,17 +32,29 @@ def plain_focal(logit: float, target: float, alpha: float = 0.25, gamma: float =
     p = 1 / (1 + math.exp(-logit))
     if target == 1:
         return -alpha * (1 - p) ** gamma * math.log(p)
-    return -(1 - alpha) * p ** gamma * math.log(1 - p)
+    return -(1 - alpha) * p**gamma * math.log(1 - p)
 
 
 def test_focal_bce_and_dice_losses_match_a_plain_computation():
     torch.manual_seed(0)
     logits = torch.randn(3, 7, dtype=torch.float64)
     targets = (torch.rand(3, 7) > 0.5).double()
-    focal = [sum(plain_focal(float(l), float(t)) for l, t in zip(row, trow)) / 7 for row, trow in zip(logits, targets)]
+    focal = [
+        sum(plain_focal(float(logit), float(t)) for logit, t in zip(row, trow)) / 7
+        for row, trow in zip(logits, targets)
+    ]
     assert torch.allclose(sigmoid_focal_loss(logits, targets), torch.tensor(focal, dtype=torch.float64))
-    bce = [sum(-(float(t) * math.log(1 / (1 + math.exp(-float(l)))) + (1 - float(t)) * math.log(1 - 1 / (1 + math.exp(-float(l)))))
-               for l, t in zip(row, trow)) / 7 for row, trow in zip(logits, targets)]
+    bce = [
+        sum(
+            -(
+                float(t) * math.log(1 / (1 + math.exp(-float(logit))))
+                + (1 - float(t)) * math.log(1 - 1 / (1 + math.exp(-float(logit))))
+            )
+            for logit, t in zip(row, trow)
+        )
+        / 7
+        for row, trow in zip(logits, targets)
+    ]
     assert torch.allclose(sigmoid_bce_loss(logits, targets), torch.tensor(bce, dtype=torch.float64))
     probs = logits.sigmoid()
     dice = [1 - (2 * float((p * t).sum()) + 1) / (float(p.sum()) + float(t.sum()) + 1) for p, t in zip(probs, targets)]
@@ -53,12 +65,15 @@ def test_pairwise_costs_equal_the_per_pair_losses():
     torch.manual_seed(1)
     logits = torch.randn(4, 9, dtype=torch.float64)
     targets = (torch.rand(3, 9) > 0.5).double()
-    for pairwise, single in ((pairwise_focal_cost, sigmoid_focal_loss), (pairwise_bce_cost, sigmoid_bce_loss),
-                             (pairwise_dice_cost, dice_loss)):
+    for pairwise, single in (
+        (pairwise_focal_cost, sigmoid_focal_loss),
+        (pairwise_bce_cost, sigmoid_bce_loss),
+        (pairwise_dice_cost, dice_loss),
+    ):
         cost = pairwise(logits, targets)
         assert cost.shape == (4, 3)
         for q, g in itertools.product(range(4), range(3)):
-            assert torch.allclose(cost[q, g], single(logits[q:q + 1], targets[g:g + 1])[0])
+            assert torch.allclose(cost[q, g], single(logits[q : q + 1], targets[g : g + 1])[0])
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -71,14 +86,18 @@ def test_matcher_finds_the_brute_force_optimum(seed):
     matcher = HungarianMatcher(class_weight=1.0, mask_weight=20.0, dice_weight=1.0, mask_cost="focal")
     rows, cols = matcher(class_logits, mask_logits, [target])[0]
     cost = matcher.cost_matrix(class_logits[0], mask_logits[0], target)
-    best = min(sum(float(cost[q, g]) for g, q in enumerate(perm))
-               for perm in itertools.permutations(range(num_queries), num_targets))
+    best = min(
+        sum(float(cost[q, g]) for g, q in enumerate(perm))
+        for perm in itertools.permutations(range(num_queries), num_targets)
+    )
     assert len(rows) == num_targets and sorted(cols.tolist()) == list(range(num_targets))
     assert float(cost[rows, cols].sum()) == pytest.approx(best, abs=1e-5)
     # the cost matrix is the weighted sum of its terms
     prob = class_logits[0].softmax(-1)
     flat_pred, flat_gt = mask_logits[0].flatten(1), target.masks.flatten(1)
-    expected = -prob[:, target.labels] + 20 * pairwise_focal_cost(flat_pred, flat_gt) + pairwise_dice_cost(flat_pred, flat_gt)
+    expected = (
+        -prob[:, target.labels] + 20 * pairwise_focal_cost(flat_pred, flat_gt) + pairwise_dice_cost(flat_pred, flat_gt)
+    )
     assert torch.allclose(cost, expected, atol=1e-6)
 
 
@@ -96,9 +115,11 @@ def test_semantic_targets_one_mask_per_seen_class_and_no_unseen_pixels():
     lookup = torch.tensor([0, -1, 1, 2])  # class 1 is unseen
     (target,) = semantic_targets(labels, lookup)
     assert target.labels.tolist() == [0, 1, 2]
-    assert target.masks.tolist() == [[[1, 1, 0, 0], [0, 0, 0, 0]],
-                                     [[0, 0, 1, 0], [0, 0, 1, 0]],
-                                     [[0, 0, 0, 0], [1, 1, 0, 0]]]
+    assert target.masks.tolist() == [
+        [[1, 1, 0, 0], [0, 0, 0, 0]],
+        [[0, 0, 1, 0], [0, 0, 1, 0]],
+        [[0, 0, 0, 0], [1, 1, 0, 0]],
+    ]
 
 
 def test_training_classes_seen_names():
@@ -139,7 +160,9 @@ def test_criterion_cross_entropy_weights_no_object_and_sums_layers():
     ce = (weights[expected_target] * nll).sum() / weights[expected_target].sum()
     assert float(terms["loss_ce"]) == pytest.approx(float(ce), rel=1e-5)
     # mask losses: the matched prediction upsampled to the label size
-    pred = F.interpolate(mask_logits[0, 0, rows].unsqueeze(1), size=(8, 8), mode="bilinear", align_corners=False).flatten(1)
+    pred = F.interpolate(
+        mask_logits[0, 0, rows].unsqueeze(1), size=(8, 8), mode="bilinear", align_corners=False
+    ).flatten(1)
     gt = torch.ones(1, 64)
     assert float(terms["loss_mask"]) == pytest.approx(20 * float(sigmoid_focal_loss(pred, gt).sum()), rel=1e-5)
     assert float(terms["loss_dice"]) == pytest.approx(float(dice_loss(pred, gt).sum()), rel=1e-5)

@@ -140,9 +140,7 @@ def test_zero_policy_matches_torchmetrics_and_mmseg():
     )
     # mAcc (numpy): mean over classes with GT of tp / gt.
     has_gt = tot_t > 0
-    assert out["mAcc"].item() / 100 == pytest.approx(
-        float(np.mean(tot_i[has_gt] / tot_t[has_gt])), abs=1e-12
-    )
+    assert out["mAcc"].item() / 100 == pytest.approx(float(np.mean(tot_i[has_gt] / tot_t[has_gt])), abs=1e-12)
 
 
 def test_exclude_policy_matches_detectron2_main():
@@ -170,9 +168,7 @@ def test_accumulation_is_dataset_level():
     torch.testing.assert_close(acc, confusion_matrix(all_pred, all_target, K))
     # A mean of per-image mIoUs is a different number.
     dataset_miou = metrics_from_confusion(acc)["mIoU"].item()
-    per_image = [
-        metrics_from_confusion(confusion_matrix(p, t, K))["mIoU"].item() for p, t in data
-    ]
+    per_image = [metrics_from_confusion(confusion_matrix(p, t, K))["mIoU"].item() for p, t in data]
     assert abs(dataset_miou - float(np.mean(per_image))) > 0.5
 
 
@@ -198,9 +194,7 @@ def test_batched_update_equals_per_image_updates():
 # IoU = [60, 50, 50, 0, NaN]
 HAND_TARGET = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 2, 2, 255, 255]])
 HAND_PRED = torch.tensor([[0, 0, 0, 1, 1, 1, 0, 2, 3, 4, 0]])
-HAND_CONF = torch.tensor(
-    [[3, 1, 0, 0, 0], [1, 2, 0, 0, 0], [0, 0, 1, 1, 0], [0] * 5, [0] * 5], dtype=torch.long
-)
+HAND_CONF = torch.tensor([[3, 1, 0, 0, 0], [1, 2, 0, 0, 0], [0, 0, 1, 1, 0], [0] * 5, [0] * 5], dtype=torch.long)
 
 
 def test_hand_confusion_matrix():
@@ -297,9 +291,7 @@ def test_out_of_range_labels_raise(pred, target, needle):
 
 def test_shape_and_dtype_errors():
     with pytest.raises(ValueError, match="same shape"):
-        confusion_matrix(
-            torch.zeros(2, 3, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long), 2
-        )
+        confusion_matrix(torch.zeros(2, 3, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long), 2)
     with pytest.raises(ValueError, match="integer"):
         confusion_matrix(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long), 2)
     m = SegmentationMetrics(2)

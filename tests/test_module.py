@@ -54,7 +54,7 @@ class OracleMethod(OVSegModule):
         logits = 20 * torch.einsum("bwhx,qw->bqhx", feats, F.normalize(text_embeddings, dim=-1))
         if not self.mask_mode:
             return logits
-        masks = (feats * 40 - 20)  # mask logits per word
+        masks = feats * 40 - 20  # mask logits per word
         class_probs = F.normalize(text_embeddings, dim=-1).T.unsqueeze(0).expand(images.shape[0], -1, -1)
         return MaskPredictions(masks, class_probs.clamp(min=0))
 
@@ -92,8 +92,7 @@ def test_two_benchmarks_each_with_its_vocabulary_and_synonyms():
     b = [sample(b_levels, [[0, 0, 0, 0], [1, 1, 2, 2], [1, 1, 2, 2]])] * 3
     benchmarks = [
         Benchmark("pets", Vocabulary.from_names(["kitty, cat", "dog"], templates=["a {}.", "the {}"])),
-        Benchmark("outdoor", Vocabulary.from_names(["sky", "tree", "car"]),
-                  InferenceSettings(window=2, stride=1)),
+        Benchmark("outdoor", Vocabulary.from_names(["sky", "tree", "car"]), InferenceSettings(window=2, stride=1)),
     ]
     model = OracleMethod()
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
@@ -109,12 +108,15 @@ def test_two_benchmarks_each_with_its_vocabulary_and_synonyms():
 def test_metrics_match_an_independent_confusion_matrix_when_the_model_errs():
     levels = torch.tensor([[0, 1, 2, 2], [1, 1, 7, 2]])  # 7 = no word: logits all zero -> argmax 0
     labels = torch.tensor([[0, 1, 1, 2], [1, 2, 0, 255]])
-    benchmarks = [Benchmark("a", Vocabulary.from_names(["cat", "dog", "car"])),
-                  Benchmark("b", Vocabulary.from_names(["cat", "dog", "car"]), absent_policy="exclude")]
+    benchmarks = [
+        Benchmark("a", Vocabulary.from_names(["cat", "dog", "car"])),
+        Benchmark("b", Vocabulary.from_names(["cat", "dog", "car"]), absent_policy="exclude"),
+    ]
     model = OracleMethod()
     data = TwoBenchmarks([sample(levels, labels)], [sample(levels, labels)], benchmarks)
     results = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).validate(
-        model, datamodule=data, verbose=False)[0]
+        model, datamodule=data, verbose=False
+    )[0]
     prediction = torch.tensor([[0, 1, 2, 2], [1, 1, 0, 2]])
     expected = metrics_from_confusion(confusion_matrix(prediction, labels, 3))
     assert results["val/a/mIoU"] == pytest.approx(float(expected["mIoU"]))

@@ -63,8 +63,10 @@ def test_offline_without_tagger_stops_with_one_line_naming_the_fix(no_tagger, mo
 
     def offline(resource, **kwargs):
         calls.append(resource)
-        raise ValueError("Error loading averaged_perceptron_tagger_eng: <urlopen error [Errno -3]\n"
-                         "Temporary failure in name resolution>")
+        raise ValueError(
+            "Error loading averaged_perceptron_tagger_eng: <urlopen error [Errno -3]\n"
+            "Temporary failure in name resolution>"
+        )
 
     monkeypatch.setattr(nltk, "download", offline)
     for _ in range(2):  # the second attempt does not download again
@@ -96,8 +98,9 @@ def test_fresh_clone_offline_gets_the_one_line_message(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     env = {**os.environ, "NLTK_DATA": str(empty), "HOME": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=170,
-                            check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=170, check=False
+    )
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("ovseg.") and "TaggerNotFoundError: NLTK's English part-of-speech tagger" in last

@@ -77,16 +77,19 @@ def test_segment_reads_paths_pil_numpy_and_tensors_alike(tmp_path):
     assert [tuple(s.shape) for s in several] == [(52, 30), (52, 30), (40, 64)]
 
 
-@pytest.mark.parametrize("image, error, words", [
-    (torch.full((3, 8, 8), 200.0), ValueError, "divide by 255"),
-    (torch.full((3, 8, 8), -1.5), ValueError, "normalised"),
-    (torch.zeros(8, 8, 3, dtype=torch.uint8), ValueError, "permute"),
-    (torch.zeros(4, 8, 8, dtype=torch.uint8), ValueError, "(3, H, W)"),
-    (torch.zeros(3, 8, 8, dtype=torch.int32), TypeError, "uint8"),
-    (np.zeros((8, 8, 3), dtype=np.float32), TypeError, "uint8"),
-    (np.zeros((8, 8, 4), dtype=np.uint8), ValueError, "alpha"),
-    (12, TypeError, "file path"),
-])
+@pytest.mark.parametrize(
+    "image, error, words",
+    [
+        (torch.full((3, 8, 8), 200.0), ValueError, "divide by 255"),
+        (torch.full((3, 8, 8), -1.5), ValueError, "normalised"),
+        (torch.zeros(8, 8, 3, dtype=torch.uint8), ValueError, "permute"),
+        (torch.zeros(4, 8, 8, dtype=torch.uint8), ValueError, "(3, H, W)"),
+        (torch.zeros(3, 8, 8, dtype=torch.int32), TypeError, "uint8"),
+        (np.zeros((8, 8, 3), dtype=np.float32), TypeError, "uint8"),
+        (np.zeros((8, 8, 4), dtype=np.uint8), ValueError, "alpha"),
+        (12, TypeError, "file path"),
+    ],
+)
 def test_segment_refuses_ambiguous_images(image, error, words):
     with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")):
         tiny_model().segment(image, ["a", "b"])
@@ -117,8 +120,9 @@ def test_image_folder_vocabulary_from_string_file_and_list(tmp_path):
     names.write_text("sky\ntv, monitor\n")
     assert parse_classes(str(names)) == [("sky",), ("tv", "monitor")]
     assert len(parse_classes("packaged:voc21")) == 21
-    module = ImageFolderDataModule(tmp_path, ["sky", "tv, monitor"], templates="imagenet80", background_threshold=0.3,
-                                   short_side=32)
+    module = ImageFolderDataModule(
+        tmp_path, ["sky", "tv, monitor"], templates="imagenet80", background_threshold=0.3, short_side=32
+    )
     (benchmark,) = module.benchmarks
     assert benchmark.vocabulary.classes == (("sky",), ("tv", "monitor"))
     assert len(benchmark.vocabulary.templates) == 80 and benchmark.vocabulary.background_threshold == 0.3
@@ -156,19 +160,55 @@ def smoke_checkpoint(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(folder)
     try:
-        run(["fit", "-c", str(SMOKE), "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
-             "--data.init_args.num_train", "4", "--data.init_args.batch_size", "4", "--data.init_args.num_val", "2",
-             "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"])
+        run(
+            [
+                "fit",
+                "-c",
+                str(SMOKE),
+                "--trainer.max_steps",
+                "1",
+                "--trainer.limit_val_batches",
+                "0",
+                "--data.init_args.num_train",
+                "4",
+                "--data.init_args.batch_size",
+                "4",
+                "--data.init_args.num_val",
+                "2",
+                "--trainer.enable_progress_bar",
+                "false",
+                "--trainer.logger",
+                "false",
+            ]
+        )
     finally:
         os.chdir(cwd)
     return folder / "runs/smoke/checkpoints/last.ckpt"
 
 
 def predict_folder(checkpoint: Path, images: Path, out: Path, *extra: str) -> None:
-    run(["predict", "-c", str(SMOKE), "--ckpt_path", str(checkpoint), "--trainer.logger", "false",
-         "--data", "ovseg.datamodules.ImageFolderDataModule", "--data.init_args.images", str(images),
-         "--data.init_args.classes", CLASSES, "--data.init_args.batch_size", "2",
-         "--writer.output_dir", str(out), *extra])
+    run(
+        [
+            "predict",
+            "-c",
+            str(SMOKE),
+            "--ckpt_path",
+            str(checkpoint),
+            "--trainer.logger",
+            "false",
+            "--data",
+            "ovseg.datamodules.ImageFolderDataModule",
+            "--data.init_args.images",
+            str(images),
+            "--data.init_args.classes",
+            CLASSES,
+            "--data.init_args.batch_size",
+            "2",
+            "--writer.output_dir",
+            str(out),
+            *extra,
+        ]
+    )
 
 
 def test_predict_writes_label_overlay_and_json_line_per_image(tmp_path, smoke_checkpoint, monkeypatch):
@@ -198,7 +238,8 @@ def test_predict_writes_label_overlay_and_json_line_per_image(tmp_path, smoke_ch
         assert overlay_png.height >= labels.shape[0] and overlay_png.width > labels.shape[1]
         counts = np.bincount(labels.reshape(-1), minlength=3)
         assert {c["index"]: c["fraction"] for c in record["classes"]} == pytest.approx(
-            {k: counts[k] / labels.size for k in range(3) if counts[k]}, abs=1e-6)
+            {k: counts[k] / labels.size for k in range(3) if counts[k]}, abs=1e-6
+        )
         assert all(0 < c["confidence"] <= 1 for c in record["classes"])
         scores = np.load(out / record["scores"])
         assert scores.dtype == np.float16 and scores.shape == (3, *labels.shape)
@@ -208,8 +249,23 @@ def test_predict_writes_label_overlay_and_json_line_per_image(tmp_path, smoke_ch
 def test_predict_by_default_writes_under_the_run_folder(tmp_path, smoke_checkpoint, monkeypatch):
     write_mixed_images(tmp_path / "images")
     monkeypatch.chdir(tmp_path)
-    run(["predict", "-c", str(SMOKE), "--ckpt_path", str(smoke_checkpoint), "--trainer.logger", "false",
-         "--trainer.enable_progress_bar", "false", "--data.init_args.num_val", "3", "--writer.overlays", "false"])
+    run(
+        [
+            "predict",
+            "-c",
+            str(SMOKE),
+            "--ckpt_path",
+            str(smoke_checkpoint),
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--data.init_args.num_val",
+            "3",
+            "--writer.overlays",
+            "false",
+        ]
+    )
     out = tmp_path / "runs/smoke/predictions"  # smoke.yaml's default_root_dir; the synthetic benchmark
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 3
     assert len(list((out / "labels").glob("*.png"))) == 3 and not (out / "overlays").exists()
@@ -222,8 +278,15 @@ NUM_IMAGES = 5
 
 
 def _ddp_worker(rank: int, port: int, out_dir: str, images: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD),
-                      RANK=str(rank), LOCAL_RANK=str(rank), NODE_RANK="0", GLOO_SOCKET_IFNAME="lo")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(WORLD),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+        GLOO_SOCKET_IFNAME="lo",
+    )
     torch.set_num_threads(1)
     import lightning as L
     import torch.distributed as dist
@@ -233,8 +296,15 @@ def _ddp_worker(rank: int, port: int, out_dir: str, images: str) -> None:
 
     writer = PredictionWriter(output_dir=os.path.join(out_dir, "predictions"))
     strategy = DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=60))
-    trainer = L.Trainer(accelerator="cpu", devices=WORLD, strategy=strategy, logger=False, callbacks=[writer],
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=WORLD,
+        strategy=strategy,
+        logger=False,
+        callbacks=[writer],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     datamodule = ImageFolderDataModule(images, "square, circle", batch_size=2)
     trainer.predict(tiny_model(), datamodule=datamodule, return_predictions=False)
     torch.save({"written": writer.written, "world": dist.get_world_size()}, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -271,8 +341,21 @@ def test_simzss_checkpoint_loads_segments_and_validates_without_the_tagger(smoke
     monkeypatch.chdir(tmp_path)
     model = OVSegModule.from_pretrained(str(smoke_checkpoint)).eval()
     assert model.segment(torch.zeros(3, 28, 28, dtype=torch.uint8), ["sky", "grass"])[0].shape == (28, 28)
-    validated = run(["validate", "-c", str(SMOKE), "--ckpt_path", str(smoke_checkpoint), "--trainer.logger", "false",
-                     "--trainer.enable_progress_bar", "false", "--data.init_args.num_val", "2"])
+    validated = run(
+        [
+            "validate",
+            "-c",
+            str(SMOKE),
+            "--ckpt_path",
+            str(smoke_checkpoint),
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--data.init_args.num_val",
+            "2",
+        ]
+    )
     assert "val/synthetic/mIoU" in validated.trainer.callback_metrics
     with pytest.raises(AssertionError, match="must not load"):
         _ = model.concepts  # training does need it

@@ -71,8 +71,10 @@ def ref_local_loss(tokens, patches, labels, positions, mask, target="label", ret
     losses, all_logits = [], []
     for b, label, _ in concepts:
         query = prototypes[label]
-        sims = [_dot(query, patches[b, n]) / (_norm(query) * _norm(patches[b, n])) / POOL_TAU
-                for n in range(patches.shape[1])]
+        sims = [
+            _dot(query, patches[b, n]) / (_norm(query) * _norm(patches[b, n])) / POOL_TAU
+            for n in range(patches.shape[1])
+        ]
         denominator = sum(torch.exp(s) for s in sims)
         visual = sum(torch.exp(s) / denominator * patches[b, n] for n, s in enumerate(sims))
         visual = visual / _norm(visual)
@@ -102,7 +104,7 @@ def local_inputs(dtype=torch.float64, seed=0):
         labels[b, c] = label
         positions[b, c, : len(pos)] = torch.tensor(pos)
         mask[b, c, : len(pos)] = True
-        positions[b, c, len(pos):] = 7  # padding points at a real token; the mask must hide it
+        positions[b, c, len(pos) :] = 7  # padding points at a real token; the mask must hide it
 
     put(0, 0, 5, [1, 2])
     put(0, 1, 12, [4])
@@ -230,8 +232,9 @@ def test_local_loss_matches_plain_computation_values_and_gradients():
     (grad,) = torch.autograd.grad(out.loss, tokens)
 
     tokens_ref = tokens.detach().clone().requires_grad_()
-    expected, logits, present, concepts = ref_local_loss(tokens_ref, patches, labels, positions, mask,
-                                                         return_logits=True)
+    expected, logits, present, concepts = ref_local_loss(
+        tokens_ref, patches, labels, positions, mask, return_logits=True
+    )
     (expected_grad,) = torch.autograd.grad(expected, tokens_ref)
     torch.testing.assert_close(out.loss, expected, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-7, atol=1e-10)
@@ -250,8 +253,9 @@ def test_local_loss_argmax_target_is_ce_against_the_logits_argmax():
     (grad,) = torch.autograd.grad(got, tokens)
 
     tokens_ref = tokens.detach().clone().requires_grad_()
-    expected, logits, present, concepts = ref_local_loss(tokens_ref, patches, labels, positions, mask,
-                                                         target="argmax", return_logits=True)
+    expected, logits, present, concepts = ref_local_loss(
+        tokens_ref, patches, labels, positions, mask, target="argmax", return_logits=True
+    )
     (expected_grad,) = torch.autograd.grad(expected, tokens_ref)
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-7, atol=1e-10)
@@ -347,7 +351,7 @@ def independent_features(module, images, captions):
     encoder = module.model.image_encoder
     with torch.no_grad():
         tokens = encoder.model.forward_features(encoder.normalize(images.float() / 255))
-    patches = F.normalize(tokens[:, encoder.num_prefix_tokens:], dim=-1)
+    patches = F.normalize(tokens[:, encoder.num_prefix_tokens :], dim=-1)
     cls = F.normalize(tokens[:, 0], dim=-1)
     text = module.model.text_encoder(module.model.text_encoder.tokenize(captions))
     return cls, patches, text
@@ -376,8 +380,13 @@ def test_module_loss_matches_plain_losses_and_gradients(concept_tensors):
     concepts = concept_tensors
     assert int((concepts["concept_labels"] >= 0).sum()) == 7
     global_ref = ref_global_loss(cls.double(), F.normalize(text.pooled, dim=-1).double(), torch.exp(t).double())
-    local_ref = ref_local_loss(text.tokens.double(), patches.double(), concepts["concept_labels"],
-                               concepts["concept_token_positions"], concepts["concept_token_mask"])
+    local_ref = ref_local_loss(
+        text.tokens.double(),
+        patches.double(),
+        concepts["concept_labels"],
+        concepts["concept_token_positions"],
+        concepts["concept_token_mask"],
+    )
     total_ref = global_ref + lam * local_ref
     torch.testing.assert_close(terms["loss_global"].double(), global_ref.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(terms["loss_local"].double(), local_ref.detach(), rtol=1e-5, atol=1e-6)
@@ -481,15 +490,13 @@ def test_predict_scores_is_scaled_cosine_on_the_patch_grid():
     cosine = float(_dot(patch, queries[q]) / (_norm(patch) * _norm(queries[q])))
     assert float(scores[b, q, i, j]) == pytest.approx(30.0 * cosine, rel=1e-5, abs=1e-5)
     # every pixel, vectorised the independent way
-    patches = F.normalize(tokens[:, encoder.num_prefix_tokens:], dim=-1).reshape(2, 4, 6, WIDTH)
-    torch.testing.assert_close(scores, 30.0 * torch.einsum("bhwd,qd->bqhw", patches, queries),
-                               rtol=1e-5, atol=1e-5)
+    patches = F.normalize(tokens[:, encoder.num_prefix_tokens :], dim=-1).reshape(2, 4, 6, WIDTH)
+    torch.testing.assert_close(scores, 30.0 * torch.einsum("bhwd,qd->bqhw", patches, queries), rtol=1e-5, atol=1e-5)
     # the cap of the learnable scale applies at inference too
     module.global_loss.logit_scale.data.fill_(math.log(400.0))
     with torch.no_grad():
         capped = module.predict_scores(images, queries)
-    torch.testing.assert_close(capped, scores * (100.0 / 30.0),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(capped, scores * (100.0 / 30.0), rtol=1e-5, atol=1e-5)
 
 
 def test_logit_scale_parameter_is_clamped_after_each_step():

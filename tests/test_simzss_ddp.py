@@ -78,9 +78,11 @@ def _module_batch(part):
     images = torch.randint(0, 256, (WORLD * HALF, 3, 56, 56), generator=g, dtype=torch.uint8)
     captions = CAPTIONS[part]
     # lambda_local = 0: the concepts are not used; given (empty) in the batch, nothing is tagged
-    empty = {"concept_labels": torch.full((len(captions), 1), -1),
-             "concept_token_positions": torch.zeros(len(captions), 1, 1, dtype=torch.long),
-             "concept_token_mask": torch.zeros(len(captions), 1, 1, dtype=torch.bool)}
+    empty = {
+        "concept_labels": torch.full((len(captions), 1), -1),
+        "concept_token_positions": torch.zeros(len(captions), 1, 1, dtype=torch.long),
+        "concept_token_mask": torch.zeros(len(captions), 1, 1, dtype=torch.bool),
+    }
     return {"image": images[part], "caption": captions, **empty}
 
 
@@ -101,24 +103,40 @@ def _release_losses(trainer, rank):
     module.trainer = trainer
     part = slice(rank * 2, rank * 2 + 2)
     indices = golden["concept_indices"][part]
-    batch = {"image": golden["images"][part], "caption": golden["captions"][part],
-             "concept_labels": golden["concept_labels"][part], "concept_token_positions": indices,
-             "concept_token_mask": indices != 0}
+    batch = {
+        "image": golden["images"][part],
+        "caption": golden["captions"][part],
+        "concept_labels": golden["concept_labels"][part],
+        "concept_token_positions": indices,
+        "concept_token_mask": indices != 0,
+    }
     with torch.no_grad():
         terms = module.training_loss(batch)
         module.local_loss.class_set = "rank"
         rank_local = module.training_loss(batch)["loss_local"]
     expected = torch.load(FIXTURES / "ddp.pt", weights_only=True)
-    return {"global": terms["loss_global"], "local": terms["loss_local"], "rank_local": rank_local,
-            "expected_global": expected["cliploss"][rank], "expected_local": expected["ccloss"][rank]}
+    return {
+        "global": terms["loss_global"],
+        "local": terms["loss_local"],
+        "rank_local": rank_local,
+        "expected_global": expected["cliploss"][rank],
+        "expected_local": expected["ccloss"][rank],
+    }
 
 
 # ------------------------------------------------------------------ the distributed side
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD),
-                      RANK=str(rank), LOCAL_RANK=str(rank), NODE_RANK="0", GLOO_SOCKET_IFNAME="lo")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(WORLD),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+        GLOO_SOCKET_IFNAME="lo",
+    )
     torch.set_num_threads(1)
     import lightning as L
     import torch.distributed as dist
@@ -126,8 +144,16 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     from torch.distributed.nn.functional import all_gather
 
     strategy = DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=60))
-    trainer = L.Trainer(accelerator="cpu", devices=WORLD, num_nodes=1, strategy=strategy, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=WORLD,
+        num_nodes=1,
+        strategy=strategy,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.strategy.setup_environment()  # initialises the gloo process group from the env
     assert dist.is_initialized() and dist.get_world_size() == WORLD and dist.get_rank() == rank
     assert trainer.world_size == WORLD and trainer.global_rank == rank
@@ -205,8 +231,11 @@ def test_module_gather_path_equals_single_process_loss_and_gradients(rank_result
     module = _make_module()
     assert module._gather()[1] == 0  # no trainer: identity gather
     full_loss, full_grads = _module_loss(module, slice(None))
-    trainable = [name for name, _ in module.named_parameters()
-                 if name.startswith("model.text_encoder.") or name == "global_loss.logit_scale"]
+    trainable = [
+        name
+        for name, _ in module.named_parameters()
+        if name.startswith("model.text_encoder.") or name == "global_loss.logit_scale"
+    ]
     assert sorted(full_grads) == sorted(trainable)
     for result in (r["module"] for r in rank_results):
         torch.testing.assert_close(result["mean_loss"], full_loss, rtol=1e-5, atol=1e-6)

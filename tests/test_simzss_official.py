@@ -76,8 +76,11 @@ def test_every_release_key_is_mapped_or_dropped_with_a_reason(golden, converted)
     assert set(report.dropped) == {"classification_weights_ema", "beta_ema", "logit_scale_local"}
     assert report.mapped["text.text_projection"] == "model.text_encoder.text.text_projection"
     assert report.mapped["visual.pos_embed"] == "model.image_encoder.pos_embed"
-    assert all(value.startswith("model.image_encoder.encoder.model.")
-               for key, value in report.mapped.items() if key.startswith("visual.vit.model."))
+    assert all(
+        value.startswith("model.image_encoder.encoder.model.")
+        for key, value in report.mapped.items()
+        if key.startswith("visual.vit.model.")
+    )
     assert not report.filled  # the release holds every weight ovseg's SimZSS has
 
 
@@ -142,8 +145,10 @@ def test_release_concept_rules_agree_on_every_golden_caption():
     assert len(extractor.bank) == data["bank_size"] and len(data["captions"]) >= 200
     mismatches = []
     for record in data["captions"]:
-        got = [{"name": c.name, "label": c.label, "positions": list(c.token_positions)}
-               for c in extractor.extract(record["caption"])]
+        got = [
+            {"name": c.name, "label": c.label, "positions": list(c.token_positions)}
+            for c in extractor.extract(record["caption"])
+        ]
         if got != record["concepts"]:
             mismatches.append((record["caption"], got, record["concepts"]))
     assert not mismatches, mismatches[:3]
@@ -294,8 +299,15 @@ def test_feature_cache_stores_denoised_tokens_and_fingerprints_the_denoiser(tmp_
     raw, _, _ = frozen_features(module.model.image_encoder.encoder, images)
     assert (stored - denoised).abs().max() < 2e-3 and (stored - raw).abs().max() > 0.1
     assert read_index(tmp_path / "dvt")["encoder_name"].startswith("dvt_denoiser(")
-    build_feature_cache(module.model.image_encoder.encoder, Images(), tmp_path / "raw", views, batch_size=3,
-                        progress=False, max_batches=0)
+    build_feature_cache(
+        module.model.image_encoder.encoder,
+        Images(),
+        tmp_path / "raw",
+        views,
+        batch_size=3,
+        progress=False,
+        max_batches=0,
+    )
     with pytest.raises(ValueError, match="DVTDenoiser"):
         build_feature_cache(module.model.image_encoder, Images(), tmp_path / "raw", views, progress=False)
     other = tiny_release_module()  # same backbone, another denoiser

@@ -48,7 +48,7 @@ class SignalAtStep(L.Callback):
             os.kill(os.getpid(), signal.SIGUSR1)
 '''
 
-FAKE_SRUN = '''#!/usr/bin/env bash
+FAKE_SRUN = """#!/usr/bin/env bash
 # Fake srun: starts SLURM_NTASKS copies of the command on this machine, one per "node".
 pids=()
 for ((r = 0; r < SLURM_NTASKS; r++)); do
@@ -58,11 +58,11 @@ done
 rc=0
 for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
 exit $rc
-'''
+"""
 
-FAKE_SCONTROL = '''#!/usr/bin/env bash
+FAKE_SCONTROL = """#!/usr/bin/env bash
 echo "$@" >> scontrol_calls.txt
-'''
+"""
 
 
 def _free_port() -> int:
@@ -85,8 +85,9 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    process = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         out, _ = process.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -96,10 +97,26 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Completed
     return subprocess.CompletedProcess(cmd, process.returncode, out, "")
 
 
-FAST = ["--trainer.max_steps", "4", "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
-        "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
-        "--data.init_args.num_train", "32", "--data.init_args.batch_size", "4",
-        "--data.init_args.num_val", "2", "--model.init_args.print_metrics", "false"]
+FAST = [
+    "--trainer.max_steps",
+    "4",
+    "--trainer.limit_val_batches",
+    "0",
+    "--trainer.num_sanity_val_steps",
+    "0",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.logger",
+    "false",
+    "--data.init_args.num_train",
+    "32",
+    "--data.init_args.batch_size",
+    "4",
+    "--data.init_args.num_val",
+    "2",
+    "--model.init_args.print_metrics",
+    "false",
+]
 
 
 def test_sbatch_template_is_valid_bash_with_one_srun_line():
@@ -115,8 +132,8 @@ def test_sbatch_template_is_valid_bash_with_one_srun_line():
 def test_readme_multinode_section_quotes_the_template():
     """The README's section shows the template's own srun line and submits files that exist."""
     readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## Multi-node training"):]
-    section = section[:section.index("\n## ", 3)]
+    section = readme[readme.index("## Multi-node training") :]
+    section = section[: section.index("\n## ", 3)]
     (srun,) = [line for line in SBATCH.read_text().splitlines() if re.match(r"\s*srun\b", line)]
     assert srun.strip() in section
     submitted = re.findall(r"sbatch .*?\\?\n?\s*(scripts/\S+) (configs/\S+)", section)
@@ -134,15 +151,39 @@ def test_two_simulated_nodes_join_one_process_group_and_end_with_identical_weigh
     env = _clean_env(
         PATH=os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]]),
         PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
-        SLURM_JOB_ID="777", SLURM_JOB_NAME="ovseg", SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1", SLURM_TASKS_PER_NODE="1(x2)",
-        SLURM_JOB_NUM_NODES="2", SLURM_NNODES="2", SLURM_NODELIST="localhost", SLURM_CPUS_PER_TASK="1",
-        MASTER_PORT=str(_free_port()), GLOO_SOCKET_IFNAME="lo",
+        SLURM_JOB_ID="777",
+        SLURM_JOB_NAME="ovseg",
+        SLURM_NTASKS="2",
+        SLURM_NTASKS_PER_NODE="1",
+        SLURM_TASKS_PER_NODE="1(x2)",
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_NNODES="2",
+        SLURM_NODELIST="localhost",
+        SLURM_CPUS_PER_TASK="1",
+        MASTER_PORT=str(_free_port()),
+        GLOO_SOCKET_IFNAME="lo",
     )
     # The sbatch script itself, run with bash: its srun line (with the fake srun) starts the 2 ranks.
-    result = _run(["bash", str(SBATCH), str(SMOKE), "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp",
-                   "--trainer.callbacks+=slurmlib.StateHash", *FAST], tmp_path, env)
-    logs = "\n".join(f"--- rank{r}\n" + (tmp_path / f"rank{r}.log").read_text()[-3000:]
-                     for r in range(2) if (tmp_path / f"rank{r}.log").exists())
+    result = _run(
+        [
+            "bash",
+            str(SBATCH),
+            str(SMOKE),
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.strategy",
+            "ddp",
+            "--trainer.callbacks+=slurmlib.StateHash",
+            *FAST,
+        ],
+        tmp_path,
+        env,
+    )
+    logs = "\n".join(
+        f"--- rank{r}\n" + (tmp_path / f"rank{r}.log").read_text()[-3000:]
+        for r in range(2)
+        if (tmp_path / f"rank{r}.log").exists()
+    )
     assert result.returncode == 0, result.stdout[-2000:] + logs
     rows = [(tmp_path / f"hash_rank{r}.txt").read_text().split() for r in range(2)]
     for rank, (world, trainer_world, global_rank, step, _) in enumerate(rows):
@@ -159,12 +200,34 @@ def test_sigusr1_under_slurm_saves_hpc_checkpoint_and_requeues(tmp_path):
     env = _clean_env(
         PATH=os.pathsep.join([str(bin_dir), os.environ["PATH"]]),
         PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
-        SLURM_JOB_ID="4242", SLURM_JOB_NAME="ovseg", SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1",
-        SLURM_JOB_NUM_NODES="1", SLURM_NNODES="1", SLURM_NODELIST="localhost", SLURM_PROCID="0",
-        SLURM_LOCALID="0", SLURM_NODEID="0", MASTER_PORT=str(_free_port()),
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NAME="ovseg",
+        SLURM_NTASKS="1",
+        SLURM_NTASKS_PER_NODE="1",
+        SLURM_JOB_NUM_NODES="1",
+        SLURM_NNODES="1",
+        SLURM_NODELIST="localhost",
+        SLURM_PROCID="0",
+        SLURM_LOCALID="0",
+        SLURM_NODEID="0",
+        MASTER_PORT=str(_free_port()),
     )
-    result = _run([sys.executable, "-m", "ovseg", "fit", "-c", str(SMOKE), *FAST,
-                   "--trainer.default_root_dir", "hpc", "--trainer.callbacks+=slurmlib.SignalAtStep"], tmp_path, env)
+    result = _run(
+        [
+            sys.executable,
+            "-m",
+            "ovseg",
+            "fit",
+            "-c",
+            str(SMOKE),
+            *FAST,
+            "--trainer.default_root_dir",
+            "hpc",
+            "--trainer.callbacks+=slurmlib.SignalAtStep",
+        ],
+        tmp_path,
+        env,
+    )
     assert result.returncode == 0, result.stdout[-3000:]
     assert "Handling auto-requeue signal" in result.stdout
     (checkpoint,) = (tmp_path / "hpc").glob("hpc_ckpt_*.ckpt")

@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 
 from ovseg.datamodules.base import collate_samples
-
 from ovseg.datamodules.synthetic import (
     CATEGORIES,
     IGNORE_INDEX,

@@ -65,13 +65,19 @@ def test_reduce_synonyms_takes_the_max_and_leaves_nameless_classes_at_minus_inf(
 
 def test_embeddings_average_normalised_templates_then_renormalise():
     vocabulary = Vocabulary.from_names(["cat", "dog"], templates=["a {}.", "the {}!", "{}"])
-    table = {text: torch.randn(8) * (i + 1) for i, text in enumerate(
-        [t.format(n) for n in ("cat", "dog") for t in vocabulary.templates])}
+    table = {
+        text: torch.randn(8) * (i + 1)
+        for i, text in enumerate([t.format(n) for n in ("cat", "dog") for t in vocabulary.templates])
+    }
     out = embed_queries(vocabulary, lambda prompts: torch.stack([table[p.text] for p in prompts]), batch_size=2)
-    expected = torch.stack([
-        F.normalize(torch.stack([F.normalize(table[t.format(n)], dim=0) for t in vocabulary.templates]).mean(0), dim=0)
-        for n in ("cat", "dog")
-    ])
+    expected = torch.stack(
+        [
+            F.normalize(
+                torch.stack([F.normalize(table[t.format(n)], dim=0) for t in vocabulary.templates]).mean(0), dim=0
+            )
+            for n in ("cat", "dog")
+        ]
+    )
     torch.testing.assert_close(out, expected)
 
 

@@ -29,8 +29,19 @@ from ovseg.module import MaskPredictions
 from ovseg.optim import parameter_groups
 from ovseg.vocabulary import Vocabulary
 
-TINY = {"backbone": "test_resnet", "freeze_bn": False, "num_queries": 6, "conv_dim": 16, "mask_dim": 16,
-        "hidden_dim": 16, "dec_layers": 2, "heads": 2, "ffn_dim": 32, "clip_crop_size": 32, "size_divisibility": 32}
+TINY = {
+    "backbone": "test_resnet",
+    "freeze_bn": False,
+    "num_queries": 6,
+    "conv_dim": 16,
+    "mask_dim": 16,
+    "hidden_dim": 16,
+    "dec_layers": 2,
+    "heads": 2,
+    "ffn_dim": 32,
+    "clip_crop_size": 32,
+    "size_divisibility": 32,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -53,17 +64,20 @@ def tiny_zegformer(**overrides) -> ZegFormer:
 def test_fusion_rule_by_hand():
     # classes: A, B seen; C, D unseen. Values are cubes so that the powers 1/3, 2/3 are exact.
     seen = torch.tensor([True, True, False, False])
-    p_seg = torch.tensor([[0.512, 0.064, 0.216, 0.008],
-                          [0.027, 0.729, 0.001, 0.125]])
-    p_clip = torch.tensor([[0.100, 0.150, 0.343, 0.027],   # seen mean 0.125 -> cube root 0.5
-                           [0.010, 0.006, 0.729, 0.001]])  # seen mean 0.008 -> cube root 0.2
+    p_seg = torch.tensor([[0.512, 0.064, 0.216, 0.008], [0.027, 0.729, 0.001, 0.125]])
+    p_clip = torch.tensor(
+        [
+            [0.100, 0.150, 0.343, 0.027],  # seen mean 0.125 -> cube root 0.5
+            [0.010, 0.006, 0.729, 0.001],
+        ]
+    )  # seen mean 0.008 -> cube root 0.2
     # seen:   p^(2/3) * mean_seen(p')^(1/3); unseen: p^(1/3) * p'^(2/3)
-    expected = torch.tensor([[0.64 * 0.5, 0.16 * 0.5, 0.6 * 0.49, 0.2 * 0.09],
-                             [0.09 * 0.2, 0.81 * 0.2, 0.1 * 0.81, 0.5 * 0.01]])
+    expected = torch.tensor(
+        [[0.64 * 0.5, 0.16 * 0.5, 0.6 * 0.49, 0.2 * 0.09], [0.09 * 0.2, 0.81 * 0.2, 0.1 * 0.81, 0.5 * 0.01]]
+    )
     fused = fuse_scores(p_seg, p_clip, seen)
     assert torch.allclose(fused, expected, atol=1e-6)
-    assert torch.allclose(fused, torch.tensor([[0.32, 0.08, 0.294, 0.018], [0.018, 0.162, 0.081, 0.005]]),
-                          atol=1e-6)
+    assert torch.allclose(fused, torch.tensor([[0.32, 0.08, 0.294, 0.018], [0.018, 0.162, 0.081, 0.005]]), atol=1e-6)
     # the mean does not reorder seen classes among themselves
     assert torch.equal(fused[:, :2].argsort(-1), p_seg[:, :2].argsort(-1))
     # batched over (B, N, K) and the weight is a parameter
@@ -85,7 +99,6 @@ def test_calibration_is_subtracted_from_seen_pixel_scores_after_semantic_inferen
     assert torch.allclose(scores[:, 2], plain[:, 2])
 
 
-
 def test_synonyms_of_a_seen_class_are_calibrated_and_fused_as_seen():
     """A query is seen by its class: "heaven", a synonym of the seen "sky" that training never
     named, is calibrated like "sky"; the unseen "sand" is not."""
@@ -93,9 +106,11 @@ def test_synonyms_of_a_seen_class_are_calibrated_and_fused_as_seen():
     model.set_training_classes(TrainingClasses(Vocabulary.from_names(["sky", "grass", "sand"]), ("sand",)))
     queries = Vocabulary.from_names([["sky", "heaven"], "grass", "sand"])
     with torch.no_grad():
-        out = model.predict_scores(torch.rand(1, 3, 64, 64), F.normalize(torch.randn(4, 32), dim=-1),
-                                   vocabulary=queries)
+        out = model.predict_scores(
+            torch.rand(1, 3, 64, 64), F.normalize(torch.randn(4, 32), dim=-1), vocabulary=queries
+        )
     assert out.query_offsets.tolist() == pytest.approx([-0.1, -0.1, -0.1, 0.0])
+
 
 # ------------------------------------------------------------------------------- semantic inference (5)
 def test_semantic_inference_by_hand():
@@ -103,8 +118,9 @@ def test_semantic_inference_by_hand():
     ln3 = torch.log(torch.tensor(3.0))
     masks = torch.tensor([[[[0.0, -ln3]], [[ln3, 0.0]]]])  # (B=1, N=2, 1, 2)
     probs = torch.tensor([[[0.5, 0.25], [0.1, 0.6]]])  # (1, N=2, K=2)
-    expected = torch.tensor([[[[0.5 * 0.5 + 0.1 * 0.75, 0.5 * 0.25 + 0.1 * 0.5]],
-                              [[0.25 * 0.5 + 0.6 * 0.75, 0.25 * 0.25 + 0.6 * 0.5]]]])
+    expected = torch.tensor(
+        [[[[0.5 * 0.5 + 0.1 * 0.75, 0.5 * 0.25 + 0.1 * 0.5]], [[0.25 * 0.5 + 0.6 * 0.75, 0.25 * 0.25 + 0.6 * 0.5]]]]
+    )
     assert torch.allclose(semantic_inference(probs, masks), expected)
     assert torch.allclose(expected, torch.tensor([[[[0.325, 0.175]], [[0.575, 0.3625]]]]))
     assert torch.allclose(MaskPredictions(masks, probs).pixel_scores(), expected)
@@ -131,7 +147,7 @@ def test_no_object_logit_is_an_unnormalised_dot_product_times_100():
     segment = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
     text = F.normalize(torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]), dim=-1)
     logits = classifier(segment, text)
-    assert torch.allclose(logits, torch.tensor([[100 * 0.5 ** 0.5, 0.0, 200.0]]), atol=1e-4)
+    assert torch.allclose(logits, torch.tensor([[100 * 0.5**0.5, 0.0, 200.0]]), atol=1e-4)
     assert torch.allclose(class_probabilities(logits), logits.softmax(-1)[..., :2])
 
 
@@ -203,8 +219,9 @@ def test_clip_branch_encodes_all_proposals_of_all_images_in_one_forward():
         seg_logits = model.classifier(model(images).segment_embeddings[-1], text)
         clip_logits = CLIPCropClassifier(counter, 32)(images, out.mask_logits, text, seg_logits[..., -1])
     assert torch.allclose(clip_logits[..., -1], seg_logits[..., -1])  # segment branch's no-object appended
-    expected = fuse_scores(class_probabilities(seg_logits), class_probabilities(clip_logits),
-                           torch.tensor([True, True, False]))
+    expected = fuse_scores(
+        class_probabilities(seg_logits), class_probabilities(clip_logits), torch.tensor([True, True, False])
+    )
     assert torch.allclose(out.class_probs, expected, atol=1e-5)
     # ZegFormer-img: CLIP-branch probabilities only
     model.ensemble = False
@@ -222,8 +239,9 @@ def test_clip_classification_needs_an_image_encoder():
 def test_model_outputs_per_decoder_layer():
     backbone = TimmBackbone("test_resnet", freeze_bn=True)
     assert backbone.channels == [32, 48, 192, 96]
-    model = ZegFormerModel(backbone, embed_dim=24, num_queries=5, conv_dim=16, mask_dim=8, hidden_dim=16,
-                           dec_layers=3, heads=2, ffn_dim=32).eval()
+    model = ZegFormerModel(
+        backbone, embed_dim=24, num_queries=5, conv_dim=16, mask_dim=8, hidden_dim=16, dec_layers=3, heads=2, ffn_dim=32
+    ).eval()
     out = model(torch.randn(2, 3, 64, 96))
     assert out.segment_embeddings.shape == (3, 2, 5, 24)
     assert out.mask_logits.shape == (3, 2, 5, 16, 24)  # stride 4
@@ -233,8 +251,11 @@ def test_model_outputs_per_decoder_layer():
 # ------------------------------------------------------------------------------- training
 def test_clip_stays_frozen_and_in_eval_mode_through_lightning_training():
     data = SyntheticDataModule(num_train=8, num_val=2, image_size=48, batch_size=4, ignore_unseen_in_training=True)
-    model = tiny_zegformer(optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
-                           lr_multipliers={"model.backbone.": 0.1}, print_metrics=False)
+    model = tiny_zegformer(
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
+        lr_multipliers={"model.backbone.": 0.1},
+        print_metrics=False,
+    )
     assert all(not p.requires_grad for p in model.clip_text.parameters())
     assert all(not p.requires_grad for p in model.clip_image.parameters())
     clip_before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("clip_")}
@@ -250,9 +271,16 @@ def test_clip_stays_frozen_and_in_eval_mode_through_lightning_training():
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             modes.append((module.model.training, module.clip_text.training, module.clip_image.training))
 
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[Spy()])
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[Spy()],
+    )
     trainer.fit(model, data)
     assert modes == [(True, False, False)] * 2
     state = model.state_dict()

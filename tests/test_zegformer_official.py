@@ -284,21 +284,37 @@ def golden_config_yaml(golden: dict[str, Any], path: Path) -> Path:
     init_args = {
         "clip_text": {"class_path": "ovseg.encoders.OpenCLIPText", "init_args": clip},
         "clip_image": {"class_path": "ovseg.encoders.OpenCLIPImage", "init_args": clip},
-        "backbone": "resnet50", "backbone_kwargs": {"channels": [width, 2 * width, 4 * width, 8 * width]},
-        "pixel_mean": [v / 255 for v in config["pixel_mean"]], "pixel_std": [v / 255 for v in config["pixel_std"]],
-        **{key: sizes[key] for key in ("num_queries", "conv_dim", "mask_dim", "hidden_dim", "dec_layers", "heads",
-                                       "ffn_dim", "dropout")},
-        "clip_templates": config["clip_templates"], "clip_crop_boxes": "release",
+        "backbone": "resnet50",
+        "backbone_kwargs": {"channels": [width, 2 * width, 4 * width, 8 * width]},
+        "pixel_mean": [v / 255 for v in config["pixel_mean"]],
+        "pixel_std": [v / 255 for v in config["pixel_std"]],
+        **{
+            key: sizes[key]
+            for key in (
+                "num_queries",
+                "conv_dim",
+                "mask_dim",
+                "hidden_dim",
+                "dec_layers",
+                "heads",
+                "ffn_dim",
+                "dropout",
+            )
+        },
+        "clip_templates": config["clip_templates"],
+        "clip_crop_boxes": "release",
         "training_templates": [config["segment_template"]],
     }
-    path.write_text(yaml.safe_dump({"model": {"class_path": "ovseg.methods.zegformer.ZegFormer",
-                                              "init_args": init_args}}))
+    path.write_text(
+        yaml.safe_dump({"model": {"class_path": "ovseg.methods.zegformer.ZegFormer", "init_args": init_args}})
+    )
     return path
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".pkl"])
-def test_ovseg_convert_writes_a_checkpoint_that_reproduces_the_release(golden: dict[str, Any], tmp_path: Path,
-                                                                       suffix: str) -> None:
+def test_ovseg_convert_writes_a_checkpoint_that_reproduces_the_release(
+    golden: dict[str, Any], tmp_path: Path, suffix: str
+) -> None:
     """``ovseg convert zegformer`` on a detectron2 checkpoint (``{"model": ...}``; a ``.pth`` or a
     ``.pkl`` of numpy arrays), then ``load_from_checkpoint``: the release's semantic map to 1e-5."""
     import pickle
@@ -317,11 +333,13 @@ def test_ovseg_convert_writes_a_checkpoint_that_reproduces_the_release(golden: d
     assert len(report.mapped) + len(report.dropped) == len(official)
     model = ZegFormer.load_from_checkpoint(destination, map_location="cpu").eval()
     config = golden["config"]
-    model.set_training_classes(TrainingClasses(Vocabulary(tuple((n,) for n in config["all_classes"])),
-                                               tuple(config["unseen"])))
+    model.set_training_classes(
+        TrainingClasses(Vocabulary(tuple((n,) for n in config["all_classes"])), tuple(config["unseen"]))
+    )
     expected = golden["inference"]
-    probs = model.class_probabilities(expected["image"][None], vocabulary(golden),
-                                      output_size=tuple(expected["output_size"].tolist()))
+    probs = model.class_probabilities(
+        expected["image"][None], vocabulary(golden), output_size=tuple(expected["output_size"].tolist())
+    )
     torch.testing.assert_close(probs[0], expected["sem_seg"], **TOLERANCE)
 
 
@@ -336,8 +354,9 @@ def test_release_configs_use_openai_clip_with_quickgelu() -> None:
             assert model["model"]["init_args"][tower]["init_args"]["model_name"] == "ViT-B-16-quickgelu", name
 
 
-def test_designed_proposals_crops_and_map_match_the_release(golden: dict[str, Any],
-                                                            converted: tuple[ZegFormer, KeyReport]) -> None:
+def test_designed_proposals_crops_and_map_match_the_release(
+    golden: dict[str, Any], converted: tuple[ZegFormer, KeyReport]
+) -> None:
     """Proposals the box rule is about (compact, one row, one column, one pixel, empty, inside the
     padding), given at the padded resolution to the release and to ovseg alike."""
     from dataclasses import replace
@@ -346,8 +365,10 @@ def test_designed_proposals_crops_and_map_match_the_release(golden: dict[str, An
     expected = golden["inference"]
     designed = torch.where(expected["designed_masks"], 4.0, -4.0)[None]  # (1, N, Hp, Wp)
     image = expected["image"][None].float() / 255
-    pixels = F.pad(model.clip_image.normalize(image), (0, designed.shape[-1] - image.shape[-1],
-                                                       0, designed.shape[-2] - image.shape[-2]))
+    pixels = F.pad(
+        model.clip_image.normalize(image),
+        (0, designed.shape[-1] - image.shape[-1], 0, designed.shape[-2] - image.shape[-2]),
+    )
     crops = masked_crops(pixels, designed > 0, 224, "release")
     torch.testing.assert_close(F.avg_pool2d(crops, 16), expected["designed_crops_pooled"], **TOLERANCE)
     with torch.no_grad():
@@ -361,8 +382,9 @@ def test_designed_proposals_crops_and_map_match_the_release(golden: dict[str, An
     original = model.model.forward
     model.model.forward = lambda pixels: replace(original(pixels), mask_logits=designed[None])  # type: ignore
     try:
-        probs = model.class_probabilities(expected["image"][None], vocabulary(golden),
-                                          output_size=tuple(expected["output_size"].tolist()))
+        probs = model.class_probabilities(
+            expected["image"][None], vocabulary(golden), output_size=tuple(expected["output_size"].tolist())
+        )
     finally:
         del model.model.forward
     torch.testing.assert_close(probs[0], expected["designed_sem_seg"], **TOLERANCE)

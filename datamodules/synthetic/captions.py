@@ -135,9 +135,7 @@ class CaptionWriter:
             cap += " seen from far away"
         return " ".join(cap.split())
 
-    def captions(
-        self, rng: np.random.Generator, mentions: list[Mention], layout: str, n: int = 5
-    ) -> list[str]:
+    def captions(self, rng: np.random.Generator, mentions: list[Mention], layout: str, n: int = 5) -> list[str]:
         """``n`` distinct captions (when possible) naming only the mentioned categories."""
         if not mentions:  # cannot happen with >= 1 stuff region covering >= 1% of the image
             return ["a photo"] * n

@@ -44,6 +44,7 @@ class Category:
 
 
 # fmt: off
+# ruff: noqa: E501  (one aligned row per category reads better than wrapped ones)
 CATEGORIES: tuple[Category, ...] = (
     # stuff
     Category("sky",    ("heavens",),               "stuff", (110, 175, 235), "gradient", None, True,  ("blue", "clear", "cloudless")),
@@ -90,9 +91,7 @@ def split_id(split: str) -> int:
     return _SPLIT_IDS[canonical_split(split)]
 
 
-def caption_choice(
-    world: SyntheticWorld, index: int, split: str = "train", epoch: int = 0, n: int = 5
-) -> int:
+def caption_choice(world: SyntheticWorld, index: int, split: str = "train", epoch: int = 0, n: int = 5) -> int:
     """Which of a scene's ``n`` captions to use: random per (seed, index, epoch) for train, else 0."""
     if canonical_split(split) != "train":
         return 0

@@ -31,8 +31,7 @@ class _IgnoreUnseen(Dataset):
     def __getitem__(self, index: int) -> dict:
         sample = dict(self.dataset[index])
         label = sample["label"]
-        sample["label"] = torch.where(torch.isin(label, self.unseen),
-                                      torch.full_like(label, self.ignore_index), label)
+        sample["label"] = torch.where(torch.isin(label, self.unseen), torch.full_like(label, self.ignore_index), label)
         return sample
 
 
@@ -79,13 +78,15 @@ class SyntheticDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.ignore_unseen_in_training = ignore_unseen_in_training
         classes = [(c.name, *c.synonyms) if use_synonyms else (c.name,) for c in CATEGORIES]
-        self.benchmarks = [Benchmark(
-            name="synthetic",
-            vocabulary=Vocabulary(tuple(classes), templates),
-            inference=inference or InferenceSettings(),
-            absent_policy=absent_policy,
-            unseen_classes=tuple(c.name for c in CATEGORIES if not c.seen),
-        )]
+        self.benchmarks = [
+            Benchmark(
+                name="synthetic",
+                vocabulary=Vocabulary(tuple(classes), templates),
+                inference=inference or InferenceSettings(),
+                absent_policy=absent_policy,
+                unseen_classes=tuple(c.name for c in CATEGORIES if not c.seen),
+            )
+        ]
         # label maps index CATEGORIES; mask-supervised methods train on the seen classes only
         # when unseen pixels are ignored
         self.training_classes = TrainingClasses(
@@ -107,10 +108,16 @@ class SyntheticDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         # evaluation: each scene once across processes (no padding by repeated scenes)
         sampler = None if shuffle else evaluation_sampler(dataset, self.trainer)  # type: ignore[arg-type]
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          sampler=sampler,
-                          collate_fn=collate_samples, persistent_workers=self.num_workers > 0,
-                          drop_last=shuffle)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            sampler=sampler,
+            collate_fn=collate_samples,
+            persistent_workers=self.num_workers > 0,
+            drop_last=shuffle,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset(), self.batch_size, shuffle=True)

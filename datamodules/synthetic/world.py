@@ -11,7 +11,7 @@ index))``, no global RNG state, vectorised numpy (about 1 ms for a 112x112 scene
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 

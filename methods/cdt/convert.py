@@ -27,30 +27,44 @@ RULES: tuple[tuple[str, str], ...] = (
     # the CLIP model: image tower (fine-tuned trunk, frozen head), text tower, logit scale
     (_CLIP + r"visual\.(.+)", r"model.backbone.encoder.visual.\1"),
     (_CLIP + r"logit_scale", r"model.clip_logit_scale"),
-    (_CLIP + r"((?:token_embedding|positional_embedding|text_projection|transformer|ln_final)(?:\..+)?)",
-     r"text_encoder.\1"),
+    (
+        _CLIP + r"((?:token_embedding|positional_embedding|text_projection|transformer|ln_final)(?:\..+)?)",
+        r"text_encoder.\1",
+    ),
     # Mask2Former's pixel decoder (deformable encoder over res5..res3, one FPN step to stride 4)
     (_PIXEL + r"input_proj\.(\d+)\.([01])\.(weight|bias)", r"model.pixel_decoder.input_proj.\1.\2.\3"),
     (_PIXEL + r"transformer\.level_embed", r"model.pixel_decoder.level_embed"),
     (_PIXEL + r"transformer\.encoder\.layers\.(\d+)\.self_attn\.(.+)", r"model.pixel_decoder.layers.\1.attention.\2"),
-    (_PIXEL + r"transformer\.encoder\.layers\.(\d+)\.((?:norm1|norm2|linear1|linear2)\..+)",
-     r"model.pixel_decoder.layers.\1.\2"),
+    (
+        _PIXEL + r"transformer\.encoder\.layers\.(\d+)\.((?:norm1|norm2|linear1|linear2)\..+)",
+        r"model.pixel_decoder.layers.\1.\2",
+    ),
     (_PIXEL + r"adapter_1\.weight", r"model.pixel_decoder.lateral.0.weight"),
     (_PIXEL + r"adapter_1\.norm\.(weight|bias)", r"model.pixel_decoder.lateral.1.\1"),
     (_PIXEL + r"layer_1\.weight", r"model.pixel_decoder.output.0.weight"),
     (_PIXEL + r"layer_1\.norm\.(weight|bias)", r"model.pixel_decoder.output.1.\1"),
     (_PIXEL + r"mask_features\.(weight|bias)", r"model.pixel_decoder.mask_features.\1"),
     # the masked-attention decoder with FC-CLIP's in-vocabulary classifier
-    (_PREDICTOR + r"transformer_self_attention_layers\.(\d+)\.self_attn\.(.+)",
-     r"model.decoder.self_attention.\1.attention.\2"),
+    (
+        _PREDICTOR + r"transformer_self_attention_layers\.(\d+)\.self_attn\.(.+)",
+        r"model.decoder.self_attention.\1.attention.\2",
+    ),
     (_PREDICTOR + r"transformer_self_attention_layers\.(\d+)\.norm\.(.+)", r"model.decoder.self_attention.\1.norm.\2"),
-    (_PREDICTOR + r"transformer_cross_attention_layers\.(\d+)\.multihead_attn\.(.+)",
-     r"model.decoder.cross_attention.\1.attention.\2"),
-    (_PREDICTOR + r"transformer_cross_attention_layers\.(\d+)\.norm\.(.+)", r"model.decoder.cross_attention.\1.norm.\2"),
+    (
+        _PREDICTOR + r"transformer_cross_attention_layers\.(\d+)\.multihead_attn\.(.+)",
+        r"model.decoder.cross_attention.\1.attention.\2",
+    ),
+    (
+        _PREDICTOR + r"transformer_cross_attention_layers\.(\d+)\.norm\.(.+)",
+        r"model.decoder.cross_attention.\1.norm.\2",
+    ),
     (_PREDICTOR + r"transformer_ffn_layers\.(\d+)\.(.+)", r"model.decoder.ffn.\1.\2"),
     (_PREDICTOR + r"_mask_pooling_proj\.(.+)", r"model.decoder.mask_pooling_proj.\1"),
-    (_PREDICTOR + r"((?:decoder_norm|query_feat|query_embed|level_embed|input_proj|mask_embed|class_embed)\..+"
-     r"|logit_scale)", r"model.decoder.\1"),
+    (
+        _PREDICTOR + r"((?:decoder_norm|query_feat|query_embed|level_embed|input_proj|mask_embed|class_embed)\..+"
+        r"|logit_scale)",
+        r"model.decoder.\1",
+    ),
     # void class embedding and Content-Dependent Transfer
     (r"void_embedding\.weight", r"model.void_embedding.weight"),
     (r"cdt\.cross_atten\.multihead_attn\.(.+)", r"model.cdt.attention.\1"),
@@ -60,8 +74,13 @@ RULES: tuple[tuple[str, str], ...] = (
 
 #: (official key pattern, why it is not used)
 DROPS: tuple[tuple[str, str], ...] = (
-    (r"backbone_t\..+", ("the RC teacher (a frozen copy of the pretrained CLIP, used in training only); ovseg "
-                         "rebuilds it from the CLIP weights when it trains and does not save it")),
+    (
+        r"backbone_t\..+",
+        (
+            "the RC teacher (a frozen copy of the pretrained CLIP, used in training only); ovseg "
+            "rebuilds it from the CLIP weights when it trains and does not save it"
+        ),
+    ),
     (r"criterion\..+", "set-criterion buffer (no-object class weight), rebuilt from no_object_weight"),
     (r"(pixel_mean|pixel_std)", "input normalisation constants; ovseg normalises with the CLIP model's own"),
     (_CLIP + r"attn_mask", "the text tower's causal mask, rebuilt by open_clip"),
@@ -128,8 +147,10 @@ def convert_state_dict(official: dict[str, Tensor], model: Any) -> tuple[dict[st
     if missing:
         problems.append(f"{len(missing)} model key(s) not in the file: " + ", ".join(missing[:5]))
     if problems:
-        raise ConversionError("MAFT+ checkpoint does not fit the config's CDT (is it the config of the same CLIP "
-                              "and head sizes?): " + " | ".join(problems))
+        raise ConversionError(
+            "MAFT+ checkpoint does not fit the config's CDT (is it the config of the same CLIP "
+            "and head sizes?): " + " | ".join(problems)
+        )
     if model.hparams.get("pretrained") is not None:
         report.hparams_updates["pretrained"] = None
     return converted, report

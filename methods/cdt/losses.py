@@ -17,8 +17,9 @@ from ovseg.masks import MaskTargets
 RC_SCALES = (1, 2, 4)
 
 
-def pod_descriptor(features: Tensor, scales: Sequence[int] = RC_SCALES,
-                   kernel_from_unresized_width: bool = False) -> Tensor:
+def pod_descriptor(
+    features: Tensor, scales: Sequence[int] = RC_SCALES, kernel_from_unresized_width: bool = False
+) -> Tensor:
     """Multi-grid pooled descriptor of a feature map (PLOP/PODNet "local POD", maftplus.md section 3).
 
     A non-square map is first resized (bilinear) to a square of side ``max(h, w)``; for each scale
@@ -49,8 +50,9 @@ def pod_descriptor(features: Tensor, scales: Sequence[int] = RC_SCALES,
     return torch.cat(parts, dim=1)
 
 
-def representation_compensation_loss(student: Tensor, teacher: Tensor, scales: Sequence[int] = RC_SCALES,
-                                     kernel_from_unresized_width: bool = False) -> Tensor:
+def representation_compensation_loss(
+    student: Tensor, teacher: Tensor, scales: Sequence[int] = RC_SCALES, kernel_from_unresized_width: bool = False
+) -> Tensor:
     """RC loss: SmoothL1 (beta 1, mean) between the POD descriptors of the ReLU'd stride-32 maps
     of the fine-tuned (student) and frozen (teacher) CLIP image trunks (maftplus.md section 3).
 
@@ -85,8 +87,13 @@ def soft_iou(mask_probs: Tensor, gt_masks: Tensor, eps: float = 1e-6) -> Tensor:
     return intersection / union.clamp_min(eps)
 
 
-def mask_aware_loss(class_logits: Tensor, mask_logits: Tensor, targets: Sequence[MaskTargets],
-                    eps: float = 1e-6, sigmoid_before_upsampling: bool = False) -> Tensor:
+def mask_aware_loss(
+    class_logits: Tensor,
+    mask_logits: Tensor,
+    targets: Sequence[MaskTargets],
+    eps: float = 1e-6,
+    sigmoid_before_upsampling: bool = False,
+) -> Tensor:
     """MAFT's mask-aware (IoU-regression) loss ``MA_Loss`` (maftplus.md section 4).
 
     For every ground-truth segment g of image b (class c_g, mask Y_g): the soft IoU between
@@ -111,7 +118,7 @@ def mask_aware_loss(class_logits: Tensor, mask_logits: Tensor, targets: Sequence
         if len(target.labels) == 0:
             continue
         gt = target.masks.to(mask_logits.device)
-        masks = mask_logits[b:b + 1].float()
+        masks = mask_logits[b : b + 1].float()
         masks = masks.sigmoid() if sigmoid_before_upsampling else masks
         masks = F.interpolate(masks, size=gt.shape[-2:], mode="bilinear", align_corners=False)[0]
         masks = masks if sigmoid_before_upsampling else masks.sigmoid()  # (N, H, W)

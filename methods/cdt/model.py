@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
 
-from ovseg.methods.cdt.transfer import ContentDependentTransfer, Residual, sine_position_encoding
 from ovseg.encoders.open_clip import OpenCLIPImage
+from ovseg.methods.cdt.transfer import ContentDependentTransfer, Residual, sine_position_encoding
 
 LEVELS = ("res2", "res3", "res4", "res5")
 STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
@@ -105,8 +105,12 @@ class CLIPBackbone(nn.Module):
         x = visual.transformer(visual.ln_pre(x))
         dense = x[:, 1:].transpose(1, 2).reshape(b, width, h, w)
         height, width_px = images.shape[-2:]
-        out = {level: F.interpolate(dense, size=(height // STRIDES[level], width_px // STRIDES[level]),
-                                    mode="bilinear", align_corners=False) for level in LEVELS}
+        out = {
+            level: F.interpolate(
+                dense, size=(height // STRIDES[level], width_px // STRIDES[level]), mode="bilinear", align_corners=False
+            )
+            for level in LEVELS
+        }
         out["clip_vis_dense"] = dense
         return out
 
@@ -158,8 +162,9 @@ def ms_deform_attn_sample(
     for level, (h, w) in enumerate(spatial_shapes):  # a handful of levels, not pixels
         v = per_level[level].permute(0, 2, 3, 1).reshape(b * heads, head_dim, h, w)
         grid = grids[:, :, :, level].transpose(1, 2).reshape(b * heads, queries, points, 2)
-        sampled.append(F.grid_sample(v, grid.to(v.dtype), mode="bilinear", padding_mode="zeros",
-                                     align_corners=False))  # (B*M, C_h, Q, P)
+        sampled.append(
+            F.grid_sample(v, grid.to(v.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+        )  # (B*M, C_h, Q, P)
     stacked = torch.stack(sampled, dim=3)  # (B*M, C_h, Q, L, P)
     weights = attention_weights.transpose(1, 2).reshape(b * heads, 1, queries, levels, points)
     out = (stacked * weights.to(stacked.dtype)).sum((-1, -2))  # (B*M, C_h, Q)
@@ -203,8 +208,9 @@ class MultiScaleDeformableAttention(nn.Module):
             nn.init.xavier_uniform_(linear.weight)
             nn.init.zeros_(linear.bias)
 
-    def forward(self, query: Tensor, reference_points: Tensor, value: Tensor,
-                spatial_shapes: list[tuple[int, int]]) -> Tensor:
+    def forward(
+        self, query: Tensor, reference_points: Tensor, value: Tensor, spatial_shapes: list[tuple[int, int]]
+    ) -> Tensor:
         """Attend from queries to sampled points of every level.
 
         Args:
@@ -252,7 +258,9 @@ class DeformableEncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: list[tuple[int, int]]) -> Tensor:
+    def forward(
+        self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: list[tuple[int, int]]
+    ) -> Tensor:
         """(B, S, D) tokens of all levels -> (B, S, D)."""
         src = self.norm1(src + self.dropout(self.attention(src + pos, reference_points, src, spatial_shapes)))
         return self.norm2(src + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(src))))))
@@ -272,9 +280,17 @@ class MSDeformAttnPixelDecoder(nn.Module):
         dropout: encoder dropout (0).
     """
 
-    def __init__(self, in_channels: dict[str, int], conv_dim: int = 256, mask_dim: int = 256,
-                 num_layers: int = 6, heads: int = 8, points: int = 4, ffn_dim: int = 1024,
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_channels: dict[str, int],
+        conv_dim: int = 256,
+        mask_dim: int = 256,
+        num_layers: int = 6,
+        heads: int = 8,
+        points: int = 4,
+        ffn_dim: int = 1024,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.transformer_levels = ("res5", "res4", "res3")  # low to high resolution
         self.input_proj = nn.ModuleList()
@@ -286,17 +302,21 @@ class MSDeformAttnPixelDecoder(nn.Module):
         n = len(self.transformer_levels)
         self.level_embed = nn.Parameter(torch.empty(n, conv_dim).normal_())
         self.layers = nn.ModuleList(
-            DeformableEncoderLayer(conv_dim, ffn_dim, heads, n, points, dropout) for _ in range(num_layers))
-        self.lateral = nn.Sequential(_conv_init(nn.Conv2d(in_channels["res2"], conv_dim, 1, bias=False)),
-                                     _group_norm(conv_dim))
-        self.output = nn.Sequential(_conv_init(nn.Conv2d(conv_dim, conv_dim, 3, padding=1, bias=False)),
-                                    _group_norm(conv_dim), nn.ReLU())
+            DeformableEncoderLayer(conv_dim, ffn_dim, heads, n, points, dropout) for _ in range(num_layers)
+        )
+        self.lateral = nn.Sequential(
+            _conv_init(nn.Conv2d(in_channels["res2"], conv_dim, 1, bias=False)), _group_norm(conv_dim)
+        )
+        self.output = nn.Sequential(
+            _conv_init(nn.Conv2d(conv_dim, conv_dim, 3, padding=1, bias=False)), _group_norm(conv_dim), nn.ReLU()
+        )
         self.mask_features = _conv_init(nn.Conv2d(conv_dim, mask_dim, 1))
         self.conv_dim = conv_dim
 
     @staticmethod
-    def reference_points(spatial_shapes: list[tuple[int, int]], batch: int, device: torch.device,
-                         dtype: torch.dtype) -> Tensor:
+    def reference_points(
+        spatial_shapes: list[tuple[int, int]], batch: int, device: torch.device, dtype: torch.dtype
+    ) -> Tensor:
         """(B, S, L, 2): every token's normalised centre, the same on every level (no padding mask:
         inputs are padded images, as in detectron2, so all valid ratios are 1)."""
         points = []
@@ -324,8 +344,10 @@ class MSDeformAttnPixelDecoder(nn.Module):
         reference = self.reference_points(shapes, src.shape[0], src.device, src.dtype)
         for layer in self.layers:
             src = layer(src, pos_all, reference, shapes)
-        maps = [t.transpose(1, 2).reshape(src.shape[0], self.conv_dim, h, w)
-                for t, (h, w) in zip(src.split([h * w for h, w in shapes], 1), shapes)]
+        maps = [
+            t.transpose(1, 2).reshape(src.shape[0], self.conv_dim, h, w)
+            for t, (h, w) in zip(src.split([h * w for h, w in shapes], 1), shapes)
+        ]
         lateral = self.lateral(features["res2"])
         y = lateral + F.interpolate(maps[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
         return self.mask_features(self.output(y)), maps
@@ -358,8 +380,9 @@ class AttentionLayer(nn.Module):
             if parameter.dim() > 1:
                 nn.init.xavier_uniform_(parameter)
 
-    def forward(self, tgt: Tensor, memory: Tensor, query_pos: Tensor, pos: Tensor | None = None,
-                attn_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, tgt: Tensor, memory: Tensor, query_pos: Tensor, pos: Tensor | None = None, attn_mask: Tensor | None = None
+    ) -> Tensor:
         key = memory if pos is None else memory + pos
         out = self.attention(tgt + query_pos, key, memory, attn_mask=attn_mask, need_weights=False)[0]
         return self.norm(tgt + self.dropout(out))
@@ -439,9 +462,19 @@ class MaskedAttentionDecoder(nn.Module):
             (256, 100 in MAFT+, 8, 2048, 10, 256).
     """
 
-    def __init__(self, in_dim: int, embed_dim: int, hidden_dim: int = 256, num_queries: int = 100,
-                 heads: int = 8, ffn_dim: int = 2048, dec_layers: int = 10, mask_dim: int = 256,
-                 num_levels: int = 3, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        embed_dim: int,
+        hidden_dim: int = 256,
+        num_queries: int = 100,
+        heads: int = 8,
+        ffn_dim: int = 2048,
+        dec_layers: int = 10,
+        mask_dim: int = 256,
+        num_levels: int = 3,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         if dec_layers < 1:
             raise ValueError(f"dec_layers must be >= 1, got {dec_layers}")
@@ -455,14 +488,21 @@ class MaskedAttentionDecoder(nn.Module):
         self.level_embed = nn.Embedding(num_levels, hidden_dim)
         self.input_proj = nn.ModuleList(
             _conv_init(nn.Conv2d(in_dim, hidden_dim, 1)) if in_dim != hidden_dim else nn.Identity()
-            for _ in range(num_levels))
+            for _ in range(num_levels)
+        )
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
         self.mask_pooling_proj = nn.Sequential(nn.LayerNorm(mask_dim), nn.Linear(mask_dim, hidden_dim))
         self.class_embed = MLP(hidden_dim, hidden_dim, embed_dim, 3)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
-    def predict(self, output: Tensor, mask_features: Tensor, classifier: Tensor,
-                target_size: tuple[int, int], query_to_class: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def predict(
+        self,
+        output: Tensor,
+        mask_features: Tensor,
+        classifier: Tensor,
+        target_size: tuple[int, int],
+        query_to_class: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Class logits (B, N, K+1), mask logits (B, N, H/4, W/4) and the next attention mask
         (B*heads, N, h*w) bool (True = not attended) of decoder queries (B, N, C). With
         ``query_to_class``, the classifier has one row per name (Q+1) and a class's logit is the
@@ -478,8 +518,9 @@ class MaskedAttentionDecoder(nn.Module):
         attn = attn.unsqueeze(1).expand(-1, self.heads, -1, -1).flatten(0, 1).detach()
         return logits, masks, attn
 
-    def forward(self, memory: list[Tensor], mask_features: Tensor, classifier: Tensor,
-                query_to_class: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, memory: list[Tensor], mask_features: Tensor, classifier: Tensor, query_to_class: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Decode queries against the multi-scale memory.
 
         Args:
@@ -508,8 +549,9 @@ class MaskedAttentionDecoder(nn.Module):
             attn = attn & ~attn.all(-1, keepdim=True)  # a query that masks everything sees everything
             output = cross(output, sources[level], query_pos, positions[level], attn_mask=attn)
             output = ffn(self_attn(output, output, query_pos, query_pos))  # position on queries and keys
-            logits, masks, attn = self.predict(output, mask_features, classifier, sizes[(i + 1) % self.num_levels],
-                                               query_to_class)
+            logits, masks, attn = self.predict(
+                output, mask_features, classifier, sizes[(i + 1) % self.num_levels], query_to_class
+            )
             all_logits.append(logits)
             all_masks.append(masks)
         return torch.stack(all_logits), torch.stack(all_masks)
@@ -597,10 +639,12 @@ class CDTModel(nn.Module):
         self.backbone = backbone
         self.cdt_flatten_without_permute = cdt_flatten_without_permute
         dim = backbone.embed_dim
-        self.pixel_decoder = MSDeformAttnPixelDecoder(backbone.channels, conv_dim, mask_dim, enc_layers,
-                                                      enc_heads, enc_points, enc_ffn_dim)
-        self.decoder = MaskedAttentionDecoder(conv_dim, dim, hidden_dim, num_queries, dec_heads, dec_ffn_dim,
-                                              dec_layers, mask_dim)
+        self.pixel_decoder = MSDeformAttnPixelDecoder(
+            backbone.channels, conv_dim, mask_dim, enc_layers, enc_heads, enc_points, enc_ffn_dim
+        )
+        self.decoder = MaskedAttentionDecoder(
+            conv_dim, dim, hidden_dim, num_queries, dec_heads, dec_ffn_dim, dec_layers, mask_dim
+        )
         self.void_embedding = nn.Embedding(1, dim)
         self.use_cdt = use_cdt
         self.cdt = ContentDependentTransfer(dim, cdt_heads, cdt_residual) if use_cdt else None
@@ -624,8 +668,9 @@ class CDTModel(nn.Module):
             visual = self.backbone.dense_embedding(clip_vis_dense)
         return self.cdt(classifier, visual)
 
-    def out_vocab_logits(self, clip_vis_dense: Tensor, mask_logits: Tensor, classifier: Tensor,
-                         query_to_class: Tensor | None = None) -> Tensor:
+    def out_vocab_logits(
+        self, clip_vis_dense: Tensor, mask_logits: Tensor, classifier: Tensor, query_to_class: Tensor | None = None
+    ) -> Tensor:
         """(B, C, h, w) fine-tuned CLIP map, (B, N, H/4, W/4) mask logits (detached here), (K+1, D)
         classifier (or (Q+1, D) with ``query_to_class``) -> (B, N, K+1) CLIP logits."""
         pooled = mask_pool(clip_vis_dense, mask_logits.detach())  # (B, N, C)

@@ -23,10 +23,20 @@ from ovseg.vocabulary import Vocabulary
 
 #: ViLD's 14 prompt templates (``VILD_PROMPT`` of MAFT+, maftplus.md section 1).
 VILD_TEMPLATES: tuple[str, ...] = (
-    "a photo of a {}.", "This is a photo of a {}", "There is a {} in the scene", "There is the {} in the scene",
-    "a photo of a {} in the scene", "a photo of a small {}.", "a photo of a medium {}.", "a photo of a large {}.",
-    "This is a photo of a small {}.", "This is a photo of a medium {}.", "This is a photo of a large {}.",
-    "There is a small {} in the scene.", "There is a medium {} in the scene.", "There is a large {} in the scene.",
+    "a photo of a {}.",
+    "This is a photo of a {}",
+    "There is a {} in the scene",
+    "There is the {} in the scene",
+    "a photo of a {} in the scene",
+    "a photo of a small {}.",
+    "a photo of a medium {}.",
+    "a photo of a large {}.",
+    "This is a photo of a small {}.",
+    "This is a photo of a medium {}.",
+    "This is a photo of a large {}.",
+    "There is a small {} in the scene.",
+    "There is a medium {} in the scene.",
+    "There is a large {} in the scene.",
 )
 
 TEACHER = "teacher."
@@ -142,18 +152,37 @@ class CDT(MaskClassificationModule):
         if cdt_dim is not None and cdt_dim != backbone.embed_dim:
             raise ValueError(f"cdt_dim {cdt_dim} must equal the CLIP embedding width {backbone.embed_dim}")
         self.model = CDTModel(
-            backbone, float(clip.logit_scale.detach()), num_queries=num_queries, conv_dim=conv_dim,
-            mask_dim=mask_dim, hidden_dim=hidden_dim, enc_layers=enc_layers, enc_heads=enc_heads,
-            enc_points=enc_points, enc_ffn_dim=enc_ffn_dim, dec_layers=dec_layers, dec_heads=dec_heads,
-            dec_ffn_dim=dec_ffn_dim, cdt_heads=cdt_heads, cdt_residual=cdt_residual, use_cdt=use_cdt,
+            backbone,
+            float(clip.logit_scale.detach()),
+            num_queries=num_queries,
+            conv_dim=conv_dim,
+            mask_dim=mask_dim,
+            hidden_dim=hidden_dim,
+            enc_layers=enc_layers,
+            enc_heads=enc_heads,
+            enc_points=enc_points,
+            enc_ffn_dim=enc_ffn_dim,
+            dec_layers=dec_layers,
+            dec_heads=dec_heads,
+            dec_ffn_dim=dec_ffn_dim,
+            cdt_heads=cdt_heads,
+            cdt_residual=cdt_residual,
+            use_cdt=use_cdt,
             cdt_flatten_without_permute=cdt_flatten_without_permute,
         )
         self.teacher = copy.deepcopy(backbone).requires_grad_(False).eval()
         self.register_state_dict_post_hook(_drop_teacher)
         self.register_load_state_dict_post_hook(_teacher_not_missing)
-        self.set_loss = dict(class_weight=class_weight, mask_weight=mask_weight, dice_weight=dice_weight,
-                             no_object_weight=no_object_weight, mask_loss="bce", num_points=num_points,
-                             oversample_ratio=oversample_ratio, importance_ratio=importance_ratio)
+        self.set_loss = dict(
+            class_weight=class_weight,
+            mask_weight=mask_weight,
+            dice_weight=dice_weight,
+            no_object_weight=no_object_weight,
+            mask_loss="bce",
+            num_points=num_points,
+            oversample_ratio=oversample_ratio,
+            importance_ratio=importance_ratio,
+        )
         self.mask_aware_weight = mask_aware_weight
         self.rc_weight = rc_weight
         self.upsample_masks_before_sigmoid = upsample_masks_before_sigmoid
@@ -190,13 +219,17 @@ class CDT(MaskClassificationModule):
             raise FileNotFoundError(
                 f"training_class_names {self.training_class_names} does not exist: make it from MAFT+'s "
                 "coco_stuff_with_prompt_eng.txt (docs/cdt.md, 'Reproducing the release') or set "
-                "training_class_names: null to train on the DataModule's names") from None
+                "training_class_names: null to train on the DataModule's names"
+            ) from None
         if len(names) != len(self.training_classes.vocabulary):
-            raise ValueError(f"training_class_names {self.training_class_names} has {len(names)} classes, the "
-                             f"training label space {len(self.training_classes.vocabulary)}: give one line per "
-                             "label value, in label order")
-        self._training_names = Vocabulary(tuple(names.classes[k] for k in self.training_classes.seen_indices),
-                                          names.templates)
+            raise ValueError(
+                f"training_class_names {self.training_class_names} has {len(names)} classes, the "
+                f"training label space {len(self.training_classes.vocabulary)}: give one line per "
+                "label value, in label order"
+            )
+        self._training_names = Vocabulary(
+            tuple(names.classes[k] for k in self.training_classes.seen_indices), names.templates
+        )
         return self._training_names
 
     def set_training_classes(self, classes: TrainingClasses) -> None:
@@ -213,8 +246,9 @@ class CDT(MaskClassificationModule):
             raise ValueError(f"{num_queries} text embeddings for a vocabulary of {len(vocabulary.queries)} names")
         return vocabulary.query_to_class.to(self.device)
 
-    def predict_scores(self, images: Tensor, text_embeddings: Tensor,
-                       vocabulary: Vocabulary | None = None) -> MaskPredictions:
+    def predict_scores(
+        self, images: Tensor, text_embeddings: Tensor, vocabulary: Vocabulary | None = None
+    ) -> MaskPredictions:
         """Masks and class probabilities by MAFT+'s inference rule (maftplus.md section 6).
 
         Args:
@@ -250,12 +284,17 @@ class CDT(MaskClassificationModule):
         out = self.model(pixels, text, self._query_to_class(vocabulary, text.shape[0]))
         terms = self.criterion(self.num_training_classes)(out.in_vocab_logits, out.mask_logits, targets)
         set_loss = terms.pop("loss")
-        terms["loss_mask_aware"] = mask_aware_loss(out.out_vocab_logits[..., :-1], out.mask_logits[-1].detach(),
-                                                   targets, sigmoid_before_upsampling=self.mask_aware_sigmoid_first)
+        terms["loss_mask_aware"] = mask_aware_loss(
+            out.out_vocab_logits[..., :-1],
+            out.mask_logits[-1].detach(),
+            targets,
+            sigmoid_before_upsampling=self.mask_aware_sigmoid_first,
+        )
         with torch.no_grad():
             teacher = self.teacher(pixels)["clip_vis_dense"]
         terms["loss_rc"] = representation_compensation_loss(
-            out.clip_vis_dense, teacher, kernel_from_unresized_width=self.rc_kernel_from_unresized_width)
+            out.clip_vis_dense, teacher, kernel_from_unresized_width=self.rc_kernel_from_unresized_width
+        )
         terms["loss"] = set_loss + self.mask_aware_weight * terms["loss_mask_aware"] + self.rc_weight * terms["loss_rc"]
         return terms
 
@@ -287,8 +326,9 @@ def crop_padding(mask_logits: Tensor, size: tuple[int, int], padded_size: tuple[
     xs = (torch.arange(out_w, device=mask_logits.device, dtype=torch.float32) + 0.5) * (w / out_w)
     grid_y, grid_x = torch.meshgrid(2 * ys / hp - 1, 2 * xs / wp - 1, indexing="ij")
     grid = torch.stack([grid_x, grid_y], -1).unsqueeze(0).expand(mask_logits.shape[0], -1, -1, -1)
-    return F.grid_sample(mask_logits, grid.to(mask_logits.dtype), mode="bilinear", padding_mode="border",
-                         align_corners=False)
+    return F.grid_sample(
+        mask_logits, grid.to(mask_logits.dtype), mode="bilinear", padding_mode="border", align_corners=False
+    )
 
 
 def _drop_teacher(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:

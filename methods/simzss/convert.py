@@ -42,11 +42,14 @@ def _prefixes(model: Any, official: dict[str, Tensor]) -> dict[str, str]:
         raise ConversionError(
             "the checkpoint holds a DVT denoiser (visual.denoiser.*, visual.pos_embed) but the config's image "
             "encoder is a plain " + type(image_encoder).__name__ + ": wrap it in ovseg.encoders.DVTDenoiser "
-            "(see configs/simzss/coco_vitb14.yaml)")
+            "(see configs/simzss/coco_vitb14.yaml)"
+        )
     if isinstance(image_encoder, DVTDenoiser):
-        prefixes = {"visual.vit.model.": "model.image_encoder.encoder.model.",
-                    "visual.denoiser.": "model.image_encoder.denoiser.",
-                    "visual.pos_embed": "model.image_encoder.pos_embed"}
+        prefixes = {
+            "visual.vit.model.": "model.image_encoder.encoder.model.",
+            "visual.denoiser.": "model.image_encoder.denoiser.",
+            "visual.pos_embed": "model.image_encoder.pos_embed",
+        }
     else:
         prefixes = {"visual.vit.model.": "model.image_encoder.model."}
     prefixes["text."] = "model.text_encoder.text."
@@ -85,14 +88,16 @@ def convert_state_dict(official: dict[str, Tensor], model: Any) -> tuple[dict[st
         prefix = next((p for p in prefixes if key == p or (p.endswith(".") and key.startswith(p))), None)
         if prefix is None:
             continue  # left unaccounted: KeyReport.check_complete names it
-        target = prefixes[prefix] + key[len(prefix):]
+        target = prefixes[prefix] + key[len(prefix) :]
         state[target] = value
         report.map(key, target)
     if "logit_scale_local" in official:
         scale = float(official["logit_scale_local"].reshape(-1)[0].exp())
         if not math.isclose(scale, float(model.local_loss.logit_scale), rel_tol=1e-4):
-            print(f"note: the checkpoint's concept-loss scale is {scale:.4g}, the config's local_logit_scale "
-                  f"{float(model.local_loss.logit_scale):.4g} (training only)")
+            print(
+                f"note: the checkpoint's concept-loss scale is {scale:.4g}, the config's local_logit_scale "
+                f"{float(model.local_loss.logit_scale):.4g} (training only)"
+            )
     for key, value in model.state_dict().items():
         if key not in state:
             state[key] = value
@@ -112,7 +117,7 @@ def release_state_dict(model: Any) -> dict[str, Tensor]:
     for key, value in model.state_dict().items():
         prefix = next((p for p in prefixes if key == p or (p.endswith(".") and key.startswith(p))), None)
         if prefix is not None:
-            out[prefixes[prefix] + key[len(prefix):]] = value
+            out[prefixes[prefix] + key[len(prefix) :]] = value
     dim = model.model.text_encoder.embed_dim
     out["classification_weights_ema"] = torch.zeros(575, dim)
     out["beta_ema"] = torch.tensor(0.0)

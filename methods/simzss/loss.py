@@ -110,8 +110,13 @@ class LocalLossOutput:
     num_concepts: int
 
 
-def gather_concepts(token_features: Tensor, labels: Tensor, positions: Tensor, mask: Tensor,
-                    pooling: Literal["mean", "normalized_sum"] = "mean") -> tuple[Tensor, Tensor, Tensor]:
+def gather_concepts(
+    token_features: Tensor,
+    labels: Tensor,
+    positions: Tensor,
+    mask: Tensor,
+    pooling: Literal["mean", "normalized_sum"] = "mean",
+) -> tuple[Tensor, Tensor, Tensor]:
     """Eq. (1): pool the token features of every valid concept of the batch (``pooling="mean"``), or
     sum the L2-normalised token features (``"normalized_sum"``, the official release).
 
@@ -152,10 +157,14 @@ class ConceptLoss(nn.Module):
             eq. (5) covers on several processes (the same on one).
     """
 
-    def __init__(self, pool_temperature: float = 0.1, logit_scale: float = 1 / 0.07,
-                 target: Literal["label", "argmax"] = "label",
-                 pooling: Literal["mean", "normalized_sum"] = "mean",
-                 class_set: Literal["rank", "global"] = "rank") -> None:
+    def __init__(
+        self,
+        pool_temperature: float = 0.1,
+        logit_scale: float = 1 / 0.07,
+        target: Literal["label", "argmax"] = "label",
+        pooling: Literal["mean", "normalized_sum"] = "mean",
+        class_set: Literal["rank", "global"] = "rank",
+    ) -> None:
         super().__init__()
         if target not in ("label", "argmax"):
             raise ValueError(f"local target must be 'label' or 'argmax', got {target!r}")
@@ -169,8 +178,15 @@ class ConceptLoss(nn.Module):
         self.pooling = pooling
         self.class_set = class_set
 
-    def forward(self, token_features: Tensor, patch_tokens: Tensor, labels: Tensor, positions: Tensor,
-                mask: Tensor, gather: Gather = identity_gather) -> LocalLossOutput:
+    def forward(
+        self,
+        token_features: Tensor,
+        patch_tokens: Tensor,
+        labels: Tensor,
+        positions: Tensor,
+        mask: Tensor,
+        gather: Gather = identity_gather,
+    ) -> LocalLossOutput:
         """
         Args:
             token_features: (B, L, D) projected text token features.
@@ -191,8 +207,9 @@ class ConceptLoss(nn.Module):
             all_labels = gather(labels.detach())
             present = torch.unique(torch.cat([all_labels[all_labels >= 0], concept_labels]))
             inverse = torch.searchsorted(present, concept_labels)
-        prototypes = torch.zeros(len(present), concepts.shape[1], dtype=concepts.dtype,
-                                 device=concepts.device).index_add_(0, inverse, concepts)
+        prototypes = torch.zeros(
+            len(present), concepts.shape[1], dtype=concepts.dtype, device=concepts.device
+        ).index_add_(0, inverse, concepts)
         prototypes = F.normalize(prototypes, dim=-1)  # (P, D)
         # Eq. (2): each concept's prototype queries the patch tokens of its own image.
         query = prototypes[inverse]  # (M, D)

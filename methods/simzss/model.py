@@ -57,8 +57,9 @@ class SimZSSModel(nn.Module):
         features = self.image_encoder(images)
         _batch, _dim, height, width = features.dense.shape
         patches = features.dense.flatten(2).transpose(1, 2)  # (B, h*w, D)
-        return FrozenImageFeatures(F.normalize(patches.float(), dim=-1), (height, width),
-                                   F.normalize(features.pooled.float(), dim=-1))
+        return FrozenImageFeatures(
+            F.normalize(patches.float(), dim=-1), (height, width), F.normalize(features.pooled.float(), dim=-1)
+        )
 
     def encode_text(self, token_ids: Tensor) -> TextFeatures:
         """(B, L) token ids -> projected token features (B, L, D) and EOT feature (B, D)."""

@@ -85,8 +85,9 @@ class SimZSS(OVSegModule):
     def concepts(self) -> ConceptExtractor:
         """The caption concept extractor (NLTK's tagger), built when training first needs it."""
         if self._concepts is None:
-            self._concepts = ConceptExtractor(self.concept_bank, context_length=self.model.text_encoder.context_length,
-                                              rules=self.concept_rules)
+            self._concepts = ConceptExtractor(
+                self.concept_bank, context_length=self.model.text_encoder.context_length, rules=self.concept_rules
+            )
         return self._concepts
 
     # ---------------------------------------------------------------- hooks
@@ -128,8 +129,11 @@ class SimZSS(OVSegModule):
     def training_loss(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """Eq. (6): L = L_g + lambda L_l on a batch of images and captions."""
         captions = list(batch["caption"])
-        concepts = ({key: batch[key] for key in CONCEPT_KEYS} if all(k in batch for k in CONCEPT_KEYS)
-                    else self.concept_batch(captions))
+        concepts = (
+            {key: batch[key] for key in CONCEPT_KEYS}
+            if all(k in batch for k in CONCEPT_KEYS)
+            else self.concept_batch(captions)
+        )
         image = self.frozen_features(batch)
         text = self.model.encode_text(self.model.text_encoder.tokenize(captions).to(self.device))
         gather, rank = self._gather()
@@ -137,12 +141,20 @@ class SimZSS(OVSegModule):
         terms = {"loss_global": global_loss, "logit_scale": self.global_loss.scale().detach()}
         loss = global_loss
         if self.lambda_local > 0:
-            local = self.local_loss(text.tokens, image.patches, concepts["concept_labels"],
-                                    concepts["concept_token_positions"], concepts["concept_token_mask"],
-                                    self._gather(sync_grads=False)[0])
+            local = self.local_loss(
+                text.tokens,
+                image.patches,
+                concepts["concept_labels"],
+                concepts["concept_token_positions"],
+                concepts["concept_token_mask"],
+                self._gather(sync_grads=False)[0],
+            )
             loss = loss + self.lambda_local * local.loss
-            terms.update(loss_local=local.loss, concept_accuracy=local.accuracy,
-                         concepts_per_caption=torch.tensor(local.num_concepts / len(captions)))
+            terms.update(
+                loss_local=local.loss,
+                concept_accuracy=local.accuracy,
+                concepts_per_caption=torch.tensor(local.num_concepts / len(captions)),
+            )
         terms["loss"] = loss
         return terms
 
@@ -182,11 +194,11 @@ def name_token_mask(prompts: list[Prompt], token_ids: Tensor, bpe_tokenizer: Any
         prefix = prompt.template.split("{}")[0]
         start = 1 + len(bpe_tokenizer.encode(prefix))
         name = bpe_tokenizer.encode(prompt.name)
-        found = token_ids[row, start:start + len(name)].tolist()
+        found = token_ids[row, start : start + len(name)].tolist()
         if found != name:
             raise ValueError(
                 f"class name {prompt.name!r} is not a separate word in template {prompt.template!r} "
                 "(or is cut by the context length): use class_embedding 'eot' or another template"
             )
-        mask[row, start:start + len(name)] = True
+        mask[row, start : start + len(name)] = True
     return mask

@@ -57,12 +57,19 @@ class TimmBackbone(nn.Module):
         kwargs: dict[str, Any] = dict(model_kwargs or {})
         if checkpoint_path is not None:
             kwargs["pretrained_cfg_overlay"] = {"file": checkpoint_path}
-        self.body = timm.create_model(name, pretrained=pretrained or checkpoint_path is not None,
-                                      features_only=True, out_indices=tuple(out_indices), **kwargs)
+        self.body = timm.create_model(
+            name,
+            pretrained=pretrained or checkpoint_path is not None,
+            features_only=True,
+            out_indices=tuple(out_indices),
+            **kwargs,
+        )
         reductions = list(self.body.feature_info.reduction())
         if reductions != [4, 8, 16, 32]:
-            raise ValueError(f"{name} with out_indices {tuple(out_indices)} gives strides {reductions}; "
-                             "ZegFormer needs res2..res5 (strides 4, 8, 16, 32)")
+            raise ValueError(
+                f"{name} with out_indices {tuple(out_indices)} gives strides {reductions}; "
+                "ZegFormer needs res2..res5 (strides 4, 8, 16, 32)"
+            )
         self.channels: list[int] = list(self.body.feature_info.channels())
         cfg = getattr(self.body, "pretrained_cfg", None) or {}
         self.mean: tuple[float, ...] = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
@@ -129,8 +136,9 @@ class FPNPixelDecoder(nn.Module):
 
 
 # ============================================================================ transformer decoder
-def sine_position_encoding(height: int, width: int, dim: int, device: torch.device,
-                           temperature: float = 10000.0) -> Tensor:
+def sine_position_encoding(
+    height: int, width: int, dim: int, device: torch.device, temperature: float = 10000.0
+) -> Tensor:
     """DETR's normalised sine position encoding: (dim, height, width), y features then x features."""
     half = dim // 2
     scale = 2 * math.pi
@@ -384,8 +392,14 @@ class CLIPCropClassifier(nn.Module):
             official code, ``"tight"`` on the image without padding.
     """
 
-    def __init__(self, encoder: ImageEncoder, crop_size: int = 224, logit_scale: float = 100.0,
-                 mask_threshold: float = 0.5, box_rule: CropBoxRule = "tight") -> None:
+    def __init__(
+        self,
+        encoder: ImageEncoder,
+        crop_size: int = 224,
+        logit_scale: float = 100.0,
+        mask_threshold: float = 0.5,
+        box_rule: CropBoxRule = "tight",
+    ) -> None:
         super().__init__()
         if box_rule not in CROP_BOX_RULES:
             raise ValueError(f"clip_crop_boxes must be one of {CROP_BOX_RULES}, got {box_rule!r}")
@@ -396,8 +410,7 @@ class CLIPCropClassifier(nn.Module):
         self.box_rule = box_rule
 
     @torch.no_grad()
-    def forward(self, images: Tensor, mask_logits: Tensor, text_embeddings: Tensor,
-                no_object_logits: Tensor) -> Tensor:
+    def forward(self, images: Tensor, mask_logits: Tensor, text_embeddings: Tensor, no_object_logits: Tensor) -> Tensor:
         """CLIP-branch logits of every proposal.
 
         Args:

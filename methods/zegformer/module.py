@@ -113,22 +113,39 @@ class ZegFormer(MaskClassificationModule):
     ) -> None:
         super().__init__(**kwargs)
         if clip_classification and clip_image is None:
-            raise ValueError("clip_classification=True needs a clip_image encoder "
-                             "(or set clip_classification: false for ZegFormer-seg)")
+            raise ValueError(
+                "clip_classification=True needs a clip_image encoder "
+                "(or set clip_classification: false for ZegFormer-seg)"
+            )
         self.clip_text = clip_text.requires_grad_(False).eval()
         self.clip_image = None if clip_image is None else clip_image.requires_grad_(False).eval()
-        net = TimmBackbone(backbone, backbone_pretrained, backbone_checkpoint, backbone_out_indices,
-                           freeze_bn, backbone_kwargs)
+        net = TimmBackbone(
+            backbone, backbone_pretrained, backbone_checkpoint, backbone_out_indices, freeze_bn, backbone_kwargs
+        )
         mean = tuple(pixel_mean) if pixel_mean is not None else net.mean
         std = tuple(pixel_std) if pixel_std is not None else net.std
         self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.model = ZegFormerModel(net, clip_text.embed_dim, num_queries=num_queries, conv_dim=conv_dim,
-                                    mask_dim=mask_dim, hidden_dim=hidden_dim, dec_layers=dec_layers, heads=heads,
-                                    ffn_dim=ffn_dim, dropout=dropout)
+        self.model = ZegFormerModel(
+            net,
+            clip_text.embed_dim,
+            num_queries=num_queries,
+            conv_dim=conv_dim,
+            mask_dim=mask_dim,
+            hidden_dim=hidden_dim,
+            dec_layers=dec_layers,
+            heads=heads,
+            ffn_dim=ffn_dim,
+            dropout=dropout,
+        )
         self.classifier = SegmentClassifier(clip_text.embed_dim, temperature)
-        self.set_loss = dict(class_weight=class_weight, mask_weight=mask_weight, dice_weight=dice_weight,
-                             no_object_weight=no_object_weight, mask_loss="focal")
+        self.set_loss = dict(
+            class_weight=class_weight,
+            mask_weight=mask_weight,
+            dice_weight=dice_weight,
+            no_object_weight=no_object_weight,
+            mask_loss="focal",
+        )
         self.deep_supervision = deep_supervision
         self.clip_classification = clip_classification
         self.ensemble = ensemble
@@ -137,8 +154,12 @@ class ZegFormer(MaskClassificationModule):
         self.clip_templates = clip_templates
         if clip_crop_boxes not in CROP_BOX_RULES:
             raise ValueError(f"clip_crop_boxes must be one of {CROP_BOX_RULES}, got {clip_crop_boxes!r}")
-        self._crop_settings = dict(crop_size=clip_crop_size, logit_scale=clip_logit_scale,
-                                   mask_threshold=mask_threshold, box_rule=clip_crop_boxes)
+        self._crop_settings = dict(
+            crop_size=clip_crop_size,
+            logit_scale=clip_logit_scale,
+            mask_threshold=mask_threshold,
+            box_rule=clip_crop_boxes,
+        )
 
     def train(self, mode: bool = True) -> ZegFormer:
         """Train mode for everything but the frozen CLIP towers."""
@@ -159,8 +180,9 @@ class ZegFormer(MaskClassificationModule):
         """(B, 3, H, W) in [0, 1] -> proposal outputs of the normalised, padded batch."""
         return self.model(self.pad_batch(self.normalize(images))[0])
 
-    def predict_scores(self, images: Tensor, text_embeddings: Tensor,
-                       vocabulary: Vocabulary | None = None) -> MaskPredictions:
+    def predict_scores(
+        self, images: Tensor, text_embeddings: Tensor, vocabulary: Vocabulary | None = None
+    ) -> MaskPredictions:
         """Masks and class scores of the last decoder layer (sections 1.4, 1.5, 5).
 
         Args:
@@ -176,8 +198,9 @@ class ZegFormer(MaskClassificationModule):
             seen classes (the calibration, subtracted after the sum over masks).
         """
         if vocabulary is not None and len(vocabulary.queries) != len(text_embeddings):
-            raise ValueError(f"{len(vocabulary.queries)} queries in the vocabulary for {len(text_embeddings)} "
-                             "text embeddings")
+            raise ValueError(
+                f"{len(vocabulary.queries)} queries in the vocabulary for {len(text_embeddings)} text embeddings"
+            )
         height, width = images.shape[-2:]
         pixels, _ = self.pad_batch(self.normalize(images))
         out = self.model(pixels)
@@ -185,8 +208,11 @@ class ZegFormer(MaskClassificationModule):
         masks = padded_masks[..., :height, :width]
         logits = self.classifier(out.segment_embeddings[-1], text_embeddings)  # (B, N, Q + 1)
         probs = class_probabilities(logits)
-        seen = (self.seen_queries(vocabulary) if vocabulary is not None
-                else torch.zeros(len(text_embeddings), dtype=torch.bool, device=self.device))
+        seen = (
+            self.seen_queries(vocabulary)
+            if vocabulary is not None
+            else torch.zeros(len(text_embeddings), dtype=torch.bool, device=self.device)
+        )
         if self.clip_classification:
             assert self.clip_image is not None
             clip_text = self.clip_text_embeddings(text_embeddings, vocabulary)
@@ -198,8 +224,9 @@ class ZegFormer(MaskClassificationModule):
 
     def training_loss(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """MaskFormer's set loss on the seen classes, after every decoder layer (section 2)."""
-        pixels, labels = self.pad_batch(self.normalize(to_unit_float(batch["image"])), batch["label"],
-                                        fill=self.training_pad_fill())
+        pixels, labels = self.pad_batch(
+            self.normalize(to_unit_float(batch["image"])), batch["label"], fill=self.training_pad_fill()
+        )
         targets = self.mask_targets(labels)
         out = self.model(pixels)
         text = self.training_text_embeddings()

@@ -38,17 +38,31 @@ class DVTDenoiser(ImageEncoder):
             without it such a file is refused with a message, never loaded unsafely).
     """
 
-    def __init__(self, encoder: ImageEncoder, checkpoint_path: str | None = None, grid_size: int = 37,
-                 num_heads: int | None = None, trust_pickle: bool = False) -> None:
+    def __init__(
+        self,
+        encoder: ImageEncoder,
+        checkpoint_path: str | None = None,
+        grid_size: int = 37,
+        num_heads: int | None = None,
+        trust_pickle: bool = False,
+    ) -> None:
         super().__init__(tuple(encoder.mean.flatten().tolist()), tuple(encoder.std.flatten().tolist()))
         dim = int(encoder.embed_dim)
         self.encoder = encoder
         self.embed_dim: int = dim
         self.patch_size: int = int(encoder.patch_size)
         self.model_name = f"dvt_denoiser({getattr(encoder, 'model_name', type(encoder).__name__)})"
-        self.denoiser = Block(dim=dim, num_heads=num_heads or max(1, dim // 64), mlp_ratio=4, qkv_bias=True,
-                              qk_norm=False, init_values=None, norm_layer=partial(nn.LayerNorm, eps=1e-6),
-                              act_layer=nn.GELU, mlp_layer=Mlp)
+        self.denoiser = Block(
+            dim=dim,
+            num_heads=num_heads or max(1, dim // 64),
+            mlp_ratio=4,
+            qkv_bias=True,
+            qk_norm=False,
+            init_values=None,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            act_layer=nn.GELU,
+            mlp_layer=Mlp,
+        )
         self.pos_embed = nn.Parameter(torch.randn(1, grid_size * grid_size, dim) * 0.02)
         if checkpoint_path is not None:
             self.load_denoiser(checkpoint_path, trust_pickle)
@@ -102,9 +116,14 @@ def read_denoiser_file(path: str, trust_pickle: bool = False) -> dict[str, Tenso
         state = {key.removeprefix("module."): value for key, value in state.items()}
     if isinstance(state.get("denoiser"), dict):
         state = state["denoiser"]
-    kept = {key: value for key, value in state.items()
-            if isinstance(key, str) and key.startswith(DENOISER_PREFIXES) and isinstance(value, Tensor)}
+    kept = {
+        key: value
+        for key, value in state.items()
+        if isinstance(key, str) and key.startswith(DENOISER_PREFIXES) and isinstance(value, Tensor)
+    }
     if "pos_embed" not in kept or not any(key.startswith("denoiser.") for key in kept):
-        raise ConversionError(f"{path} holds no DVT denoiser weights (expected keys 'pos_embed' and 'denoiser.*', "
-                         f"got {sorted(state)[:8]}...)")
+        raise ConversionError(
+            f"{path} holds no DVT denoiser weights (expected keys 'pos_embed' and 'denoiser.*', "
+            f"got {sorted(state)[:8]}...)"
+        )
     return kept

@@ -68,8 +68,10 @@ def load_hf_model(name_or_path: str, revision: str | None = None) -> tuple[nn.Mo
     try:
         config = transformers.AutoConfig.from_pretrained(name_or_path, revision=revision)
     except (OSError, ValueError) as err:
-        raise OSError(f"could not read the transformers config of {name_or_path!r} (a Hub name or a local folder "
-                      f"holding config.json; offline, Hub names need a warm cache): {err}") from err
+        raise OSError(
+            f"could not read the transformers config of {name_or_path!r} (a Hub name or a local folder "
+            f"holding config.json; offline, Hub names need a warm cache): {err}"
+        ) from err
     family = model_family(config.model_type, repr(name_or_path))
     architectures = list(getattr(config, "architectures", None) or [])
     model_class = getattr(transformers, architectures[0], None) if architectures else None
@@ -132,8 +134,10 @@ class HFImage(ImageEncoder):
         model, family = load_hf_model(model_name_or_path, revision)
         file_mean, file_std = preprocessor_stats(model_name_or_path, revision)
         default_mean, default_std = FAMILY_NORM[family]
-        super().__init__(mean=resolve_norm_stat(mean, file_mean or default_mean, 0),
-                         std=resolve_norm_stat(std, file_std or default_std, 1))
+        super().__init__(
+            mean=resolve_norm_stat(mean, file_mean or default_mean, 0),
+            std=resolve_norm_stat(std, file_std or default_std, 1),
+        )
         if pooling not in ("model", "avg"):
             raise ValueError(f"pooling must be 'model' or 'avg', got {pooling!r}")
         self.family, self.pooling, self.model_name_or_path = family, pooling, model_name_or_path
@@ -166,10 +170,14 @@ class HFImage(ImageEncoder):
         b = normalized_images.shape[0]
         h, w = self.grid_size(*normalized_images.shape[-2:])
         if self.family == "dinov2":
-            pad = (0, w * self.patch_size - normalized_images.shape[-1], 0, h * self.patch_size
-                   - normalized_images.shape[-2])
+            pad = (
+                0,
+                w * self.patch_size - normalized_images.shape[-1],
+                0,
+                h * self.patch_size - normalized_images.shape[-2],
+            )
             tokens = self.vision(pixel_values=F.pad(normalized_images, pad)).last_hidden_state  # normalised
-            patches, pooled = tokens[:, self.num_prefix_tokens:], tokens[:, 0]
+            patches, pooled = tokens[:, self.num_prefix_tokens :], tokens[:, 0]
         else:
             out = self.vision(pixel_values=normalized_images, interpolate_pos_encoding=True)
             tokens = out.last_hidden_state
@@ -203,8 +211,7 @@ class HFText(TextEncoder):
         context_length: tokens per text (default: the model's ``max_position_embeddings``).
     """
 
-    def __init__(self, model_name_or_path: str, revision: str | None = None,
-                 context_length: int | None = None) -> None:
+    def __init__(self, model_name_or_path: str, revision: str | None = None, context_length: int | None = None) -> None:
         super().__init__()
         import transformers
 
@@ -223,8 +230,9 @@ class HFText(TextEncoder):
         self.context_length: int = int(context_length or max_length)
         if self.context_length > max_length:
             raise ValueError(f"context_length {self.context_length} exceeds the model's {max_length} positions")
-        self.embed_dim: int = int(self.projection.out_features) if self.projection is not None else int(
-            config.hidden_size)
+        self.embed_dim: int = (
+            int(self.projection.out_features) if self.projection is not None else int(config.hidden_size)
+        )
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_name_or_path, revision=revision)
         except (OSError, ValueError) as err:
@@ -234,8 +242,9 @@ class HFText(TextEncoder):
         """Strings -> (B, context_length) int64 ids, padded to the full length."""
         if isinstance(texts, str):
             texts = [texts]
-        encoded = self.tokenizer(list(texts), padding="max_length", truncation=True,
-                                 max_length=self.context_length, return_tensors="pt")
+        encoded = self.tokenizer(
+            list(texts), padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt"
+        )
         return encoded["input_ids"].long()
 
     def forward(self, token_ids: Tensor) -> TextFeatures:

@@ -19,8 +19,11 @@ from torch import Tensor
 TRANSFORMERS_PREFIX = "transformers:"
 
 _LAYER_PAIRS = (  # open_clip resblock suffix -> transformers encoder-layer suffix
-    ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("attn.out_proj", "self_attn.out_proj"),
-    ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2"),
+    ("ln_1", "layer_norm1"),
+    ("ln_2", "layer_norm2"),
+    ("attn.out_proj", "self_attn.out_proj"),
+    ("mlp.c_fc", "mlp.fc1"),
+    ("mlp.c_proj", "mlp.fc2"),
 )
 
 
@@ -31,16 +34,21 @@ def _key_pairs(vision_layers: int, text_layers: int) -> Iterator[tuple[str, str,
     yield "visual.class_embedding", "vision_model.embeddings.class_embedding", "same"
     yield "visual.positional_embedding", "vision_model.embeddings.position_embedding.weight", "same"
     yield "visual.conv1.weight", "vision_model.embeddings.patch_embedding.weight", "same"
-    for oc, hf in (("visual.ln_pre", "vision_model.pre_layrnorm"), ("visual.ln_post", "vision_model.post_layernorm"),
-                   ("ln_final", "text_model.final_layer_norm")):
+    for oc, hf in (
+        ("visual.ln_pre", "vision_model.pre_layrnorm"),
+        ("visual.ln_post", "vision_model.post_layernorm"),
+        ("ln_final", "text_model.final_layer_norm"),
+    ):
         yield f"{oc}.weight", f"{hf}.weight", "same"
         yield f"{oc}.bias", f"{hf}.bias", "same"
     yield "visual.proj", "visual_projection.weight", "transpose"
     yield "token_embedding.weight", "text_model.embeddings.token_embedding.weight", "same"
     yield "positional_embedding", "text_model.embeddings.position_embedding.weight", "same"
     yield "text_projection", "text_projection.weight", "transpose"
-    for oc_tower, hf_tower, layers in (("visual.transformer", "vision_model.encoder", vision_layers),
-                                       ("transformer", "text_model.encoder", text_layers)):
+    for oc_tower, hf_tower, layers in (
+        ("visual.transformer", "vision_model.encoder", vision_layers),
+        ("transformer", "text_model.encoder", text_layers),
+    ):
         for i in range(layers):
             oc, hf = f"{oc_tower}.resblocks.{i}", f"{hf_tower}.layers.{i}"
             yield f"{oc}.attn.in_proj_weight", f"{hf}.self_attn.q_proj.weight", "qkv_weight"
@@ -98,14 +106,22 @@ def open_clip_config_from_hf(config: Any, source: str = "the transformers CLIP")
             raise ValueError(f"{source}: layer_norm_eps {tower.layer_norm_eps} differs from open_clip's 1e-5")
     return {
         "embed_dim": int(config.projection_dim),
-        "vision_cfg": {"image_size": int(vision.image_size), "patch_size": int(vision.patch_size),
-                       "width": int(vision.hidden_size), "layers": int(vision.num_hidden_layers),
-                       "head_width": int(vision.hidden_size) // int(vision.num_attention_heads),
-                       "mlp_ratio": float(vision.intermediate_size) / float(vision.hidden_size)},
-        "text_cfg": {"context_length": int(text.max_position_embeddings), "vocab_size": int(text.vocab_size),
-                     "width": int(text.hidden_size), "heads": int(text.num_attention_heads),
-                     "layers": int(text.num_hidden_layers),
-                     "mlp_ratio": float(text.intermediate_size) / float(text.hidden_size)},
+        "vision_cfg": {
+            "image_size": int(vision.image_size),
+            "patch_size": int(vision.patch_size),
+            "width": int(vision.hidden_size),
+            "layers": int(vision.num_hidden_layers),
+            "head_width": int(vision.hidden_size) // int(vision.num_attention_heads),
+            "mlp_ratio": float(vision.intermediate_size) / float(vision.hidden_size),
+        },
+        "text_cfg": {
+            "context_length": int(text.max_position_embeddings),
+            "vocab_size": int(text.vocab_size),
+            "width": int(text.hidden_size),
+            "heads": int(text.num_attention_heads),
+            "layers": int(text.num_hidden_layers),
+            "mlp_ratio": float(text.intermediate_size) / float(text.hidden_size),
+        },
         "quick_gelu": quick,
     }
 
@@ -123,16 +139,29 @@ def hf_config_from_open_clip(config: dict[str, Any]) -> Any:
     text_width = int(text.get("width", 512))
     return transformers.CLIPConfig(
         projection_dim=int(config["embed_dim"]),
-        vision_config={"hidden_size": width, "num_hidden_layers": int(vision["layers"]), "num_attention_heads": heads,
-                       "intermediate_size": int(width * float(vision.get("mlp_ratio", 4.0))),
-                       "image_size": int(vision["image_size"]), "patch_size": int(vision["patch_size"]),
-                       "hidden_act": act, "layer_norm_eps": 1e-5},
-        text_config={"hidden_size": text_width, "num_hidden_layers": int(text.get("layers", 12)),
-                     "num_attention_heads": int(text.get("heads", 8)),
-                     "intermediate_size": int(text_width * float(text.get("mlp_ratio", 4.0))),
-                     "max_position_embeddings": int(text.get("context_length", 77)),
-                     "vocab_size": int(text.get("vocab_size", 49408)), "hidden_act": act, "layer_norm_eps": 1e-5,
-                     "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407},
+        vision_config={
+            "hidden_size": width,
+            "num_hidden_layers": int(vision["layers"]),
+            "num_attention_heads": heads,
+            "intermediate_size": int(width * float(vision.get("mlp_ratio", 4.0))),
+            "image_size": int(vision["image_size"]),
+            "patch_size": int(vision["patch_size"]),
+            "hidden_act": act,
+            "layer_norm_eps": 1e-5,
+        },
+        text_config={
+            "hidden_size": text_width,
+            "num_hidden_layers": int(text.get("layers", 12)),
+            "num_attention_heads": int(text.get("heads", 8)),
+            "intermediate_size": int(text_width * float(text.get("mlp_ratio", 4.0))),
+            "max_position_embeddings": int(text.get("context_length", 77)),
+            "vocab_size": int(text.get("vocab_size", 49408)),
+            "hidden_act": act,
+            "layer_norm_eps": 1e-5,
+            "bos_token_id": 49406,
+            "eos_token_id": 49407,
+            "pad_token_id": 49407,
+        },
     )
 
 

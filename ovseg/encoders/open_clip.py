@@ -47,9 +47,11 @@ def build_open_clip_model(
         raise ValueError("give exactly one of model_name and config")
     if model_name is not None and model_name.startswith(TRANSFORMERS_PREFIX):
         if pretrained is not None or checkpoint_path is not None or create_kwargs:
-            raise ValueError(f"{model_name!r} names a transformers checkpoint: give no pretrained tag, "
-                             "checkpoint_path or open_clip options with it")
-        return open_clip_from_transformers(model_name[len(TRANSFORMERS_PREFIX):])
+            raise ValueError(
+                f"{model_name!r} names a transformers checkpoint: give no pretrained tag, "
+                "checkpoint_path or open_clip options with it"
+            )
+        return open_clip_from_transformers(model_name[len(TRANSFORMERS_PREFIX) :])
     if pretrained is not None and checkpoint_path is not None:
         raise ValueError("give at most one of pretrained (a tag) and checkpoint_path (a local file)")
     if config is not None:
@@ -88,8 +90,13 @@ def tiny_open_clip_config(vision: Literal["vit", "convnext"] = "vit", embed_dim:
     if vision == "vit":
         vision_cfg: dict[str, Any] = {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16}
     elif vision == "convnext":
-        vision_cfg = {"timm_model_name": "test_convnext", "timm_model_pretrained": False, "timm_pool": "",
-                      "timm_proj": "mlp", "image_size": 64}
+        vision_cfg = {
+            "timm_model_name": "test_convnext",
+            "timm_model_pretrained": False,
+            "timm_pool": "",
+            "timm_proj": "mlp",
+            "image_size": 64,
+        }
     else:
         raise ValueError(f"unknown tiny vision tower {vision!r}")
     text_cfg = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
@@ -259,8 +266,11 @@ class OpenCLIPText(TextEncoder):
         super().__init__()
         if model is None:
             model = build_open_clip_model(model_name, pretrained, checkpoint_path, config)
-            self.tokenizer = (open_clip.get_tokenizer(model_name)
-                              if model_name is not None and not model_name.startswith(TRANSFORMERS_PREFIX) else None)
+            self.tokenizer = (
+                open_clip.get_tokenizer(model_name)
+                if model_name is not None and not model_name.startswith(TRANSFORMERS_PREFIX)
+                else None
+            )
         else:
             self.tokenizer = None
         text = getattr(model, "text", None)
@@ -288,8 +298,14 @@ class OpenCLIPText(TextEncoder):
 
     def _parts(self) -> tuple[nn.Embedding, Tensor, nn.Module, nn.Module, nn.Module | Tensor | None, Tensor | None]:
         src = self.text if hasattr(self, "text") else self
-        return (src.token_embedding, src.positional_embedding, src.transformer, src.ln_final,
-                src.text_projection, src.attn_mask)
+        return (
+            src.token_embedding,
+            src.positional_embedding,
+            src.transformer,
+            src.ln_final,
+            src.text_projection,
+            src.attn_mask,
+        )
 
     def tokenize(self, texts: list[str]) -> Tensor:
         """Strings -> (B, context_length) int64 ids."""
@@ -301,6 +317,13 @@ class OpenCLIPText(TextEncoder):
         """(B, L) ids -> tokens (B, L, D) and pooled (B, D) (== ``model.encode_text`` for L = context)."""
         token_embedding, pos, transformer, ln_final, projection, attn_mask = self._parts()
         return run_clip_text_tower(
-            token_ids, token_embedding, pos, transformer, ln_final, projection, attn_mask,
-            pool_type=self.pool_type, eos_id=self.eos_id,
+            token_ids,
+            token_embedding,
+            pos,
+            transformer,
+            ln_final,
+            projection,
+            attn_mask,
+            pool_type=self.pool_type,
+            eos_id=self.eos_id,
         )

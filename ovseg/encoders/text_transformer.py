@@ -146,4 +146,3 @@ class CLIPTextTransformer(TextEncoder):
         kwargs: dict = {"width": 32, "layers": 2, "heads": 2, "output_dim": 48}
         kwargs.update(overrides)
         return cls(**kwargs)
-

@@ -63,8 +63,9 @@ class BenchmarkReport:
         return not self.problems
 
 
-def _check_sample(sample: Sample, decoder: LabelDecoder, decode_images: bool
-                  ) -> tuple[bool, bool, np.ndarray | None, list[str]]:
+def _check_sample(
+    sample: Sample, decoder: LabelDecoder, decode_images: bool
+) -> tuple[bool, bool, np.ndarray | None, list[str]]:
     """(image ok, label ok, classes present, problems) of one sample."""
     problems: list[str] = []
     image_hw = label_hw = None
@@ -84,14 +85,21 @@ def _check_sample(sample: Sample, decoder: LabelDecoder, decode_images: bool
     except (DecodeError, OSError) as error:
         problems.append(str(error))
     if image_hw is not None and label_hw is not None and tuple(image_hw) != tuple(label_hw):
-        problems.append(f"{sample.label}: label size {label_hw[1]}x{label_hw[0]} differs from image "
-                        f"{sample.image} size {image_hw[1]}x{image_hw[0]}")
+        problems.append(
+            f"{sample.label}: label size {label_hw[1]}x{label_hw[0]} differs from image "
+            f"{sample.image} size {image_hw[1]}x{image_hw[0]}"
+        )
         label_ok = False
     return image_ok, label_ok, present, problems
 
 
-def check_benchmark(spec: BenchmarkSpec, root: str | Path | None = None, decode_images: bool = True,
-                    workers: int = 1, progress: bool = True) -> BenchmarkReport:
+def check_benchmark(
+    spec: BenchmarkSpec,
+    root: str | Path | None = None,
+    decode_images: bool = True,
+    workers: int = 1,
+    progress: bool = True,
+) -> BenchmarkReport:
     """Check one benchmark's files; never raises on bad data, reports it.
 
     Args:
@@ -114,8 +122,13 @@ def check_benchmark(spec: BenchmarkSpec, root: str | Path | None = None, decode_
     report.samples = len(samples)
     if not report.classes or not samples:
         return report
-    decoder = LabelDecoder(report.classes, spec.ignore_index, spec.reduce_zero_label,  # type: ignore[arg-type]
-                           spec.label_map, report.name)
+    decoder = LabelDecoder(
+        report.classes,
+        spec.ignore_index,
+        spec.reduce_zero_label,  # type: ignore[arg-type]
+        spec.label_map,
+        report.name,
+    )
     seen: set[int] = set()
 
     def job(sample: Sample) -> tuple[bool, bool, np.ndarray | None, list[str]]:
@@ -123,8 +136,15 @@ def check_benchmark(spec: BenchmarkSpec, root: str | Path | None = None, decode_
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(job, samples)
-        bar = tqdm(results, total=len(samples), desc=f"check {report.name}", unit="img",
-                   disable=None if progress else True, dynamic_ncols=True, leave=False)
+        bar = tqdm(
+            results,
+            total=len(samples),
+            desc=f"check {report.name}",
+            unit="img",
+            disable=None if progress else True,
+            dynamic_ncols=True,
+            leave=False,
+        )
         for image_ok, label_ok, classes, sample_problems in bar:
             report.images_ok += image_ok
             report.labels_ok += label_ok
@@ -150,8 +170,7 @@ def load_data_config(path: str | Path) -> dict[str, Any]:
         content = content["data"]
     class_path = content.get("class_path") if isinstance(content, dict) else None
     if class_path not in (DATAMODULE, "ovseg.datamodules.benchmarks.EvaluationDataModule", "EvaluationDataModule"):
-        raise ValueError(f"{path}: expected a data config with class_path: {DATAMODULE}, "
-                         f"got {class_path!r}")
+        raise ValueError(f"{path}: expected a data config with class_path: {DATAMODULE}, got {class_path!r}")
     return dict(content.get("init_args") or {})
 
 
@@ -182,14 +201,29 @@ def format_table(reports: Sequence[BenchmarkReport]) -> Any:
     from rich.table import Table
 
     table = Table(title="ovseg data check")
-    for column, justify in (("benchmark", "left"), ("classes", "right"), ("samples", "right"),
-                            ("images ok", "right"), ("labels ok", "right"),
-                            ("classes in GT", "right"), ("problems", "right"), ("data dir", "left")):
+    for column, justify in (
+        ("benchmark", "left"),
+        ("classes", "right"),
+        ("samples", "right"),
+        ("images ok", "right"),
+        ("labels ok", "right"),
+        ("classes in GT", "right"),
+        ("problems", "right"),
+        ("data dir", "left"),
+    ):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for r in reports:
         problems = f"[red]{len(r.problems)}[/red]" if r.problems else "[green]0[/green]"
-        table.add_row(r.name, str(r.classes), str(r.samples), str(r.images_ok), str(r.labels_ok),
-                      str(r.classes_present), problems, r.data_dir)
+        table.add_row(
+            r.name,
+            str(r.classes),
+            str(r.samples),
+            str(r.images_ok),
+            str(r.labels_ok),
+            str(r.classes_present),
+            problems,
+            r.data_dir,
+        )
     return table
 
 
@@ -245,8 +279,7 @@ def run_check(
         resolved = [s for s in resolved if s.name in benchmarks]
     cap = max_images if max_images is not None else init_args.get("max_images")
     if cap is not None:
-        resolved = [BenchmarkSpec(**{**s.__dict__, "max_images": min(cap, s.max_images or cap)})
-                    for s in resolved]
+        resolved = [BenchmarkSpec(**{**s.__dict__, "max_images": min(cap, s.max_images or cap)}) for s in resolved]
     workers = workers or min(8, os.cpu_count() or 1)
     reports = [check_benchmark(spec, root, decode_images, workers, progress) for spec in resolved]
     Console(width=max(120, Console().width)).print(format_table(reports))
@@ -259,6 +292,8 @@ def run_check(
                 print_fn(f"  {problem}")
             if len(report.problems) > show:
                 print_fn(f"  ... and {len(report.problems) - show} more")
-    print_fn(f"{len(reports)} benchmark(s) checked under root {root!r}: "
-             + (f"{total} problem(s) found" if total else "no problems found"))
+    print_fn(
+        f"{len(reports)} benchmark(s) checked under root {root!r}: "
+        + (f"{total} problem(s) found" if total else "no problems found")
+    )
     return 1 if total else 0

@@ -39,11 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--data", required=True, help="data config, e.g. configs/data/eval_caption8.yaml")
     check.add_argument("--root", default=None, help="data root (default: the config's root)")
-    check.add_argument("--benchmarks", nargs="+", default=None, metavar="NAME",
-                       help="check only these benchmarks")
+    check.add_argument("--benchmarks", nargs="+", default=None, metavar="NAME", help="check only these benchmarks")
     check.add_argument("--max-images", type=int, default=None, help="first N samples per benchmark")
-    check.add_argument("--headers-only", action="store_true",
-                       help="read image headers only (faster; truncated images go unnoticed)")
+    check.add_argument(
+        "--headers-only", action="store_true", help="read image headers only (faster; truncated images go unnoticed)"
+    )
     check.add_argument("--workers", type=int, default=None, help="reader threads (default: CPUs, max 8)")
     check.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -62,8 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--out", required=True, help="output directory")
     shards.add_argument("--shard-size", type=int, default=10_000, help="samples per shard (<= 10000)")
     shards.add_argument("--concepts", action="store_true", help="store SimZSS concepts in each JSON")
-    shards.add_argument("--per-caption", action="store_true",
-                        help="one sample per caption (img2dataset mscoco layout) instead of per image")
+    shards.add_argument(
+        "--per-caption",
+        action="store_true",
+        help="one sample per caption (img2dataset mscoco layout) instead of per image",
+    )
     _add_concept_options(shards)
 
     concepts = commands.add_parser(
@@ -90,8 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cache.add_argument("--config", required=True, help="a SimZSS config, e.g. configs/simzss/coco_vitb14.yaml")
     cache.add_argument("--out", required=True, help="store directory")
-    cache.add_argument("--views", choices=["center", "rrc"], default="center",
-                       help="center: resize + centre crop (one view); rrc: --num-views RandomResizedCrops")
+    cache.add_argument(
+        "--views",
+        choices=["center", "rrc"],
+        default="center",
+        help="center: resize + centre crop (one view); rrc: --num-views RandomResizedCrops",
+    )
     cache.add_argument("--num-views", type=int, default=1, help="views per image with --views rrc")
     cache.add_argument("--size", type=int, default=224, help="view side in pixels")
     cache.add_argument("--seed", type=int, default=0, help="seed of the rrc views")
@@ -108,12 +115,17 @@ def _add_concept_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by the commands that extract SimZSS concepts."""
     parser.add_argument("--num-workers", type=int, default=0, help="extraction processes (0: none)")
     parser.add_argument("--bank", default=None, help="concept bank file (default: the packaged one)")
-    parser.add_argument("--context-length", type=int, default=77,
-                        help="the text encoder's context length (must match the model)")
+    parser.add_argument(
+        "--context-length", type=int, default=77, help="the text encoder's context length (must match the model)"
+    )
     parser.add_argument("--max-concepts", type=int, default=32)
     parser.add_argument("--max-tokens-per-concept", type=int, default=16)
-    parser.add_argument("--concept-rules", choices=["ovseg", "release"], default="ovseg",
-                        help="the model's concept_rules (release: the official SimZSS release's rules)")
+    parser.add_argument(
+        "--concept-rules",
+        choices=["ovseg", "release"],
+        default="ovseg",
+        help="the model's concept_rules (release: the official SimZSS release's rules)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -133,8 +145,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         if args.num_images < 1:
             raise SystemExit("ovseg data make-synthetic: --num-images must be at least 1")
-        path = make_synthetic(args.format, args.out, args.num_images, args.split, args.image_size,
-                              args.seed)
+        path = make_synthetic(args.format, args.out, args.num_images, args.split, args.image_size, args.seed)
         print(f"wrote {args.num_images} synthetic images in the {args.format!r} format to {path}")
 
 
@@ -149,9 +160,15 @@ def check_data(args: argparse.Namespace) -> None:
     from ovseg.prepare.check import run_check
 
     try:
-        code = run_check(args.data, root=args.root, benchmarks=args.benchmarks,
-                         max_images=args.max_images, decode_images=not args.headers_only,
-                         workers=args.workers, progress=not args.no_progress)
+        code = run_check(
+            args.data,
+            root=args.root,
+            benchmarks=args.benchmarks,
+            max_images=args.max_images,
+            decode_images=not args.headers_only,
+            workers=args.workers,
+            progress=not args.no_progress,
+        )
     except (OSError, ValueError) as error:
         raise SystemExit(f"ovseg data check: {error}") from None
     if code:
@@ -176,30 +193,47 @@ def make_shards(args: argparse.Namespace) -> None:
             if not args.images:
                 raise SystemExit("ovseg data make-shards: --coco-captions needs --images DIR")
             summary = make_shards_from_coco_captions(
-                args.coco_captions, args.images, args.out, args.shard_size, args.concepts,
-                args.per_caption, args.num_workers, args.bank, args.context_length, args.max_concepts,
-                args.max_tokens_per_concept, progress, args.concept_rules)
+                args.coco_captions,
+                args.images,
+                args.out,
+                args.shard_size,
+                args.concepts,
+                args.per_caption,
+                args.num_workers,
+                args.bank,
+                args.context_length,
+                args.max_concepts,
+                args.max_tokens_per_concept,
+                progress,
+                args.concept_rules,
+            )
         else:
-            summary = make_shards_from_coco_stuff(args.coco_stuff, args.out, args.split, args.shard_size,
-                                                  progress)
+            summary = make_shards_from_coco_stuff(args.coco_stuff, args.out, args.split, args.shard_size, progress)
     except (OSError, ValueError) as error:
         raise SystemExit(f"ovseg data make-shards: {error}") from None
     last = len(summary.shards) - 1
-    print(f"wrote {summary.samples} samples in {len(summary.shards)} shards to "
-          f"{args.out}/{{00000..{last:05d}}}.tar" + (f"; skipped {summary.skipped} unreadable images"
-                                                     if summary.skipped else ""))
+    print(
+        f"wrote {summary.samples} samples in {len(summary.shards)} shards to "
+        f"{args.out}/{{00000..{last:05d}}}.tar"
+        + (f"; skipped {summary.skipped} unreadable images" if summary.skipped else "")
+    )
 
 
 def extract_concepts(args: argparse.Namespace) -> None:
     """``ovseg data extract-concepts``: precompute SimZSS concepts. Examples::
 
-        ovseg data extract-concepts --coco data/coco/annotations/captions_train2017.json --num-workers 8
-        ovseg data extract-concepts --shards "data/coco_shards/{00000..00059}.tar" --num-workers 8
+    ovseg data extract-concepts --coco data/coco/annotations/captions_train2017.json --num-workers 8
+    ovseg data extract-concepts --shards "data/coco_shards/{00000..00059}.tar" --num-workers 8
     """
-    options = dict(bank=args.bank, context_length=args.context_length, max_concepts=args.max_concepts,
-                   max_tokens_per_concept=args.max_tokens_per_concept, concept_rules=args.concept_rules,
-                   num_workers=args.num_workers,
-                   progress=not args.no_progress)
+    options = dict(
+        bank=args.bank,
+        context_length=args.context_length,
+        max_concepts=args.max_concepts,
+        max_tokens_per_concept=args.max_tokens_per_concept,
+        concept_rules=args.concept_rules,
+        num_workers=args.num_workers,
+        progress=not args.no_progress,
+    )
     try:
         if args.coco:
             from ovseg.prepare.concepts import extract_coco_concepts
@@ -250,11 +284,22 @@ def cache_features(args: argparse.Namespace) -> None:
         built = parser.instantiate_classes(parsed)
         dataset = train_dataset_of(built.data)
         views = CacheViews(args.views, args.size, args.num_views, args.seed)
-        store = build_feature_cache(built.encoder, dataset, args.out, views, args.batch_size,
-                                    args.shard_size, args.num_images, args.device, args.num_workers,
-                                    progress=not args.no_progress)
+        store = build_feature_cache(
+            built.encoder,
+            dataset,
+            args.out,
+            views,
+            args.batch_size,
+            args.shard_size,
+            args.num_images,
+            args.device,
+            args.num_workers,
+            progress=not args.no_progress,
+        )
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise SystemExit(f"ovseg data cache-features: {error}") from None
     index = read_index(store)
-    print(f"cached {index['num_done']}/{index['num_images']} images x {index['num_views']} views "
-          f"({index['num_patches']} patches x {index['dim']}) in {store}")
+    print(
+        f"cached {index['num_done']}/{index['num_images']} images x {index['num_views']} views "
+        f"({index['num_patches']} patches x {index['dim']}) in {store}"
+    )

@@ -74,8 +74,7 @@ def extract_coco_concepts(
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ValueError(f"{path}: not a COCO Captions file ({exc})") from exc
     extractor = ConceptExtractor(bank, context_length, max_concepts, max_tokens_per_concept, concept_rules)
-    concepts = extractor.extract_many([c.strip() for _, c in items], num_workers=num_workers,
-                                      progress=progress)
+    concepts = extractor.extract_many([c.strip() for _, c in items], num_workers=num_workers, progress=progress)
     cache = ConceptCache.build([a for a, _ in items], concepts, concept_meta(extractor))
     return cache.save(out if out is not None else default_concepts_path(path))
 
@@ -117,7 +116,9 @@ def add_concepts_to_shard(path: str | os.PathLike, extractor: Any) -> tuple[int,
             meta = json.loads(entries["json"]) if "json" in entries else {}
         except ValueError as exc:
             raise ValueError(f"{path}:{key}.json: invalid JSON ({exc})") from exc
-        caption = entries["txt"].decode("utf-8", "replace").strip() if "txt" in entries else str(meta.get("caption") or "")
+        caption = (
+            entries["txt"].decode("utf-8", "replace").strip() if "txt" in entries else str(meta.get("caption") or "")
+        )
         captions = meta.get("captions") if isinstance(meta.get("captions"), list) else None
         main = extractor.extract(caption)
         per = [extractor.extract(str(c)) for c in captions] if captions else None
@@ -184,11 +185,12 @@ def add_concepts_to_shards(
         results: Any = map(_shard_worker, shards)
         pool = None
     else:
-        pool = mp.get_context().Pool(num_workers, initializer=_shard_worker_init,
-                                     initargs=(settings, list(nltk.data.path)))
+        pool = mp.get_context().Pool(
+            num_workers, initializer=_shard_worker_init, initargs=(settings, list(nltk.data.path))
+        )
         results = pool.imap_unordered(_shard_worker, shards)
     try:
-        for path, samples, _captions, error in results:
+        for _path, samples, _captions, error in results:
             bar.update(1)
             total += samples
             if error is not None:

@@ -37,8 +37,15 @@ from ovseg.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CacheViews", "FeatureStoreWriter", "build_feature_cache", "center_view", "encoder_fingerprint",
-           "frozen_features", "train_dataset_of"]
+__all__ = [
+    "CacheViews",
+    "FeatureStoreWriter",
+    "build_feature_cache",
+    "center_view",
+    "encoder_fingerprint",
+    "frozen_features",
+    "train_dataset_of",
+]
 
 
 @dataclass(frozen=True)
@@ -93,7 +100,7 @@ def center_view(image: Tensor, size: int, interpolation: str = "bicubic") -> Ten
     new = (max(size, round(height * scale)), max(size, round(width * scale)))
     resized = resize_image(image, new, interpolation)  # type: ignore[arg-type]
     top, left = (new[0] - size) // 2, (new[1] - size) // 2
-    return resized[:, top:top + size, left:left + size].clamp(0, 1)
+    return resized[:, top : top + size, left : left + size].clamp(0, 1)
 
 
 def encoder_fingerprint(encoder: torch.nn.Module) -> str:
@@ -102,8 +109,7 @@ def encoder_fingerprint(encoder: torch.nn.Module) -> str:
     for name, tensor in sorted(encoder.state_dict().items()):
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
-                      if tensor.numel() else b"")
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
 
 
@@ -114,8 +120,7 @@ def frozen_features(encoder: torch.nn.Module, images: Tensor) -> tuple[Tensor, T
     features = encoder(images)
     _, _, height, width = features.dense.shape
     patches = features.dense.flatten(2).transpose(1, 2)
-    return (F.normalize(patches.float(), dim=-1), F.normalize(features.pooled.float(), dim=-1),
-            (height, width))
+    return (F.normalize(patches.float(), dim=-1), F.normalize(features.pooled.float(), dim=-1), (height, width))
 
 
 class FeatureStoreWriter:
@@ -125,17 +130,31 @@ class FeatureStoreWriter:
     continues after the last complete batch; captions written after it are dropped.
     """
 
-    def __init__(self, store: str | os.PathLike, num_images: int, num_views: int, num_patches: int,
-                 dim: int, grid: tuple[int, int], shard_size: int = 4096,
-                 meta: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        store: str | os.PathLike,
+        num_images: int,
+        num_views: int,
+        num_patches: int,
+        dim: int,
+        grid: tuple[int, int],
+        shard_size: int = 4096,
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
         self.root = Path(store)
         self.root.mkdir(parents=True, exist_ok=True)
         fresh = {
-            "version": FORMAT_VERSION, "dtype": "float16", "num_images": int(num_images),
-            "num_views": int(num_views), "num_patches": int(num_patches), "dim": int(dim),
-            "grid": list(grid), "shard_size": int(shard_size),
+            "version": FORMAT_VERSION,
+            "dtype": "float16",
+            "num_images": int(num_images),
+            "num_views": int(num_views),
+            "num_patches": int(num_patches),
+            "dim": int(dim),
+            "grid": list(grid),
+            "shard_size": int(shard_size),
             "shards": [f"{{}}_{i:05d}.npy" for i in range(-(-num_images // shard_size))],
-            **dict(meta or {}), "num_done": 0,
+            **dict(meta or {}),
+            "num_done": 0,
         }
         path = self.root / INDEX
         if path.exists():
@@ -173,8 +192,10 @@ class FeatureStoreWriter:
         if number not in self._shards:
             index = self.index
             count = min(index["shard_size"], index["num_images"] - number * index["shard_size"])
-            shapes = {"patches": (count, index["num_views"], index["num_patches"], index["dim"]),
-                      "pooled": (count, index["num_views"], index["dim"])}
+            shapes = {
+                "patches": (count, index["num_views"], index["num_patches"], index["dim"]),
+                "pooled": (count, index["num_views"], index["dim"]),
+            }
             arrays = []
             for kind, shape in shapes.items():
                 path = self.root / index["shards"][number].format(kind)
@@ -241,11 +262,15 @@ def build_feature_cache(
         raise ValueError("the dataset is empty")
     probe = torch.zeros(1, 3, views.size, views.size, device=device)
     _, probe_pooled, grid = frozen_features(encoder, probe)
-    meta = {"encoder": f"{type(encoder).__module__}.{type(encoder).__qualname__}",
-            "encoder_name": getattr(encoder, "model_name", type(encoder).__name__),
-            "fingerprint": encoder_fingerprint(encoder), "views": views.to_json()}
-    writer = FeatureStoreWriter(store, total, views.num_views, grid[0] * grid[1],
-                                probe_pooled.shape[-1], grid, shard_size, meta)
+    meta = {
+        "encoder": f"{type(encoder).__module__}.{type(encoder).__qualname__}",
+        "encoder_name": getattr(encoder, "model_name", type(encoder).__name__),
+        "fingerprint": encoder_fingerprint(encoder),
+        "views": views.to_json(),
+    }
+    writer = FeatureStoreWriter(
+        store, total, views.num_views, grid[0] * grid[1], probe_pooled.shape[-1], grid, shard_size, meta
+    )
     start = writer.num_done
     if start >= total:
         return writer.root
@@ -259,24 +284,34 @@ def build_feature_cache(
         def __getitem__(self, i: int) -> dict[str, Any]:
             index = start + i
             sample = dataset[index]
-            return {"views": torch.stack([views.view(sample["image"], index, v)
-                                          for v in range(views.num_views)]),
-                    "captions": _sample_captions(dataset, index, sample)}
+            return {
+                "views": torch.stack([views.view(sample["image"], index, v) for v in range(views.num_views)]),
+                "captions": _sample_captions(dataset, index, sample),
+            }
 
-    loader = DataLoader(_Views(), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=lambda s: (torch.stack([x["views"] for x in s]), [x["captions"] for x in s]))
+    loader = DataLoader(
+        _Views(),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=lambda s: (torch.stack([x["views"] for x in s]), [x["captions"] for x in s]),
+    )
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=start, desc="caching features", unit="img",
-               disable=None if progress else True)  # None: no bar when not on a terminal
+    bar = tqdm(
+        total=total, initial=start, desc="caching features", unit="img", disable=None if progress else True
+    )  # None: no bar when not on a terminal
     for number, (images, captions) in enumerate(loader):
         if max_batches is not None and number >= max_batches:
             break
         flat = images.flatten(0, 1).to(device, non_blocking=True)
         patches, pooled, _ = frozen_features(encoder, flat)
         b, v = images.shape[:2]
-        writer.append(patches.reshape(b, v, *patches.shape[1:]).half().cpu().numpy(),
-                      pooled.reshape(b, v, -1).half().cpu().numpy(), captions)
+        writer.append(
+            patches.reshape(b, v, *patches.shape[1:]).half().cpu().numpy(),
+            pooled.reshape(b, v, -1).half().cpu().numpy(),
+            captions,
+        )
         bar.update(b)
     bar.close()
     return writer.root

@@ -27,8 +27,14 @@ from ovseg.datamodules.coco_stuff import CocoStuffDataset
 from ovseg.datamodules.webdataset import LABEL_EXTENSION
 from ovseg.io import atomic_write
 
-__all__ = ["ShardSummary", "TarShard", "make_shards_from_coco_captions", "make_shards_from_coco_stuff",
-           "open_shard", "progress_bar"]
+__all__ = [
+    "ShardSummary",
+    "TarShard",
+    "make_shards_from_coco_captions",
+    "make_shards_from_coco_stuff",
+    "open_shard",
+    "progress_bar",
+]
 
 logger = logging.getLogger("ovseg.data")
 
@@ -63,8 +69,9 @@ def progress_bar(total: int, desc: str, unit: str, progress: bool, leave: bool =
     ``update``."""
     from tqdm.auto import tqdm
 
-    return tqdm(range(total), desc=desc, unit=unit, disable=None if progress else True, leave=leave,
-                dynamic_ncols=True)  # None: no bar when the output is not a terminal
+    return tqdm(
+        range(total), desc=desc, unit=unit, disable=None if progress else True, leave=leave, dynamic_ncols=True
+    )  # None: no bar when the output is not a terminal
 
 
 @dataclass
@@ -120,8 +127,9 @@ def make_shards_from_coco_captions(
     if concepts:
         extractor = ConceptExtractor(bank, context_length, max_concepts, max_tokens_per_concept, concept_rules)
         flat = [(i, k) for i, caps in enumerate(index.captions) for k in range(len(caps))]
-        results = extractor.extract_many([index.captions[i][k] for i, k in flat], num_workers=num_workers,
-                                         progress=progress)
+        results = extractor.extract_many(
+            [index.captions[i][k] for i, k in flat], num_workers=num_workers, progress=progress
+        )
         extracted = dict(zip(flat, results))
     shards: list[Path] = []
     skipped = written = 0
@@ -130,7 +138,7 @@ def make_shards_from_coco_captions(
     for shard in range(num_shards):
         path = out / f"{shard:05d}.tar"
         with open_shard(path) as tar:
-            for j, (i, ks) in enumerate(entries[shard * shard_size:(shard + 1) * shard_size]):
+            for j, (i, ks) in enumerate(entries[shard * shard_size : (shard + 1) * shard_size]):
                 bar.update(1)
                 file = images / index.file_names[i]
                 data = file.read_bytes()
@@ -150,10 +158,19 @@ def make_shards_from_coco_captions(
                 key = _shard_key(shard, j)
                 captions = [index.captions[i][k] for k in ks]
                 meta: dict[str, Any] = {
-                    "url": str(file), "caption": captions[0], "key": key, "status": "success",
-                    "error_message": None, "width": width, "height": height, "original_width": width,
-                    "original_height": height, "exif": None, "md5": hashlib.md5(data).hexdigest(),
-                    "image_id": index.image_ids[i], "file_name": index.file_names[i],
+                    "url": str(file),
+                    "caption": captions[0],
+                    "key": key,
+                    "status": "success",
+                    "error_message": None,
+                    "width": width,
+                    "height": height,
+                    "original_width": width,
+                    "original_height": height,
+                    "exif": None,
+                    "md5": hashlib.md5(data).hexdigest(),
+                    "image_id": index.image_ids[i],
+                    "file_name": index.file_names[i],
                     "annotation_ids": [index.annotation_ids[i][k] for k in ks],
                 }
                 if len(captions) > 1:
@@ -204,8 +221,13 @@ def make_shards_from_coco_stuff(
                 except Exception as exc:
                     raise ValueError(f"{image_file}: cannot read the image header ({exc})") from exc
                 key = _shard_key(shard, j)
-                meta = {"key": key, "file_name": image_file.name, "label_file": label_file.name,
-                        "width": width, "height": height}
+                meta = {
+                    "key": key,
+                    "file_name": image_file.name,
+                    "label_file": label_file.name,
+                    "width": width,
+                    "height": height,
+                }
                 tar.add(f"{key}.jpg", data)
                 tar.add(f"{key}.{LABEL_EXTENSION}", label_file.read_bytes())
                 tar.add(f"{key}.json", json.dumps(meta).encode("utf-8"))

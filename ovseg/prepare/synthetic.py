@@ -141,8 +141,16 @@ def write_coco_stuff(
 
     Label values are the world's category indices (contiguous 0..K-1), 255 = ignore.
     """
-    return _write_image_label_folders(world, Path(root), split, num_images, progress, "coco-stuff",
-                                      lambda i: f"{coco_image_id(i, split):012d}", "_labelTrainIds.png")
+    return _write_image_label_folders(
+        world,
+        Path(root),
+        split,
+        num_images,
+        progress,
+        "coco-stuff",
+        lambda i: f"{coco_image_id(i, split):012d}",
+        "_labelTrainIds.png",
+    )
 
 
 def write_mmseg(
@@ -157,13 +165,21 @@ def write_mmseg(
     Also writes ``root/class_names.txt`` and ``root/split.json`` (seen/unseen class names).
     """
     stream = canonical_split(split)
-    return _write_image_label_folders(world, Path(root), split, num_images, progress, "mmseg",
-                                      lambda i: f"synthetic_{stream}_{i:08d}", ".png")
+    return _write_image_label_folders(
+        world, Path(root), split, num_images, progress, "mmseg", lambda i: f"synthetic_{stream}_{i:08d}", ".png"
+    )
 
 
-def _write_image_label_folders(world: SyntheticWorld, root: Path, split: str, num_images: int,
-                               progress: bool, what: str, stem: Callable[[int], str],
-                               label_suffix: str) -> Path:
+def _write_image_label_folders(
+    world: SyntheticWorld,
+    root: Path,
+    split: str,
+    num_images: int,
+    progress: bool,
+    what: str,
+    stem: Callable[[int], str],
+    label_suffix: str,
+) -> Path:
     """``root/images/{split}/STEM.jpg`` + ``root/annotations/{split}/STEM{label_suffix}``, plus
     the class names and split files."""
     for i in progress_bar(num_images, f"{what} {split}", "img", progress, leave=False):

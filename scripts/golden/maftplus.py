@@ -61,8 +61,15 @@ def import_official(checkout: Path) -> dict[str, types.ModuleType]:
     """The official modules, imported without running ``maft/__init__.py`` (which pulls in the
     datasets and detectron2's training machinery)."""
     sys.path.insert(0, str(HERE / "maftplus_d2stub"))
-    for package in ("maft", "maft.modeling", "maft.modeling.backbone", "maft.modeling.meta_arch",
-                    "maft.modeling.pixel_decoder", "maft.modeling.transformer_decoder", "maft.utils"):
+    for package in (
+        "maft",
+        "maft.modeling",
+        "maft.modeling.backbone",
+        "maft.modeling.meta_arch",
+        "maft.modeling.pixel_decoder",
+        "maft.modeling.transformer_decoder",
+        "maft.utils",
+    ):
         module = types.ModuleType(package)
         module.__path__ = [str(checkout / package.replace(".", "/"))]
         sys.modules[package] = module
@@ -81,20 +88,43 @@ def import_official(checkout: Path) -> dict[str, types.ModuleType]:
 def official_config(tiny_clip: types.ModuleType, num_classes: int):
     from detectron2.config import CfgNode
 
-    return CfgNode({"MODEL": {
-        "FC_CLIP": {"CLIP_MODEL_NAME": OPEN_CLIP_NAME, "CLIP_PRETRAINED_WEIGHTS": None,
-                    "EMBED_DIM": tiny_clip.CLIP_CONFIG["embed_dim"]},
-        "SEM_SEG_HEAD": {"NAME": "FCCLIPHead", "IN_FEATURES": ["res2", "res3", "res4", "res5"], "IGNORE_VALUE": 255,
-                         "NUM_CLASSES": num_classes, "LOSS_WEIGHT": 1.0, "PIXEL_DECODER_NAME": "MSDeformAttnPixelDecoder",
-                         "CONVS_DIM": SIZES["hidden_dim"], "MASK_DIM": SIZES["hidden_dim"], "NORM": "GN",
-                         "TRANSFORMER_ENC_LAYERS": SIZES["enc_layers"],
-                         "DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES": ["res3", "res4", "res5"], "COMMON_STRIDE": 4},
-        "MASK_FORMER": {"TRANSFORMER_IN_FEATURE": "multi_scale_pixel_decoder",
-                        "TRANSFORMER_DECODER_NAME": "MultiScaleMaskedTransformerDecoder", "DROPOUT": 0.0,
-                        "NHEADS": SIZES["heads"], "HIDDEN_DIM": SIZES["hidden_dim"],
-                        "NUM_OBJECT_QUERIES": SIZES["num_queries"], "DIM_FEEDFORWARD": SIZES["dec_ffn_dim"],
-                        "DEC_LAYERS": SIZES["dec_layers"], "PRE_NORM": False, "ENFORCE_INPUT_PROJ": False},
-    }})
+    return CfgNode(
+        {
+            "MODEL": {
+                "FC_CLIP": {
+                    "CLIP_MODEL_NAME": OPEN_CLIP_NAME,
+                    "CLIP_PRETRAINED_WEIGHTS": None,
+                    "EMBED_DIM": tiny_clip.CLIP_CONFIG["embed_dim"],
+                },
+                "SEM_SEG_HEAD": {
+                    "NAME": "FCCLIPHead",
+                    "IN_FEATURES": ["res2", "res3", "res4", "res5"],
+                    "IGNORE_VALUE": 255,
+                    "NUM_CLASSES": num_classes,
+                    "LOSS_WEIGHT": 1.0,
+                    "PIXEL_DECODER_NAME": "MSDeformAttnPixelDecoder",
+                    "CONVS_DIM": SIZES["hidden_dim"],
+                    "MASK_DIM": SIZES["hidden_dim"],
+                    "NORM": "GN",
+                    "TRANSFORMER_ENC_LAYERS": SIZES["enc_layers"],
+                    "DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES": ["res3", "res4", "res5"],
+                    "COMMON_STRIDE": 4,
+                },
+                "MASK_FORMER": {
+                    "TRANSFORMER_IN_FEATURE": "multi_scale_pixel_decoder",
+                    "TRANSFORMER_DECODER_NAME": "MultiScaleMaskedTransformerDecoder",
+                    "DROPOUT": 0.0,
+                    "NHEADS": SIZES["heads"],
+                    "HIDDEN_DIM": SIZES["hidden_dim"],
+                    "NUM_OBJECT_QUERIES": SIZES["num_queries"],
+                    "DIM_FEEDFORWARD": SIZES["dec_ffn_dim"],
+                    "DEC_LAYERS": SIZES["dec_layers"],
+                    "PRE_NORM": False,
+                    "ENFORCE_INPUT_PROJ": False,
+                },
+            }
+        }
+    )
 
 
 def build_official(modules: dict[str, types.ModuleType], tiny_clip: types.ModuleType) -> torch.nn.Module:
@@ -114,12 +144,25 @@ def build_official(modules: dict[str, types.ModuleType], tiny_clip: types.Module
     metadata = MetadataCatalog.get("golden")
     metadata.stuff_classes = [",".join(names) for names in CLASSES]
     model = modules["maft_plus"].MAFT_Plus(
-        backbone=backbones[0], backbone_t=backbones[1], sem_seg_head=head, criterion=None,
-        num_queries=SIZES["num_queries"], object_mask_threshold=0.0, overlap_threshold=0.8,
-        train_metadata=metadata, test_metadata={"golden": metadata}, size_divisibility=32,
-        sem_seg_postprocess_before_inference=False, pixel_mean=[255 * m for m in OPENAI_MEAN],
-        pixel_std=[255 * s for s in OPENAI_STD], semantic_on=True, panoptic_on=False, instance_on=False,
-        test_topk_per_image=100, rc_weights=0.1, cdt_params=[tiny_clip.CLIP_CONFIG["embed_dim"], SIZES["heads"]],
+        backbone=backbones[0],
+        backbone_t=backbones[1],
+        sem_seg_head=head,
+        criterion=None,
+        num_queries=SIZES["num_queries"],
+        object_mask_threshold=0.0,
+        overlap_threshold=0.8,
+        train_metadata=metadata,
+        test_metadata={"golden": metadata},
+        size_divisibility=32,
+        sem_seg_postprocess_before_inference=False,
+        pixel_mean=[255 * m for m in OPENAI_MEAN],
+        pixel_std=[255 * s for s in OPENAI_STD],
+        semantic_on=True,
+        panoptic_on=False,
+        instance_on=False,
+        test_topk_per_image=100,
+        rc_weights=0.1,
+        cdt_params=[tiny_clip.CLIP_CONFIG["embed_dim"], SIZES["heads"]],
     )
     with torch.no_grad():  # fan-in scaled weights keep every output O(1), so 1e-5 is a tight bound
         for name, parameter in model.named_parameters():
@@ -158,18 +201,36 @@ def inference_fixture(modules: dict[str, types.ModuleType], tiny_clip: types.Mod
     module.get_classification_logits = record_out_vocab
     try:
         with torch.no_grad():
-            result = model([{"image": image.float(), "file_name": "golden.jpg", "meta": {"dataname": "golden"},
-                             "height": IMAGE_SIZE[0], "width": IMAGE_SIZE[1]}])
+            result = model(
+                [
+                    {
+                        "image": image.float(),
+                        "file_name": "golden.jpg",
+                        "meta": {"dataname": "golden"},
+                        "height": IMAGE_SIZE[0],
+                        "width": IMAGE_SIZE[1],
+                    }
+                ]
+            )
     finally:
         module.get_classification_logits = original
     head = recorded["head"]
     in_vocab = torch.stack([a["pred_logits"] for a in head["aux_outputs"]] + [head["pred_logits"]])
     masks = torch.stack([a["pred_masks"] for a in head["aux_outputs"]] + [head["pred_masks"]])
     state = {k: v.clone() for k, v in model.state_dict().items() if "token_embedding" not in k}
-    return {"state_dict": state, "image": image, "text": text, "num_names": num_names,
-            "classes": [list(names) for names in CLASSES], "sizes": SIZES,
-            "in_vocab_logits": in_vocab, "mask_logits": masks, "cdt": recorded["cdt"],
-            "out_vocab_logits": recorded["out_vocab"], "sem_seg": result[0]["sem_seg"]}
+    return {
+        "state_dict": state,
+        "image": image,
+        "text": text,
+        "num_names": num_names,
+        "classes": [list(names) for names in CLASSES],
+        "sizes": SIZES,
+        "in_vocab_logits": in_vocab,
+        "mask_logits": masks,
+        "cdt": recorded["cdt"],
+        "out_vocab_logits": recorded["out_vocab"],
+        "sem_seg": result[0]["sem_seg"],
+    }
 
 
 def loss_fixture(modules: dict[str, types.ModuleType]) -> dict:
@@ -184,9 +245,16 @@ def loss_fixture(modules: dict[str, types.ModuleType]) -> dict:
         labels = [torch.tensor([0, 2]), torch.tensor([1])]
         masks = [(torch.rand(len(lab), *gt_size) > 0.5).float() for lab in labels]
         targets = [{"labels": lab, "masks": m} for lab, m in zip(labels, masks)]
-        cases[name] = {"student": student, "teacher": teacher, "rc_loss": rc(student, teacher),
-                       "class_logits": class_logits, "mask_logits": mask_logits, "labels": labels, "masks": masks,
-                       "mask_aware_loss": ma(class_logits, mask_logits, targets)}
+        cases[name] = {
+            "student": student,
+            "teacher": teacher,
+            "rc_loss": rc(student, teacher),
+            "class_logits": class_logits,
+            "mask_logits": mask_logits,
+            "labels": labels,
+            "masks": masks,
+            "mask_aware_loss": ma(class_logits, mask_logits, targets),
+        }
     return cases
 
 

@@ -49,9 +49,14 @@ CAPTIONS = [
     "a man riding a horse on the beach",
 ]
 # text parameters whose gradients are compared
-GRAD_KEYS = ["text.text_projection", "text.ln_final.weight", "text.positional_embedding",
-             "text.transformer.resblocks.0.attn.in_proj_weight", "text.transformer.resblocks.1.mlp.c_fc.weight",
-             "logit_scale"]
+GRAD_KEYS = [
+    "text.text_projection",
+    "text.ln_final.weight",
+    "text.positional_embedding",
+    "text.transformer.resblocks.0.attn.in_proj_weight",
+    "text.transformer.resblocks.1.mlp.c_fc.weight",
+    "logit_scale",
+]
 
 
 def _tiny_timm(timm):
@@ -90,16 +95,32 @@ def build_release(official: Path):
 
     torch.manual_seed(SEED)
     args = types.SimpleNamespace(
-        visual_norm=None, model="ours_dinov2_ViT-B-14_reg", n_classes=N_CLASSES, beta_ema=0.0, n_dense_cls=1,
-        decoder_type="shallow", decoder_softmax_dim="patch", temp_decoder=0.1, indices_type="concept",
-        image_features_type="cls", lambda_loss=1.0)
-    model = SimZSS(args, embed_dim=WIDTH, output_dict=True,
-                   vision_cfg={"ours": True, "timm_model_name_nooverride": "vit_small_patch14_reg4_dinov2.lvd142m",
-                               "patch_size": 14, "image_size": GRID_PX},
-                   text_cfg={"context_length": 77, "vocab_size": 49408, "width": TEXT_WIDTH, "heads": 2, "layers": 2})
+        visual_norm=None,
+        model="ours_dinov2_ViT-B-14_reg",
+        n_classes=N_CLASSES,
+        beta_ema=0.0,
+        n_dense_cls=1,
+        decoder_type="shallow",
+        decoder_softmax_dim="patch",
+        temp_decoder=0.1,
+        indices_type="concept",
+        image_features_type="cls",
+        lambda_loss=1.0,
+    )
+    model = SimZSS(
+        args,
+        embed_dim=WIDTH,
+        output_dict=True,
+        vision_cfg={
+            "ours": True,
+            "timm_model_name_nooverride": "vit_small_patch14_reg4_dinov2.lvd142m",
+            "patch_size": 14,
+            "image_size": GRID_PX,
+        },
+        text_cfg={"context_length": 77, "vocab_size": 49408, "width": TEXT_WIDTH, "heads": 2, "layers": 2},
+    )
     vit = ViTWrapper(model_type="vit_small_patch14_reg4_dinov2.lvd142m", stride=14)
-    model.visual = Denoiser(feature_dim=WIDTH, vit=vit, denoiser_type="transformer", image_size=GRID_PX,
-                            patch_size=14)
+    model.visual = Denoiser(feature_dim=WIDTH, vit=vit, denoiser_type="transformer", image_size=GRID_PX, patch_size=14)
     with torch.no_grad():  # random but not-too-small weights everywhere; fp16-exact token embedding
         for name, param in model.named_parameters():
             if "norm" in name or "ln_" in name:
@@ -128,8 +149,7 @@ def build_release(official: Path):
             indices[b, c, :n_tok] = torch.arange(start, start + n_tok)
             labels[b, c] = int(torch.randint(0, 6, (1,), generator=g))
 
-    return model, args, {"images": images, "normalized": normalized, "text": text, "indices": indices,
-                         "labels": labels}
+    return model, args, {"images": images, "normalized": normalized, "text": text, "indices": indices, "labels": labels}
 
 
 def release_losses(model, args, normalized, text, indices, labels, rank=0, world_size=1):
@@ -144,9 +164,17 @@ def release_losses(model, args, normalized, text, indices, labels, rank=0, world
     loss.use_dense_loss, loss.args, loss.n_classes, loss.lambda_loss = True, args, N_CLASSES, 1.0
     loss.cliploss = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
     loss.class_counts = torch.zeros(N_CLASSES)
-    terms, *_ = loss(output["image_features"], output["text_features"], output["logit_scale"],
-                     output["cls_embeds_txt"], output["cls_embeds_visual"], output["logit_scale_local"],
-                     output["classification_weights_ema"], output["concepts_labels"], output_dict=True)
+    terms, *_ = loss(
+        output["image_features"],
+        output["text_features"],
+        output["logit_scale"],
+        output["cls_embeds_txt"],
+        output["cls_embeds_visual"],
+        output["logit_scale_local"],
+        output["classification_weights_ema"],
+        output["concepts_labels"],
+        output_dict=True,
+    )
     return terms
 
 
@@ -159,17 +187,28 @@ def run_model(official: Path, out: Path) -> None:
     patches = model(normalized, just_visual_tokens=True)
     eos, tokens = model.text(text)
 
-    fixture = {"images": images, "captions": CAPTIONS, "text": text, "concept_indices": indices,
-               "concept_labels": labels, "patches": patches.detach(), "eos": eos.detach(), "tokens": tokens.detach()}
+    fixture = {
+        "images": images,
+        "captions": CAPTIONS,
+        "text": text,
+        "concept_indices": indices,
+        "concept_labels": labels,
+        "patches": patches.detach(),
+        "eos": eos.detach(),
+        "tokens": tokens.detach(),
+    }
     params = dict(model.named_parameters())
     for name in ("cliploss", "ccloss"):
         terms = release_losses(model, args, normalized, text, indices, labels)
         terms[name].backward()
         fixture[name] = terms[name].detach()
-        fixture[f"{name}_grads"] = {key: torch.zeros_like(params[key]) if params[key].grad is None
-                                   else params[key].grad.detach().clone() for key in GRAD_KEYS}
-        fixture[f"{name}_grads"]["text.token_embedding.rows"] = params["text.token_embedding.weight"].grad[
-            text.unique()].clone()
+        fixture[f"{name}_grads"] = {
+            key: torch.zeros_like(params[key]) if params[key].grad is None else params[key].grad.detach().clone()
+            for key in GRAD_KEYS
+        }
+        fixture[f"{name}_grads"]["text.token_embedding.rows"] = (
+            params["text.token_embedding.weight"].grad[text.unique()].clone()
+        )
     state = {key: value.detach().clone() for key, value in model.state_dict().items()}
     state["text.token_embedding.weight"] = state["text.token_embedding.weight"].half()  # exact, smaller file
     fixture["state_dict"] = state
@@ -186,8 +225,16 @@ def _ddp_worker(rank: int, official: str, out: str, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     model, args, inputs = build_release(Path(official))
     part = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
-    terms = release_losses(model, args, inputs["normalized"][part], inputs["text"][part], inputs["indices"][part],
-                           inputs["labels"][part], rank=rank, world_size=2)
+    terms = release_losses(
+        model,
+        args,
+        inputs["normalized"][part],
+        inputs["text"][part],
+        inputs["indices"][part],
+        inputs["labels"][part],
+        rank=rank,
+        world_size=2,
+    )
     torch.save({name: value.detach() for name, value in terms.items()}, os.path.join(out, f".ddp_rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -206,54 +253,169 @@ def run_ddp(official: Path, out: Path) -> None:
     ranks = [torch.load(out / f".ddp_rank{r}.pt") for r in range(2)]
     for r in range(2):
         (out / f".ddp_rank{r}.pt").unlink()
-    torch.save({"cliploss": torch.stack([r["cliploss"] for r in ranks]),
-                "ccloss": torch.stack([r["ccloss"] for r in ranks])}, out / "ddp.pt")
+    torch.save(
+        {"cliploss": torch.stack([r["cliploss"] for r in ranks]), "ccloss": torch.stack([r["ccloss"] for r in ranks])},
+        out / "ddp.pt",
+    )
     print(f"ddp: ccloss per rank {[float(r['ccloss']) for r in ranks]}")
 
 
 def golden_captions() -> list[str]:
     """240 varied captions: hand-written edge cases and combinations of varied structures."""
     hand = [
-        "two traffic lights above a busy street", "a park bench under a tree", "a dog bed on the floor",
-        "giraffes standing by the bus on the street", "a 3d picture of a dog and a cat",
-        "a man in a t-shirt holding a tennis racket", "the dog's toy lies next to the sofa",
-        "A Café with chairs and tables outside", "people walking on the sidewalk near parked cars",
-        "a pizza with cheese, tomatoes and olives on a wooden table", "a baseball player swinging a bat",
-        "an old clock tower in the city centre", "a bowl of fruit: apples, bananas, oranges and grapes",
-        "cats cats cats everywhere", "a fire hydrant painted red and yellow", "the stop sign at the corner",
-        "a teddy bear sitting on a chair", "a laptop computer and a cell phone on a desk",
-        "kites flying over the beach on a windy day", "a train going over a bridge across the river",
-        "a skier going down a snowy mountain slope", "the kitchen has a refrigerator, a microwave and an oven",
-        "a woman with an umbrella in the rain", "sheep grazing in a grassy field near a fence",
-        "a surfboard leaning against a wall", "an elephant and its baby by the water",
-        "a bathroom with a toilet, a sink and a bathtub", "motorcycles parked in a row along the road",
-        "a boy eating a hot dog at a baseball game", "2 zebras and 1 giraffe in a zoo enclosure",
-        "a plate of broccoli and carrots", "a living room with a couch, a tv and a coffee table",
-        "a stuffed animal on a bed with pillows", "an airplane flying in the blue sky",
-        "the boats in the harbor at sunset", "a cup of coffee next to a book", "a bicycle chained to a pole",
-        "a vase of flowers on a window sill", "the sandwich is cut in half", "a giraffe eating leaves from a tree",
-        "a horse-drawn carriage on a cobblestone street", "a glass of wine and a bottle", "a dog catching a frisbee",
-        "a double-decker bus driving down a street", "the snowboarder jumps off a ramp",
-        "a group of people playing frisbee in a park", "a clock on the wall above the door",
-        "an oven mitt hanging from a hook", "a close-up of a donut with sprinkles", "a street sign for main st.",
-        "the skateboarder is doing a trick on a rail", "rows of books on shelves in a library",
-        "a mirror reflecting a sink and towels", "a television remote on the sofa cushion",
-        "a child flying a kite", "x-ray of a hand", "a cow standing in the grass", "bowls and spoons",
-        "", "the", "dogs", "a very very very long caption " + "with a dog and a cat and a bird " * 6,
-        " ".join(f"a {n}" for n in ["dog", "cat", "car", "bus", "tree", "house", "road", "sky", "bird", "boat",
-                                    "chair", "table", "bed", "cup", "plate", "bottle", "person", "horse", "sheep",
-                                    "cow", "train", "truck", "bench", "clock", "vase", "book", "laptop", "mouse",
-                                    "keyboard", "phone", "oven", "sink", "toilet", "couch"]),
+        "two traffic lights above a busy street",
+        "a park bench under a tree",
+        "a dog bed on the floor",
+        "giraffes standing by the bus on the street",
+        "a 3d picture of a dog and a cat",
+        "a man in a t-shirt holding a tennis racket",
+        "the dog's toy lies next to the sofa",
+        "A Café with chairs and tables outside",
+        "people walking on the sidewalk near parked cars",
+        "a pizza with cheese, tomatoes and olives on a wooden table",
+        "a baseball player swinging a bat",
+        "an old clock tower in the city centre",
+        "a bowl of fruit: apples, bananas, oranges and grapes",
+        "cats cats cats everywhere",
+        "a fire hydrant painted red and yellow",
+        "the stop sign at the corner",
+        "a teddy bear sitting on a chair",
+        "a laptop computer and a cell phone on a desk",
+        "kites flying over the beach on a windy day",
+        "a train going over a bridge across the river",
+        "a skier going down a snowy mountain slope",
+        "the kitchen has a refrigerator, a microwave and an oven",
+        "a woman with an umbrella in the rain",
+        "sheep grazing in a grassy field near a fence",
+        "a surfboard leaning against a wall",
+        "an elephant and its baby by the water",
+        "a bathroom with a toilet, a sink and a bathtub",
+        "motorcycles parked in a row along the road",
+        "a boy eating a hot dog at a baseball game",
+        "2 zebras and 1 giraffe in a zoo enclosure",
+        "a plate of broccoli and carrots",
+        "a living room with a couch, a tv and a coffee table",
+        "a stuffed animal on a bed with pillows",
+        "an airplane flying in the blue sky",
+        "the boats in the harbor at sunset",
+        "a cup of coffee next to a book",
+        "a bicycle chained to a pole",
+        "a vase of flowers on a window sill",
+        "the sandwich is cut in half",
+        "a giraffe eating leaves from a tree",
+        "a horse-drawn carriage on a cobblestone street",
+        "a glass of wine and a bottle",
+        "a dog catching a frisbee",
+        "a double-decker bus driving down a street",
+        "the snowboarder jumps off a ramp",
+        "a group of people playing frisbee in a park",
+        "a clock on the wall above the door",
+        "an oven mitt hanging from a hook",
+        "a close-up of a donut with sprinkles",
+        "a street sign for main st.",
+        "the skateboarder is doing a trick on a rail",
+        "rows of books on shelves in a library",
+        "a mirror reflecting a sink and towels",
+        "a television remote on the sofa cushion",
+        "a child flying a kite",
+        "x-ray of a hand",
+        "a cow standing in the grass",
+        "bowls and spoons",
+        "",
+        "the",
+        "dogs",
+        "a very very very long caption " + "with a dog and a cat and a bird " * 6,
+        " ".join(
+            f"a {n}"
+            for n in [
+                "dog",
+                "cat",
+                "car",
+                "bus",
+                "tree",
+                "house",
+                "road",
+                "sky",
+                "bird",
+                "boat",
+                "chair",
+                "table",
+                "bed",
+                "cup",
+                "plate",
+                "bottle",
+                "person",
+                "horse",
+                "sheep",
+                "cow",
+                "train",
+                "truck",
+                "bench",
+                "clock",
+                "vase",
+                "book",
+                "laptop",
+                "mouse",
+                "keyboard",
+                "phone",
+                "oven",
+                "sink",
+                "toilet",
+                "couch",
+            ]
+        ),
     ]
-    subjects = ["a dog", "two cats", "a young man", "the little girl", "a brown horse", "three sheep", "a woman",
-                "several people", "a black bear", "the baseball players", "a tabby cat", "an old truck"]
-    verbs = ["sitting on", "standing next to", "looking at", "walking past", "lying under", "playing with",
-             "jumping over", "parked beside"]
-    objects = ["a wooden bench", "the kitchen table", "a large tree", "some traffic cones", "a stop sign",
-               "a fire truck", "the dining table", "a potted plant", "two computer monitors", "a tennis court",
-               "the water bottles", "a street light", "a pile of snow", "the car door", "an ice cream cone"]
-    places = ["", " in a park", " on the street", " at the beach", " in a living room", " near the river",
-              " during the night", " in front of a building"]
+    subjects = [
+        "a dog",
+        "two cats",
+        "a young man",
+        "the little girl",
+        "a brown horse",
+        "three sheep",
+        "a woman",
+        "several people",
+        "a black bear",
+        "the baseball players",
+        "a tabby cat",
+        "an old truck",
+    ]
+    verbs = [
+        "sitting on",
+        "standing next to",
+        "looking at",
+        "walking past",
+        "lying under",
+        "playing with",
+        "jumping over",
+        "parked beside",
+    ]
+    objects = [
+        "a wooden bench",
+        "the kitchen table",
+        "a large tree",
+        "some traffic cones",
+        "a stop sign",
+        "a fire truck",
+        "the dining table",
+        "a potted plant",
+        "two computer monitors",
+        "a tennis court",
+        "the water bottles",
+        "a street light",
+        "a pile of snow",
+        "the car door",
+        "an ice cream cone",
+    ]
+    places = [
+        "",
+        " in a park",
+        " on the street",
+        " at the beach",
+        " in a living room",
+        " near the river",
+        " during the night",
+        " in front of a building",
+    ]
     generated = []
     for i in range(240 - len(hand)):
         s, v, o, p = subjects[i % 12], verbs[(i * 5) % 8], objects[(i * 7) % 15], places[(i * 3) % 8]
@@ -302,8 +464,15 @@ def run_concepts(official: Path, out: Path) -> None:
     for caption in golden_captions():
         _, concept_indices, _, all_concepts = release.extract_nouns(release.tokenizer, caption)
         kept = [(name, row) for name, row in zip(all_concepts, concept_indices) if name in index]
-        records.append({"caption": caption, "concepts": [
-            {"name": name, "label": index[name], "positions": [int(p) for p in row if p != 0]} for name, row in kept]})
+        records.append(
+            {
+                "caption": caption,
+                "concepts": [
+                    {"name": name, "label": index[name], "positions": [int(p) for p in row if p != 0]}
+                    for name, row in kept
+                ],
+            }
+        )
     (out / "concepts.json").write_text(json.dumps({"bank_size": len(bank), "captions": records}, indent=0))
     print(f"concepts: {len(records)} captions, {sum(len(r['concepts']) for r in records)} concepts")
 
@@ -325,10 +494,8 @@ def main() -> None:
     base = [sys.executable, __file__, "--official", str(args.official), "--out", str(args.out)]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     paths = [str(args.official / "src")] + ([args.extra_path] if args.extra_path else [])
-    subprocess.run(base + ["--phase", "model"], check=True,
-                   env=dict(env, PYTHONPATH=os.pathsep.join(paths)))
-    subprocess.run(base + ["--phase", "ddp"], check=True,
-                   env=dict(env, PYTHONPATH=os.pathsep.join(paths)))
+    subprocess.run(base + ["--phase", "model"], check=True, env=dict(env, PYTHONPATH=os.pathsep.join(paths)))
+    subprocess.run(base + ["--phase", "ddp"], check=True, env=dict(env, PYTHONPATH=os.pathsep.join(paths)))
     subprocess.run(base + ["--phase", "concepts"], check=True, env=dict(env, PYTHONPATH=str(REPO)))
 
 

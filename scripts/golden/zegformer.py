@@ -12,8 +12,8 @@ writes what ``tests/test_zegformer_official.py`` compares ovseg against:
   outputs: proposals (class logits, stride-4 mask logits, all decoder layers), the CLIP branch
   (16x16-average-pooled 224-px crops, image features) and the fused, calibrated semantic map of one
   inference image, and the same for designed proposals (compact, one row, one column, one pixel,
-  empty, in the padding) that replace the head's masks at the padded resolution; the Hungarian assignment of every decoder layer and the set losses of a
-  training batch;
+  empty, in the padding) that replace the head's masks at the padded resolution; the Hungarian
+  assignment of every decoder layer and the set losses of a training batch;
 - ``tests/fixtures/zegformer/official_r101_shapes.json``: key -> shape of the official state dict
   at real size (R-101, 256-wide heads, 100 queries, 6 layers), for the strict-loading test.
 

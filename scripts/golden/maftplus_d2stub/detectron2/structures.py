@@ -16,8 +16,9 @@ class ImageList:
         if size_divisibility > 1:
             height = -(-height // size_divisibility) * size_divisibility
             width = -(-width // size_divisibility) * size_divisibility
-        batch = torch.stack([F.pad(t, (0, width - t.shape[-1], 0, height - t.shape[-2]), value=pad_value)
-                             for t in tensors])
+        batch = torch.stack(
+            [F.pad(t, (0, width - t.shape[-1], 0, height - t.shape[-2]), value=pad_value) for t in tensors]
+        )
         return ImageList(batch, [tuple(t.shape[-2:]) for t in tensors])
 
 

@@ -61,8 +61,9 @@ class OVSegCLI(LightningCLI):
     """LightningCLI with ovseg's base classes, exact option names and run-owned outputs.
 
     Beyond stock LightningCLI: abbreviated options are refused; a ``ModelCheckpoint`` without
-    ``dirpath`` writes to ``<default_root_dir>/checkpoints``, an unset logger is a ``CSVLogger`` in
-    ``default_root_dir``, and ``last.ckpt`` is replaced, not versioned (``last-v1.ckpt``), so each
+    ``dirpath`` writes to ``<default_root_dir>/checkpoints`` and replaces its ``last.ckpt`` instead
+    of versioning it (``last-v1.ckpt``; an explicit ``dirpath`` keeps the user's
+    ``enable_version_counter``), an unset logger is a ``CSVLogger`` in ``default_root_dir``, so each
     run's outputs follow its ``--trainer.default_root_dir``; ``--ckpt_path last`` with nothing to
     resume is an error (``--allow_fresh_start true`` starts fresh instead); checkpoint files are
     checked before loading; a fit stopped by a signal saves a checkpoint and reports it
@@ -95,9 +96,9 @@ class OVSegCLI(LightningCLI):
             class_path = str(callback.get("class_path", "")) if hasattr(callback, "get") else ""
             init_args = callback.get("init_args") if class_path else None
             if class_path.endswith("ModelCheckpoint") and init_args is not None:
-                if init_args.get("dirpath") is None:
+                if init_args.get("dirpath") is None:  # a folder the user did not choose: the run's own
                     init_args["dirpath"] = str(Path(root) / "checkpoints")
-                init_args["enable_version_counter"] = False  # one last.ckpt per folder, the newest run's
+                    init_args["enable_version_counter"] = False  # one last.ckpt per folder, the newest run's
         if trainer.get("logger") is None:  # Lightning's default, without its TensorBoard warning
             from jsonargparse import Namespace
 

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ovseg.errors import UserError
+
 #: method name -> ``module:function`` of its key mapping (imported only when that method is converted)
 CONVERTERS: dict[str, str] = {
     "simzss": "ovseg.methods.simzss.convert:convert_state_dict",
@@ -42,7 +44,7 @@ CONVERTERS: dict[str, str] = {
 STATE_DICT_ENTRIES = ("state_dict", "model", "module")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """A checkpoint that cannot be converted, with what to do about it."""
 
 

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ovseg.errors import MissingResourceError, UserError
+
 if TYPE_CHECKING:
     from ovseg.module import OVSegModule
 
@@ -40,7 +42,7 @@ def _jsonable(value: Any, key: str) -> Any:
     try:
         return json.loads(json.dumps(value))
     except TypeError as err:
-        raise TypeError(
+        raise UserError(
             f"the configuration entry {key!r} cannot be written as JSON ({err}); build the model "
             "through LightningCLI (ovseg fit/validate) or from YAML-style arguments"
         ) from err
@@ -50,7 +52,7 @@ def model_config(module: OVSegModule) -> dict[str, Any]:
     """``config.json`` content: format, method, hyper-parameters and the method's extra checkpoint state."""
     hparams = dict(module.hparams)
     if not hparams:
-        raise ValueError(
+        raise UserError(
             f"this {type(module).__name__} records no configuration (it was not built by LightningCLI or "
             "from_pretrained), so it could not be rebuilt from the Hub: build it with `ovseg fit ...` or "
             "OVSegModule.from_pretrained"
@@ -175,9 +177,9 @@ def snapshot(name_or_path: str, revision: str | None = None) -> Path:
                 )
             )
         except Exception as err:  # not found, offline without a cached copy, no access
-            raise OSError(
+            raise MissingResourceError(
                 f"could not get the ovseg model {name_or_path!r} from the Hub (a local folder or "
-                f"ORG/NAME; offline it must be in the Hugging Face cache): {err}"
+                f"ORG/NAME; offline it must be in the Hugging Face cache): {str(err).splitlines()[0]}"
             ) from err
     for name in (WEIGHTS_NAME, CONFIG_NAME):
         if not (folder / name).is_file():
@@ -191,7 +193,7 @@ def read_folder(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 
     config = json.loads((folder / CONFIG_NAME).read_text())
     if config.get("format") != FORMAT:
-        raise ValueError(
+        raise UserError(
             f"{folder / CONFIG_NAME} is not an ovseg model config (format {config.get('format')!r}, "
             f"expected {FORMAT!r})"
         )
@@ -233,7 +235,7 @@ def from_pretrained(
     if os.path.isfile(name_or_path):
         checkpoint = torch.load(name_or_path, map_location="cpu", weights_only=True)
         if not isinstance(checkpoint, dict) or not checkpoint.get("hyper_parameters"):
-            raise ValueError(
+            raise UserError(
                 f"{name_or_path} records no hyper-parameters: only checkpoints of models built by "
                 "LightningCLI (ovseg fit, ovseg convert) can be rebuilt without their YAML"
             )
@@ -247,12 +249,12 @@ def from_pretrained(
     hparams = dict(checkpoint["hyper_parameters"])
     stored = cls.checkpoint_method(checkpoint)
     if stored is None:
-        raise ValueError(f"{name_or_path} names no method (no ovseg_method, no _class_path hyper-parameter)")
+        raise UserError(f"{name_or_path} names no method (no ovseg_method, no _class_path hyper-parameter)")
     method = _method_class(hparams.get("_class_path", stored), name_or_path)
     _method_class(stored, name_or_path)  # imported with the method above, for a genuine model
     cls.check_checkpoint_method(checkpoint, cls, f"the model {name_or_path}")
     if not issubclass(method, cls):
-        raise TypeError(f"the model {name_or_path} names {stored}, not an ovseg method of type {cls.__name__}")
+        raise UserError(f"the model {name_or_path} names {stored}, not an ovseg method of type {cls.__name__}")
     hparams.pop("_instantiator", None)
     with _given_hyperparameters_context(hparams=hparams, instantiator="lightning.pytorch.cli.instantiate_module"):
         module = instantiate_module(method, hparams)
@@ -272,13 +274,13 @@ def _method_class(class_path: str, source: str) -> type:
 
     module = class_path.rpartition(".")[0]
     if class_path not in METHODS.values() and module not in sys.modules:
-        raise ValueError(
+        raise UserError(
             f"the model {source} names the class {class_path}, which is not an ovseg method "
             f"({', '.join(METHODS.values())}); import its module first if you trust it"
         )
     method = import_object(class_path)
     if not isinstance(method, type):
-        raise TypeError(f"the model {source} names {class_path}, which is not a class")
+        raise UserError(f"the model {source} names {class_path}, which is not a class")
     return method
 
 

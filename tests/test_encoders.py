@@ -26,6 +26,7 @@ from ovseg.encoders import (  # noqa: E402
     tiny_open_clip_config,
 )
 from ovseg.encoders.timm_vit import NORM_PRESETS  # noqa: E402
+from ovseg.errors import UserError  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -116,13 +117,13 @@ def test_timm_vit_wrong_checkpoint_raises(tmp_path) -> None:
     deeper = TimmViT.tiny(model_kwargs={"depth": 3, "embed_dim": 64, "num_heads": 2, "img_size": 56})
     path = tmp_path / "deeper.pth"
     torch.save(deeper.model.state_dict(), path)
-    with pytest.raises(RuntimeError, match="deeper.pth") as info:
+    with pytest.raises(UserError, match="deeper.pth") as info:
         TimmViT.tiny(checkpoint_path=str(path))
     assert "blocks.2" in str(info.value)  # the unexpected keys are named
     wider = TimmViT.tiny(model_kwargs={"depth": 2, "embed_dim": 96, "num_heads": 2, "img_size": 56})
     path = tmp_path / "wider.safetensors"
     save_file({k: v.contiguous() for k, v in wider.model.state_dict().items()}, str(path))
-    with pytest.raises(RuntimeError, match="wider.safetensors"):
+    with pytest.raises(UserError, match="wider.safetensors"):
         TimmViT.tiny(checkpoint_path=str(path))
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         TimmViT.tiny(checkpoint_path=str(tmp_path / "missing.pth"))
@@ -191,7 +192,7 @@ def test_text_transformer_defaults_and_checkpoint(tmp_path) -> None:
     ids = src.tokenize(["hello world"])
     with torch.no_grad():
         torch.testing.assert_close(src(ids).tokens, dst(ids).tokens, rtol=0, atol=0)
-    with pytest.raises(RuntimeError, match="text.pth"):
+    with pytest.raises(UserError, match="text.pth"):
         CLIPTextTransformer.tiny(output_dim=16, checkpoint_path=str(path))
 
 
@@ -293,7 +294,7 @@ def test_open_clip_checkpoint(tmp_path) -> None:
         torch.testing.assert_close(text(ids).pooled, src.encode_text(ids), rtol=0, atol=0)
     bad = tmp_path / "bad_clip.pth"
     torch.save({k: v for k, v in src.state_dict().items() if not k.startswith("visual.")}, bad)
-    with pytest.raises(RuntimeError, match="bad_clip.pth"):
+    with pytest.raises(UserError, match="bad_clip.pth"):
         OpenCLIPImage(config=cfg, checkpoint_path=str(bad))
 
 

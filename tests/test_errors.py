@@ -237,6 +237,24 @@ def test_user_errors_are_one_line_without_traceback_unless_debug(tmp_path, capsy
     assert_one_line_error(code, err, str(tmp_path / "nope"))
 
 
+def test_encoder_weight_files_and_hub_names_that_do_not_fit_are_one_line(tmp_path, capsys):
+    """A weight file of another architecture, and a Hub model that is not there, are the user's to fix."""
+    torch.save({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, tmp_path / "wrong_vit.pth")
+    code, _, err = exits(
+        capsys,
+        "validate",
+        "-c",
+        SMOKE,
+        "--trainer.logger",
+        "false",
+        "--model.init_args.image_encoder.init_args.checkpoint_path",
+        str(tmp_path / "wrong_vit.pth"),
+    )
+    assert_one_line_error(code, err, "wrong_vit.pth")
+    code, _, err = exits(capsys, "validate", "-c", SMOKE, "--ckpt_path", f"hf://{tmp_path}/absent_model")
+    assert code == 2 and "absent_model" in err and "Traceback" not in err
+
+
 # ------------------------------------------------------------------ 7, 12: exact options, short names, help
 
 

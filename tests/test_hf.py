@@ -23,6 +23,7 @@ from ovseg.encoders import (
     open_clip_to_hf_state_dict,
     tiny_open_clip_config,
 )
+from ovseg.errors import MissingResourceError
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["a photo of a red ball", "sky", "There is a kite in the scene, flying over the sand"]
@@ -240,7 +241,7 @@ def test_towers_load_by_hub_name_from_the_cache_offline(tiny_clip, hf_cache):
     assert HFText("org/tiny-clip").tokenize(["sky"]).shape == (1, 77)
     converted = build_open_clip_model("transformers:org/tiny-clip")
     assert all(torch.equal(value, converted.state_dict()[key]) for key, value in clip.state_dict().items())
-    with pytest.raises(OSError, match="could not read the transformers config of 'org/other'"):
+    with pytest.raises(MissingResourceError, match="could not read the transformers config of 'org/other'"):
         HFImage("org/other")
 
 
@@ -277,7 +278,7 @@ def test_unsupported_checkpoints_give_clear_errors(tiny_siglip, tiny_dinov2, tmp
         build_open_clip_model(f"transformers:{tiny_siglip}")
     with pytest.raises(ValueError, match="DINOv2 image model: it has no text tower"):
         HFText(str(tiny_dinov2[0]))
-    with pytest.raises(OSError, match="could not read the transformers config of"):
+    with pytest.raises(MissingResourceError, match="could not read the transformers config of"):
         HFImage(str(tmp_path / "missing"))
     bert = tmp_path / "bert"
     transformers.BertConfig(

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from ovseg.cli import run
+from ovseg.errors import MissingResourceError
 from ovseg.vocabulary import Vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,5 +193,5 @@ def test_cli_validates_hub_models_like_the_fitted_model(trained, hf_cache, tmp_p
     assert len(converted) == 2  # one weights-only Lightning checkpoint per model, next to the HF cache
     with pytest.raises(ValueError, match="hold weights, not a training state"):
         run(["fit", *COMMON, "--ckpt_path", "hf://org/zegformer-synthetic"])
-    with pytest.raises(OSError, match="could not get the ovseg model 'org/missing'"):
+    with pytest.raises(MissingResourceError, match="could not get the ovseg model 'org/missing'"):
         run(["validate", *COMMON, "--ckpt_path", "hf://org/missing"])

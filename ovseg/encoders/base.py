@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ovseg.errors import UserError
+
 
 @dataclass
 class ImageFeatures:
@@ -115,7 +117,7 @@ def load_state_dict_file(path: str) -> dict[str, Tensor]:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
+        raise UserError(f"{path} does not hold a state dict (got {type(state).__name__})")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     return state
@@ -126,13 +128,13 @@ def load_state_dict_strict(module: nn.Module, state_dict: dict[str, Tensor], sou
     try:
         result = module.load_state_dict(state_dict, strict=False)
     except RuntimeError as err:  # shape mismatches
-        raise RuntimeError(f"could not load checkpoint {source} into {type(module).__name__}: {err}") from err
+        raise UserError(f"could not load checkpoint {source} into {type(module).__name__}: {err}") from err
     if result.missing_keys or result.unexpected_keys:
 
         def _short(keys: list[str]) -> str:
             return ", ".join(keys[:10]) + (f", ... ({len(keys)} in all)" if len(keys) > 10 else "")
 
-        raise RuntimeError(
+        raise UserError(
             f"checkpoint {source} does not match {type(module).__name__}: "
             f"missing keys [{_short(result.missing_keys)}], "
             f"unexpected keys [{_short(result.unexpected_keys)}]"

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ovseg.encoders.base import ImageEncoder, ImageFeatures, TextEncoder, TextFeatures
 from ovseg.encoders.timm_vit import NORM_PRESETS, Stat, resolve_norm_stat
+from ovseg.errors import MissingResourceError, UserError
 
 CLIP_TYPES = ("clip", "clip_vision_model", "clip_text_model", "metaclip_2")
 SIGLIP_TYPES = ("siglip", "siglip_vision_model", "siglip_text_model")
@@ -47,12 +48,12 @@ def model_family(model_type: str, source: str) -> str:
     if model_type in DINOV2_TYPES:
         return "dinov2"
     if model_type == "siglip2":
-        raise ValueError(
+        raise UserError(
             f"{source} is a NaFlex SigLIP 2 model (model_type 'siglip2'), which takes variable-resolution patch "
             "sequences: not supported. Use a fixed-resolution SigLIP 2 checkpoint (e.g. "
             "google/siglip2-base-patch16-224, a SiglipModel)"
         )
-    raise ValueError(
+    raise UserError(
         f"{source} has model_type {model_type!r}; ovseg's transformers towers support CLIP "
         f"({', '.join(CLIP_TYPES)}), SigLIP ({', '.join(SIGLIP_TYPES)}) and DINOv2 ({', '.join(DINOV2_TYPES)})"
     )
@@ -68,7 +69,7 @@ def load_hf_model(name_or_path: str, revision: str | None = None) -> tuple[nn.Mo
     try:
         config = transformers.AutoConfig.from_pretrained(name_or_path, revision=revision)
     except (OSError, ValueError) as err:
-        raise OSError(
+        raise MissingResourceError(
             f"could not read the transformers config of {name_or_path!r} (a Hub name or a local folder "
             f"holding config.json; offline, Hub names need a warm cache): {err}"
         ) from err
@@ -143,9 +144,9 @@ class HFImage(ImageEncoder):
         self.family, self.pooling, self.model_name_or_path = family, pooling, model_name_or_path
         self.vision: nn.Module = getattr(model, "vision_model", model)
         if family == "clip" and not hasattr(self.vision, "embeddings"):
-            raise ValueError(f"{model_name_or_path!r} has no CLIP image tower (a text-only checkpoint?)")
+            raise UserError(f"{model_name_or_path!r} has no CLIP image tower (a text-only checkpoint?)")
         if family == "siglip" and not hasattr(self.vision, "post_layernorm"):
-            raise ValueError(f"{model_name_or_path!r} has no SigLIP image tower (a text-only checkpoint?)")
+            raise UserError(f"{model_name_or_path!r} has no SigLIP image tower (a text-only checkpoint?)")
         self.projection: nn.Module | None = getattr(model, "visual_projection", None)
         config = self.vision.config
         patch = config.patch_size
@@ -155,7 +156,7 @@ class HFImage(ImageEncoder):
         self.dense_in_joint_space = family != "siglip"
         self.embed_dim: int = self.dense_dim
         if family == "siglip" and getattr(self.vision, "head", None) is None:
-            raise ValueError(f"{model_name_or_path!r}: a SigLIP tower without its pooling head is not supported")
+            raise UserError(f"{model_name_or_path!r}: a SigLIP tower without its pooling head is not supported")
         registers = int(getattr(config, "num_register_tokens", 0) or 0)
         self.num_prefix_tokens = {"clip": 1, "siglip": 0}.get(family, 1 + registers)  # [CLS] and registers
 
@@ -217,11 +218,11 @@ class HFText(TextEncoder):
 
         model, family = load_hf_model(model_name_or_path, revision)
         if family == "dinov2":
-            raise ValueError(f"{model_name_or_path!r} is a DINOv2 image model: it has no text tower")
+            raise UserError(f"{model_name_or_path!r} is a DINOv2 image model: it has no text tower")
         self.family, self.model_name_or_path = family, model_name_or_path
         self.text: nn.Module = getattr(model, "text_model", model)
         if not hasattr(self.text, "final_layer_norm"):
-            raise ValueError(f"{model_name_or_path!r} has no text tower (an image-only checkpoint?)")
+            raise UserError(f"{model_name_or_path!r} has no text tower (an image-only checkpoint?)")
         self.projection: nn.Module | None = getattr(model, "text_projection", None)
         if family == "siglip":
             self.projection = self.text.head
@@ -229,14 +230,14 @@ class HFText(TextEncoder):
         max_length = int(config.max_position_embeddings)
         self.context_length: int = int(context_length or max_length)
         if self.context_length > max_length:
-            raise ValueError(f"context_length {self.context_length} exceeds the model's {max_length} positions")
+            raise UserError(f"context_length {self.context_length} exceeds the model's {max_length} positions")
         self.embed_dim: int = (
             int(self.projection.out_features) if self.projection is not None else int(config.hidden_size)
         )
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_name_or_path, revision=revision)
         except (OSError, ValueError) as err:
-            raise OSError(f"could not load the tokenizer of {model_name_or_path!r}: {err}") from err
+            raise MissingResourceError(f"could not load the tokenizer of {model_name_or_path!r}: {err}") from err
 
     def tokenize(self, texts: list[str]) -> Tensor:
         """Strings -> (B, context_length) int64 ids, padded to the full length."""

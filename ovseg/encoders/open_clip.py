@@ -23,6 +23,7 @@ from ovseg.encoders.base import ImageEncoder, ImageFeatures, TextEncoder, TextFe
 from ovseg.encoders.hf_open_clip import TRANSFORMERS_PREFIX, open_clip_from_transformers
 from ovseg.encoders.text_transformer import projection_dim, run_clip_text_tower
 from ovseg.encoders.timm_vit import Stat, resolve_norm_stat
+from ovseg.errors import UserError
 
 
 def build_open_clip_model(
@@ -77,7 +78,7 @@ def _load_clip_checkpoint(model: nn.Module, path: str) -> None:
     try:
         open_clip.load_checkpoint(model, path, strict=True)
     except Exception as err:
-        raise RuntimeError(f"could not load checkpoint {path} into {type(model).__name__}: {err}") from err
+        raise UserError(f"could not load checkpoint {path} into {type(model).__name__}: {err}") from err
 
 
 def tiny_open_clip_config(vision: Literal["vit", "convnext"] = "vit", embed_dim: int = 32) -> dict[str, Any]:

@@ -214,3 +214,23 @@ def test_longer_pretraining_recognises_both_unseen_categories():
     sand_auc, _ = recognition(model, NAMES.index("sand"), size=64)
     kite_auc, _ = recognition(model, NAMES.index("kite"), size=64)
     assert sand_auc > 0.9 and kite_auc > 0.7
+
+
+@pytest.mark.parametrize("data", ["CocoCaptionsDataModule", "WebDatasetDataModule"])
+def test_fits_from_the_other_caption_datamodules(data, tmp_path, monkeypatch):
+    """Two steps of ``ovseg fit`` from COCO Captions / WebDataset files (the synthetic world written
+    in their formats), with the fast-mode tiny CLIP."""
+    from test_cli import FAST, REPO, coco_captions_data_args, webdataset_data_args  # tests/test_cli.py
+
+    from ovseg.cli import run
+
+    monkeypatch.chdir(tmp_path)
+    data_args = coco_captions_data_args if data == "CocoCaptionsDataModule" else webdataset_data_args
+    cli = run(
+        ["fit", "-c", str(REPO / "configs/clip/synthetic.yaml"), "-c", str(FAST / "clip.yaml")]
+        + ["--data", f"ovseg.datamodules.{data}", *data_args(tmp_path)]
+        + ["--trainer.fast_dev_run", "2", "--trainer.enable_progress_bar", "false"]
+    )
+    assert cli.trainer.global_step == 2
+    assert "val/mIoU" in cli.trainer.callback_metrics
+    assert float(cli.trainer.callback_metrics["train/loss"]) > 0

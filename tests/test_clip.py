@@ -59,6 +59,16 @@ def test_training_loss_is_open_clips_loss_and_trains_both_towers():
     assert float(model.contrastive_loss.logit_scale.grad.abs()) > 0
 
 
+def test_configuration_errors_name_the_option():
+    with pytest.raises(ValueError, match="dense_features must be 'maskclip' or 'tokens'"):
+        make_clip(dense_features="value")
+    with pytest.raises(ValueError, match="SigLIP models are not supported"):
+        make_clip({**TINY, "init_logit_bias": -10.0})
+    attention_pooled = {**TINY, "vision_cfg": {**TINY["vision_cfg"], "attentional_pool": True}}
+    with pytest.raises(ValueError, match="attentional pooling"):
+        make_clip(attention_pooled)
+
+
 def maskclip_dense_by_hand(model: CLIP, images: torch.Tensor) -> torch.Tensor:
     """(B, D, h, w): the ViT run block by block, the last block replaced by out_proj(v(ln_1(x)))."""
     visual = model.image_encoder.visual

@@ -8,4 +8,5 @@ METHODS: dict[str, str] = {
     "simzss": "ovseg.methods.simzss.SimZSS",
     "cdt": "ovseg.methods.cdt.CDT",
     "zegformer": "ovseg.methods.zegformer.ZegFormer",
+    "clip": "ovseg.methods.clip.CLIP",
 }

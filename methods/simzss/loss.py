@@ -8,7 +8,8 @@ Notation and numbering follow the order of the paper's method section as summari
   projected tokens is the same thing);
 - (2) visual concept: s = softmax_i(cos(z_v^i, q) / tau), c_v = sum_i s_i z_v^i, with the query q
   the concept's class prototype (as the official code does) and tau = 0.1;
-- (3) global loss: symmetric InfoNCE between image [CLS] and caption EOT features;
+- (3) global loss: symmetric InfoNCE between image [CLS] and caption EOT features
+  (:class:`~ovseg.contrastive.GlobalContrastiveLoss`, shared with CLIP pretraining);
 - (4) class prototypes: h_k = sum_j 1{q_j = k} c_t^j over the concepts of the batch, L2-normalised;
 - (5) local loss: cross-entropy of softmax(s_l * normalise(c_v) . h^T) over the concepts present in
   the batch, s_l = 1/0.07 fixed;
@@ -28,8 +29,6 @@ Switches between the paper and the official release (tileb1/simzss @2142ac5, doc
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,62 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ovseg.contrastive import Gather, GlobalContrastiveLoss, identity_gather
+
 CONCEPT_POOLINGS = ("mean", "normalized_sum")
 CLASS_SETS = ("rank", "global")
 
-Gather = Callable[[Tensor], Tensor]
-"""(B, ...) local tensor -> (world * B, ...) tensor of all ranks, with gradients."""
-
-
-def identity_gather(tensor: Tensor) -> Tensor:
-    """Single process: nothing to gather."""
-    return tensor
-
-
-class GlobalContrastiveLoss(nn.Module):
-    """Eq. (3): symmetric image-caption InfoNCE with a learnable temperature.
-
-    Local features are contrasted with the features of all ranks (gathered with gradients), as
-    OpenCLIP's ``ClipLoss(local_loss=True, gather_with_grad=True)``; the result equals the
-    single-process loss on the concatenated batch.
-
-    Args:
-        init_scale: initial logit scale (1/0.07); stored as its log.
-        max_scale: the scale is clamped to at most this value (100).
-    """
-
-    def __init__(self, init_scale: float = 1 / 0.07, max_scale: float = 100.0) -> None:
-        super().__init__()
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
-        self.max_scale = max_scale
-
-    def scale(self) -> Tensor:
-        """The current logit scale exp(t), clamped to ``max_scale``."""
-        return self.logit_scale.exp().clamp(max=self.max_scale)
-
-    @torch.no_grad()
-    def clamp_(self) -> None:
-        """Clamp the parameter itself to ln(max_scale), as OpenCLIP does after each optimizer step
-        (so that it can come back down instead of drifting above the cap with zero gradient)."""
-        self.logit_scale.clamp_(max=math.log(self.max_scale))
-
-    def forward(self, image: Tensor, text: Tensor, gather: Gather = identity_gather, rank: int = 0) -> Tensor:
-        """
-        Args:
-            image: (B, D) L2-normalised image features of this rank.
-            text: (B, D) L2-normalised caption features of this rank.
-            gather: all-gather with gradients across ranks.
-            rank: this rank's index (its samples sit at rank*B .. rank*B+B-1 in the gather).
-
-        Returns:
-            scalar loss.
-        """
-        all_image, all_text = gather(image), gather(text)
-        scale = self.scale()
-        logits_image = scale * image @ all_text.T  # (B, world*B)
-        logits_text = scale * text @ all_image.T
-        targets = torch.arange(image.shape[0], device=image.device) + rank * image.shape[0]
-        return 0.5 * (F.cross_entropy(logits_image, targets) + F.cross_entropy(logits_text, targets))
+__all__ = ["ConceptLoss", "Gather", "GlobalContrastiveLoss", "LocalLossOutput", "gather_concepts", "identity_gather"]
 
 
 @dataclass

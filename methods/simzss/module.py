@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ovseg.concepts import ConceptBank, ConceptExtractor
+from ovseg.contrastive import GlobalContrastiveLoss, module_gather
 from ovseg.encoders.base import ImageEncoder, TextEncoder
-from ovseg.methods.simzss.loss import ConceptLoss, GlobalContrastiveLoss
+from ovseg.methods.simzss.loss import ConceptLoss
 from ovseg.methods.simzss.model import FrozenImageFeatures, SimZSSModel
 from ovseg.module import OVSegModule, to_unit_float
 from ovseg.vocabulary import Prompt, Vocabulary
@@ -175,11 +176,9 @@ class SimZSS(OVSegModule):
         self.global_loss.clamp_()
 
     def _gather(self, sync_grads: bool = True):
-        """All-gather (with gradients if ``sync_grads``) across ranks (Lightning's), or identity on one
-        process; and this process's rank."""
-        if self._trainer is None or self.trainer.world_size == 1:
-            return (lambda tensor: tensor), 0
-        return (lambda tensor: self.all_gather(tensor, sync_grads=sync_grads).flatten(0, 1)), self.global_rank
+        """All-gather (with gradients if ``sync_grads``) across ranks, and this process's rank
+        (:func:`ovseg.contrastive.module_gather`)."""
+        return module_gather(self, sync_grads)
 
 
 def name_token_mask(prompts: list[Prompt], token_ids: Tensor, bpe_tokenizer: Any) -> Tensor:

@@ -15,9 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ovseg.contrastive import GlobalContrastiveLoss
 from ovseg.encoders.text_transformer import CLIPTextTransformer
 from ovseg.encoders.timm_vit import TimmViT
-from ovseg.methods.simzss.loss import ConceptLoss, GlobalContrastiveLoss, gather_concepts
+from ovseg.methods.simzss.loss import ConceptLoss, gather_concepts
 from ovseg.methods.simzss.module import CONCEPT_KEYS, SimZSS
 from ovseg.vocabulary import Vocabulary
 

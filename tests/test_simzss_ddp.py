@@ -48,7 +48,7 @@ def _linear_setup():
 
 
 def _linear_loss(part, gather, rank):
-    from ovseg.methods.simzss.loss import GlobalContrastiveLoss
+    from ovseg.contrastive import GlobalContrastiveLoss
 
     x_image, x_text, image_layer, text_layer = _linear_setup()
     loss_fn = GlobalContrastiveLoss().double()
@@ -214,7 +214,7 @@ def _assert_grads_equal(got, want, **tolerance):
 
 
 def test_gathered_global_loss_equals_single_process_loss_and_gradients(rank_results):
-    from ovseg.methods.simzss.loss import identity_gather
+    from ovseg.contrastive import identity_gather
 
     full_loss, full_grads = _linear_loss(slice(None), identity_gather, 0)
     local = [r["linear"] for r in rank_results]

@@ -36,12 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ovseg.contrastive import Gather, GlobalContrastiveLoss, identity_gather
+from ovseg.contrastive import Gather, identity_gather
 
 CONCEPT_POOLINGS = ("mean", "normalized_sum")
 CLASS_SETS = ("rank", "global")
 
-__all__ = ["ConceptLoss", "Gather", "GlobalContrastiveLoss", "LocalLossOutput", "gather_concepts", "identity_gather"]
+__all__ = ["ConceptLoss", "LocalLossOutput", "gather_concepts"]
 
 
 @dataclass

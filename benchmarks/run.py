@@ -162,9 +162,19 @@ def without_pretrained_weights(config: object) -> object:
     return out
 
 
+def for_synthetic_training(config: dict) -> dict:
+    """A copy of a model config that trains on the synthetic world's label space: training class
+    names made for another dataset (CDT's 171 COCO-Stuff names with synonyms) are dropped."""
+    init_args = dict(config.get("init_args") or {})
+    if init_args.get("training_class_names") is not None:
+        init_args["training_class_names"] = None
+    return {**config, "init_args": init_args}
+
+
 def config_model(path: str, device: torch.device, random_weights: bool = False) -> OVSegModule:
-    """The model section of a shipped config, built as ``ovseg fit`` builds it."""
-    config = yaml.safe_load((REPO / path).read_text())["model"]
+    """The model section of a shipped config, built as ``ovseg fit`` builds it (trained here on
+    the synthetic world, see :func:`for_synthetic_training`)."""
+    config = for_synthetic_training(yaml.safe_load((REPO / path).read_text())["model"])
     if random_weights:
         config = without_pretrained_weights(config)
     parser = ArgumentParser()

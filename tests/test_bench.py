@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from ovseg.inference import InferenceSettings, infer_scores
 
@@ -69,6 +70,19 @@ def test_real_size_configs_lose_every_pretrained_weight_source(bench):
     assert cleaned["clip_text"]["init_args"] == {"model_name": "ViT-B-16", "pretrained": None, "checkpoint_path": None}
     assert cleaned["image_encoder"]["init_args"]["pretrained"] is False
     assert cleaned["layers"] == [{"pretrained": False}]
+
+
+def test_real_size_configs_train_on_the_synthetic_label_space(bench):
+    """The CDT paper configs name MAFT+'s 171 COCO-Stuff training names; the bench trains on the
+    synthetic world's 13 classes, so they are dropped (the real-size CDT row failed without this)."""
+    config = yaml.safe_load((REPO / bench.METHOD_CONFIGS["CDT"][1]).read_text())["model"]
+    assert config["init_args"]["training_class_names"] == "packaged:coco_stuff_maftplus"
+    cleaned = bench.for_synthetic_training(config)
+    assert cleaned["init_args"]["training_class_names"] is None
+    assert config["init_args"]["training_class_names"] == "packaged:coco_stuff_maftplus"  # a copy
+    assert {k: v for k, v in cleaned["init_args"].items() if k != "training_class_names"} == {
+        k: v for k, v in config["init_args"].items() if k != "training_class_names"
+    }
 
 
 def test_real_size_rows_skip_the_sliding_window(bench):

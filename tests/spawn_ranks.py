@@ -18,6 +18,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def become_rank(rank: int, port: int, world: int) -> None:
+    """In a spawned worker: the environment Lightning's DDP reads to join a gloo group of ``world``
+    ranks on this machine as ``rank``, and one thread per rank."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+        GLOO_SOCKET_IFNAME="lo",
+    )
+    torch.set_num_threads(1)
+
+
 def run_ranks(worker: Callable, args: tuple, world: int, timeout_s: float, out_dir: str) -> list:
     """Spawn ``worker(rank, *args)`` on ``world`` processes; each saves ``out_dir/rank{r}.pt``.
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from spawn_ranks import free_port, run_ranks  # tests/spawn_ranks.py
+from spawn_ranks import become_rank, free_port, run_ranks  # tests/spawn_ranks.py
 
 from ovseg.datamodules.base import UnpaddedDistributedSampler, evaluation_sampler
 
@@ -104,16 +104,7 @@ def _validate(trainer_kwargs, data_root: str) -> dict:
 
 
 def _worker(rank: int, port: int, out_dir: str, data_root: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(WORLD),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        NODE_RANK="0",
-        GLOO_SOCKET_IFNAME="lo",
-    )
-    torch.set_num_threads(1)
+    become_rank(rank, port, WORLD)
     import torch.distributed as dist
     from lightning.pytorch.strategies import DDPStrategy
 

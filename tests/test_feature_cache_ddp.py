@@ -11,7 +11,7 @@ from datetime import timedelta
 import numpy as np
 import pytest
 import torch
-from spawn_ranks import free_port, run_ranks  # tests/spawn_ranks.py
+from spawn_ranks import become_rank, free_port, run_ranks  # tests/spawn_ranks.py
 
 WORLD = 2
 NUM_IMAGES = 12  # 6 per rank, 2 batches of 3: no padding, nothing dropped
@@ -43,16 +43,7 @@ def _write_store(path) -> None:
 
 
 def _worker(rank: int, port: int, out_dir: str, store: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(WORLD),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        NODE_RANK="0",
-        GLOO_SOCKET_IFNAME="lo",
-    )
-    torch.set_num_threads(1)
+    become_rank(rank, port, WORLD)
     import lightning as L
     import torch.distributed as dist
     from lightning.pytorch.strategies import DDPStrategy

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from spawn_ranks import free_port, run_ranks  # tests/spawn_ranks.py
+from spawn_ranks import become_rank, free_port, run_ranks  # tests/spawn_ranks.py
 
 from ovseg.cli import run
 from ovseg.datamodules.image_folder import (
@@ -278,16 +278,7 @@ NUM_IMAGES = 5
 
 
 def _ddp_worker(rank: int, port: int, out_dir: str, images: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(WORLD),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        NODE_RANK="0",
-        GLOO_SOCKET_IFNAME="lo",
-    )
-    torch.set_num_threads(1)
+    become_rank(rank, port, WORLD)
     import lightning as L
     import torch.distributed as dist
     from lightning.pytorch.strategies import DDPStrategy

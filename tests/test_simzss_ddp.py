@@ -18,7 +18,7 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.nn.functional as F
-from spawn_ranks import free_port, run_ranks  # tests/spawn_ranks.py
+from spawn_ranks import become_rank, free_port, run_ranks  # tests/spawn_ranks.py
 
 WORLD = 2
 HALF = 3  # samples per rank
@@ -128,16 +128,7 @@ def _release_losses(trainer, rank):
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(WORLD),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        NODE_RANK="0",
-        GLOO_SOCKET_IFNAME="lo",
-    )
-    torch.set_num_threads(1)
+    become_rank(rank, port, WORLD)
     import lightning as L
     import torch.distributed as dist
     from lightning.pytorch.strategies import DDPStrategy

@@ -358,7 +358,8 @@ def test_training_images_are_padded_with_the_normalised_train_pad_value():
     pixels = model.normalize(torch.rand(2, 3, 40, 50))
     padded, labels = model.pad_batch(pixels, torch.zeros(2, 40, 50, dtype=torch.long), fill=model.training_pad_fill())
     grey = model.normalize(torch.full((1, 3, 1, 1), 128 / 255)).view(3)
-    assert padded.shape == (2, 3, 64, 64) and labels is not None
+    assert padded.shape == (2, 3, 64, 64)
+    assert labels is not None and labels.shape == (2, 64, 64)
     torch.testing.assert_close(padded[..., :40, :50], pixels)
     torch.testing.assert_close(padded[:, :, 40:, :], grey.view(1, 3, 1, 1).expand(2, 3, 24, 64))
     torch.testing.assert_close(padded[:, :, :, 50:], grey.view(1, 3, 1, 1).expand(2, 3, 64, 14))

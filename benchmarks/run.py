@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
-from jsonargparse import ArgumentParser
 
 from ovseg.concepts import ConceptExtractor
+from ovseg.convert import build_model_from_section
 from ovseg.datamodules.synthetic import CATEGORIES, SyntheticWorld
 from ovseg.datamodules.synthetic.datamodule import SyntheticDataModule
 from ovseg.inference import InferenceSettings, infer_scores, window_starts
@@ -177,9 +177,7 @@ def config_model(path: str, device: torch.device, random_weights: bool = False) 
     config = for_synthetic_training(yaml.safe_load((REPO / path).read_text())["model"])
     if random_weights:
         config = without_pretrained_weights(config)
-    parser = ArgumentParser()
-    parser.add_subclass_arguments(OVSegModule, "model")
-    return parser.instantiate(parser.parse_object({"model": config})).model.to(device).eval()
+    return build_model_from_section(config).to(device).eval()
 
 
 def window_loop(images: torch.Tensor, score_fn, window: int, stride: int) -> torch.Tensor:

@@ -290,6 +290,12 @@ def _drop_shared_names(classes: list[tuple[str, ...]], name: str | None, source:
 
 
 # ------------------------------------------------------------------------------------------ presets
+#: settings shared by both protocols' presets (old-formula mIoU, ignore 255, JPEG images, PNG labels)
+_COMMON: dict[str, Any] = dict(
+    absent_policy="zero", ignore_index=255, image_suffix=".jpg", label_suffix=".png", reduce_zero_label=False
+)
+
+
 def _caption(name: str, **kwargs: Any) -> BenchmarkSpec:
     """Caption-trained protocol: mmseg layout; TCL/GroupViT geometry (short side 448, window 448,
     stride 224); 80 ImageNet templates; ClearCLIP background thresholds (see configs/data)."""
@@ -300,11 +306,7 @@ def _caption(name: str, **kwargs: Any) -> BenchmarkSpec:
         max_long_side=2048,
         window=448,
         stride=224,
-        absent_policy="zero",
-        ignore_index=255,
-        image_suffix=".jpg",
-        label_suffix=".png",
-        reduce_zero_label=False,
+        **_COMMON,
     )
     settings.update(kwargs)
     return BenchmarkSpec(name=name, **settings)
@@ -318,11 +320,7 @@ def _mask(name: str, **kwargs: Any) -> BenchmarkSpec:
         templates=list(ZEGFORMER_SINGLE),
         short_side=640,
         max_long_side=2560,
-        absent_policy="zero",
-        ignore_index=255,
-        image_suffix=".jpg",
-        label_suffix=".png",
-        reduce_zero_label=False,
+        **_COMMON,
     )
     settings.update(kwargs)
     return BenchmarkSpec(name=name, **settings)

@@ -184,10 +184,6 @@ def build_model(config: str | Path, overrides: Sequence[str] = ()) -> Any:
     """The :class:`~ovseg.module.OVSegModule` of ``config``'s ``model`` section, built as LightningCLI
     builds it (same hyper-parameters recorded), with ``--model.…`` ``overrides`` applied."""
     import yaml
-    from jsonargparse import ArgumentParser
-    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
-
-    from ovseg.module import OVSegModule
 
     config = Path(config)
     if not config.is_file():
@@ -195,9 +191,21 @@ def build_model(config: str | Path, overrides: Sequence[str] = ()) -> Any:
     section = (yaml.safe_load(config.read_text()) or {}).get("model")
     if not isinstance(section, Mapping):
         raise ConversionError(f"config {config} has no `model:` section")
+    return build_model_from_section(section, overrides)
+
+
+def build_model_from_section(section: Mapping[str, Any], overrides: Sequence[str] = ()) -> Any:
+    """The :class:`~ovseg.module.OVSegModule` of a config's ``model`` section (``class_path`` and
+    ``init_args``), built as LightningCLI builds it, with ``--model.…`` ``overrides`` applied."""
+    import yaml
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
+
+    from ovseg.module import OVSegModule
+
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(OVSegModule, "model", required=True, fail_untyped=False)
-    cfg = parser.parse_object({"model": section})
+    cfg = parser.parse_object({"model": dict(section)})
     if overrides:
         cfg = parser.parse_args(list(overrides), namespace=cfg)
     dumped = yaml.safe_load(parser.dump(cfg, skip_none=False))["model"]

@@ -27,7 +27,7 @@ from ovseg.prepare.synthetic import write_mmseg
 REPO = Path(__file__).resolve().parents[1]
 DATA_CONFIGS = sorted((REPO / "configs" / "data").glob("*.yaml"))
 SIZE = (36, 52)  # small, not square
-NUM_CLASSES = 13  # the synthetic world's categories
+NUM_CLASSES = 16  # the synthetic world's categories
 
 CLASS_COUNTS = {
     "voc21": 21,
@@ -402,7 +402,7 @@ def test_label_values_outside_the_range_are_named(tmp_path, mmseg_root):
         dm = EvaluationDataModule([synthetic_spec()], root=str(root), num_workers=workers)
         dm.setup()
         with pytest.raises(
-            DataError, match=rf"{bad}: label values \[40\] are out of range.*'synthetic' has 13 classes"
+            DataError, match=rf"{bad}: label values \[40\] are out of range.*'synthetic' has 16 classes"
         ):
             all_samples(dm)
 
@@ -598,7 +598,7 @@ def test_validate_end_to_end_with_two_benchmarks(tmp_path, monkeypatch, world):
                             "name": "synthetic_eval",
                             "data_root": "synthetic_mmseg",
                             "class_names": "class_names.txt",
-                            "unseen_classes": ["sand", "kite"],
+                            "unseen_classes": ["sand", "snow", "kite", "umbrella"],
                         },
                         {
                             "name": "small",

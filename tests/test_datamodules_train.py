@@ -370,11 +370,11 @@ def test_coco_stuff_bad_inputs(data, tmp_path):
     label_dir = root / "annotations" / "train2017"
     labels = sorted(label_dir.iterdir())
     array = np.asarray(Image.open(labels[0])).copy()
-    array[0, :3] = [13, 200, 254]  # 13 classes: 13 and 200 are out of range, 254 too
+    array[0, :3] = [16, 200, 254]  # 16 classes: 16 and 200 are out of range, 254 too
     Image.fromarray(array).save(labels[0])
     dm = CocoStuffDataModule(str(root), transform=IDENTITY, num_workers=0)
     dm.setup("fit")
-    with pytest.raises(ValueError, match=rf"{labels[0].name}.*\[13, 200, 254\].*0\.\.12"):
+    with pytest.raises(ValueError, match=rf"{labels[0].name}.*\[16, 200, 254\].*0\.\.15"):
         dm.train_set[0]
     labels[1].unlink()
     with pytest.raises(FileNotFoundError, match=labels[1].name):
@@ -651,7 +651,7 @@ def test_make_shards_from_coco_stuff(data, tmp_path, world):
             transform=IDENTITY,
             with_captions=False,
             with_labels=True,
-            num_classes=13,
+            num_classes=16,
         )
     )
     assert len(samples) == N_STUFF

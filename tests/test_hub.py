@@ -76,11 +76,11 @@ def test_save_pretrained_writes_weights_config_and_model_card(trained):
     assert config["method"] == "ovseg.methods.zegformer.module.ZegFormer"
     assert config["hyper_parameters"]["_class_path"] == "ovseg.methods.zegformer.ZegFormer"
     assert config["hyper_parameters"]["num_queries"] == 4  # the resolved configuration (fast overlay)
-    assert config["checkpoint_state"]["ovseg_training_classes"]["unseen"] == ["sand", "kite"]
+    assert config["checkpoint_state"]["ovseg_training_classes"]["unseen"] == ["sand", "snow", "kite", "umbrella"]
 
     card = (folder / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: ovseg" in card and "# ZegFormer (ovseg)" in card
-    assert "ovseg.datamodules.synthetic" in card and "unseen (held out): kite, sand" in card
+    assert "ovseg.datamodules.synthetic" in card and "unseen (held out): kite, sand, snow, umbrella" in card
     results = model.last_results["synthetic"]
     row = next(line for line in card.splitlines() if line.startswith("| synthetic |"))
     assert f"{float(results['mIoU']):.2f}" in row and f"{float(results['hIoU']):.2f}" in row

@@ -5,6 +5,7 @@ from .captions import plural
 from .categories import (
     CATEGORIES,
     IGNORE_INDEX,
+    PLAIN_BACKGROUND,
     Category,
     Scene,
     canonical_split,
@@ -18,6 +19,7 @@ from .world import SyntheticWorld
 __all__ = [
     "CATEGORIES",
     "IGNORE_INDEX",
+    "PLAIN_BACKGROUND",
     "Category",
     "Scene",
     "SyntheticDataModule",

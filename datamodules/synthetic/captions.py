@@ -120,6 +120,8 @@ class CaptionWriter:
             options += [f"close up of {T}", f"{T} seen from above"]
         if S and not T:
             options += [f"a view of {S}", f"a wide view of {S}", f"a landscape with {S}"]
+        if layout == "close-up":  # one category on a plain background (SyntheticWorld.close_up)
+            options += [f"close up of {All}", f"a close-up photo of {All}", f"{All} on a plain background"]
         if layout == "bands" and len(stuff_m) >= 2 and not T:
             top, bottom = sorted(stuff_m, key=lambda m: m.cy)[0], sorted(stuff_m, key=lambda m: m.cy)[-1]
             if bottom.cy - top.cy > 0.2:

@@ -15,6 +15,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from ovseg.datamodules.synthetic.world import SyntheticWorld
 
 IGNORE_INDEX = 255
+#: background of close-up scenes: CLIP's mean colour (OpenAI normalisation), i.e. 0 after normalising,
+#: the fill of masked region crops (ZegFormer's CLIP branch)
+PLAIN_BACKGROUND = (123, 117, 104)
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ CATEGORIES: tuple[Category, ...] = (
     Category("sand",   ("beach", "dune"),          "stuff", (225, 200, 140), "speckle",  None, False, ("yellow", "dry", "soft")),
     Category("road",   ("street", "asphalt"),      "stuff", (90, 90, 95),    "grain",    None, True,  ("gray", "empty", "paved")),
     Category("wall",   ("brickwork",),             "stuff", (150, 60, 45),   "bricks",   None, True,  ("red", "old", "tall")),
+    Category("snow",   ("snowfield", "snowdrift"), "stuff", (170, 215, 240), "drifts",   None, False, ("pale", "cold", "powdery")),
     # things
     Category("ball",   ("sphere",),                "thing", (235, 40, 40),   "shaded",   "circle",    True,  ("red", "round", "shiny")),
     Category("box",    ("crate", "carton"),        "thing", (205, 135, 45),  "hatched",  "square",    True,  ("brown", "square", "wooden")),
@@ -61,6 +65,8 @@ CATEGORIES: tuple[Category, ...] = (
     Category("flower", ("blossom", "daisy"),       "thing", (240, 90, 200),  "rings",    "star",      True,  ("pink", "pretty", "blooming")),
     Category("kite",   ("glider",),                "thing", (125, 40, 190),  "stripes",  "diamond",   False, ("purple", "flying", "colorful")),
     Category("boat",   ("dinghy", "vessel"),       "thing", (240, 240, 235), "planks",   "trapezoid", True,  ("white", "wooden", "sturdy")),
+    Category("umbrella", ("parasol", "sunshade"),  "thing", (20, 165, 160),  "panels",   "dome",      False, ("teal", "open", "striped")),
+    Category("house",  ("cottage", "cabin"),       "thing", (120, 120, 40),  "windows",  "pentagon",  True,  ("olive", "small", "cozy")),
 )
 # fmt: on
 
@@ -68,7 +74,7 @@ TEXTURES: tuple[str, ...] = tuple(c.texture for c in CATEGORIES)
 SHAPES: tuple[str, ...] = tuple(c.shape for c in CATEGORIES if c.shape is not None)
 
 # Stuff "elevation": small values tend to be painted at the top of a banded scene.
-ELEVATION = {"sky": 0.0, "wall": 1.0, "sea": 2.0, "grass": 3.0, "road": 3.5, "sand": 4.0}
+ELEVATION = {"sky": 0.0, "wall": 1.0, "snow": 1.5, "sea": 2.0, "grass": 3.0, "road": 3.5, "sand": 4.0}
 
 _SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 _SPLIT_ALIASES = {

@@ -52,6 +52,10 @@ class SyntheticDataModule(L.LightningDataModule):
             zero-shot protocol of mask-supervised methods).
         inference: resize / sliding-window settings of the benchmark.
         absent_policy: metric convention for classes predicted but absent from the ground truth.
+        close_up_fraction: share of training scenes that are close-ups of one category on a plain
+            background (:class:`SyntheticWorld`; CLIP pretraining); validation scenes never are.
+        name_swap_control: also evaluate with the unseen names permuted among themselves and report
+            the zero-shot margin (:class:`~ovseg.benchmark.Benchmark`; one more inference pass).
     """
 
     def __init__(
@@ -68,9 +72,11 @@ class SyntheticDataModule(L.LightningDataModule):
         ignore_unseen_in_training: bool = False,
         inference: InferenceSettings | None = None,
         absent_policy: AbsentPolicy = "zero",
+        close_up_fraction: float = 0.0,
+        name_swap_control: bool = False,
     ) -> None:
         super().__init__()
-        self.world = SyntheticWorld(image_size=image_size, seed=seed)
+        self.world = SyntheticWorld(image_size=image_size, seed=seed, close_up_fraction=close_up_fraction)
         self.num_train = num_train
         self.num_val = num_val
         self.batch_size = batch_size
@@ -85,6 +91,7 @@ class SyntheticDataModule(L.LightningDataModule):
                 inference=inference or InferenceSettings(),
                 absent_policy=absent_policy,
                 unseen_classes=tuple(c.name for c in CATEGORIES if not c.seen),
+                name_swap_control=name_swap_control,
             )
         ]
         # label maps index CATEGORIES; mask-supervised methods train on the seen classes only

@@ -121,6 +121,16 @@ def paint_texture(
         return np.where((xx.astype(np.int32) // 3) % 2 == 1, np.float32(24), np.float32(-24))
     if name == "planks":  # horizontal planks with dark seams
         return np.where((yy.astype(np.int32) % 5) == 0, np.float32(-35), np.float32(10))
+    if name == "drifts":  # snow: very smooth, faint undulation with rare bright glints
+        u = pixel_noise(rng, yy.shape, "uniform")
+        glint = np.where(u > 0.97, np.float32(30), np.float32(0))
+        return 14.0 * _value_noise(rng, *yy.shape, 12.0, 24.0) + glint
+    if name == "panels":  # umbrella: eight alternating radial panels
+        sector = np.floor((np.arctan2(xx - cx, yy - cy) + np.pi) * (4.0 / np.pi)).astype(np.int32)
+        return np.where(sector % 2 == 1, np.float32(26), np.float32(-26))
+    if name == "windows":  # house: a grid of dark windows on a light facade
+        window = ((yy.astype(np.int32) % 7) >= 3) & ((xx.astype(np.int32) % 7) >= 3)
+        return np.where(window, np.float32(-45), np.float32(15))
     raise ValueError(f"unknown texture {name!r}")
 
 
@@ -146,4 +156,11 @@ def shape_mask(shape: str, dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarr
     if shape == "trapezoid":  # hull: wide deck on top, narrow keel below
         t = (dy + 0.5 * r) / r  # 0 at the deck, 1 at the keel
         return (t >= 0) & (t <= 1) & (np.abs(dx) <= r * (0.95 - 0.4 * t))
+    if shape == "dome":  # umbrella canopy: the upper half of a disc, flat underside
+        return (dy * dy + dx * dx <= (0.95 * r) ** 2) & (dy <= 0.15 * r)
+    if shape == "pentagon":  # house: a square body under a triangular roof
+        body = (np.abs(dx) <= 0.65 * r) & (dy >= 0) & (dy <= 0.75 * r)
+        t = (dy + 0.85 * r) / (0.85 * r)  # 0 at the ridge, 1 at the eaves
+        roof = (t >= 0) & (t < 1) & (np.abs(dx) <= 0.85 * r * t)
+        return body | roof
     raise ValueError(f"unknown shape {shape!r}")

@@ -20,6 +20,7 @@ from ovseg.datamodules.synthetic.categories import (
     CATEGORIES,
     ELEVATION,
     IGNORE_INDEX,
+    PLAIN_BACKGROUND,
     Category,
     Scene,
     split_id,
@@ -44,6 +45,10 @@ class SyntheticWorld:
         noise_std: std of the per-pixel Gaussian noise.
         ignore_boundary: mark a 1-px band on every category boundary as 255.
         categories: override :data:`CATEGORIES`.
+        close_up_fraction: fraction of *training* scenes that are close-ups (:meth:`close_up`): one
+            category, large, on a plain background of :data:`PLAIN_BACKGROUND`, the way product and
+            object photos fill a share of web image-text data. 0 (default) leaves every scene as
+            before; validation and test scenes are never close-ups.
     """
 
     def __init__(
@@ -56,6 +61,7 @@ class SyntheticWorld:
         noise_std: float = 5.0,
         ignore_boundary: bool = True,
         categories: tuple[Category, ...] = CATEGORIES,
+        close_up_fraction: float = 0.0,
     ) -> None:
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.height, self.width = int(size[0]), int(size[1])
@@ -70,6 +76,9 @@ class SyntheticWorld:
         self.noise_std = float(noise_std)
         self.ignore_boundary = bool(ignore_boundary)
         self.categories = tuple(categories)
+        if not 0.0 <= close_up_fraction <= 1.0:
+            raise ValueError(f"close_up_fraction must be in [0, 1], got {close_up_fraction}")
+        self.close_up_fraction = float(close_up_fraction)
         self.stuff_ids = [i for i, c in enumerate(self.categories) if c.kind == "stuff"]
         self.thing_ids = [i for i, c in enumerate(self.categories) if c.kind == "thing"]
         if not self.stuff_ids:
@@ -124,6 +133,8 @@ class SyntheticWorld:
     def scene(self, index: int, split: str = "train") -> Scene:
         """Generate scene ``index`` of ``split`` (train/val/test streams never share a scene)."""
         rng = self.rng(index, split)
+        if self.close_up_fraction > 0 and split_id(split) == 0 and rng.random() < self.close_up_fraction:
+            return self.close_up(rng)
         h, w = self.height, self.width
         s = float(min(h, w))
         yy, xx = coordinate_grid(h, w)
@@ -244,6 +255,51 @@ class SyntheticWorld:
             edge[:-1, :] |= label[:-1, :] != label[1:, :]
             label[edge] = IGNORE_INDEX
         return Scene(image=image, label=label, captions=captions, present=present, counts=counts)
+
+    def close_up(self, rng: np.random.Generator) -> Scene:
+        """A close-up: one category filling much of the image on a plain background.
+
+        Things: 1-2 large instances (radius 0.3-0.48 of the side); stuff: one wobbly blob covering
+        about half to four fifths of the image. The background is exactly :data:`PLAIN_BACKGROUND`
+        (label 255: no category) and the captions name only the category ("close up of a kite").
+        """
+        h, w = self.height, self.width
+        s = float(min(h, w))
+        yy, xx = coordinate_grid(h, w)
+        cat = int(rng.integers(self.num_classes))
+        c = self.categories[cat]
+        mask = np.zeros((h, w), dtype=bool)
+        tex = np.zeros((h, w), dtype=np.float32)
+        count = 1
+        if c.kind == "stuff":
+            cy, cx = rng.uniform(0.4, 0.6) * h, rng.uniform(0.4, 0.6) * w
+            a, b = rng.uniform(0.32, 0.5) * s, rng.uniform(0.32, 0.5) * s
+            dy, dx = yy - cy, xx - cx
+            wob = 1.0 + 0.15 * np.sin(rng.integers(2, 5) * np.arctan2(dy, dx) + rng.uniform(0, 2 * np.pi))
+            mask = (dy / a) ** 2 + (dx / b) ** 2 <= wob * wob
+            tex = paint_texture(c.texture, rng, yy, xx, 0.0, 0.0, 0.0).astype(np.float32)
+        else:
+            count = 1 if rng.random() < 0.7 else 2
+            for k in range(count):
+                r = rng.uniform(0.3, 0.48) * s / (1.0 if count == 1 else 1.6)
+                cy = rng.uniform(0.45, 0.55) * h if count == 1 else rng.uniform(0.3, 0.7) * h
+                cx = rng.uniform(0.45, 0.55) * w if count == 1 else (0.28 + 0.44 * k) * w
+                m = shape_mask(c.shape or "circle", yy - cy, xx - cx, r)
+                np.copyto(tex, paint_texture(c.texture, rng, yy, xx, cy, cx, r), where=m)
+                mask |= m
+        colour = self._jittered_color(rng, c)
+        jit = self.color_jitter
+        img = colour[None, None, :] + (tex + rng.uniform(-jit / 2, jit / 2) + 0.5)[..., None]
+        if self.noise_std > 0:
+            img = img + self.noise_std * pixel_noise(rng, (h, w, 3))
+        img = np.where(mask[..., None], img, np.asarray(PLAIN_BACKGROUND, np.float32) + 0.5)
+        image = np.clip(img, 0, 255).astype(np.uint8)
+        label = np.where(mask, np.uint8(cat), np.uint8(IGNORE_INDEX))
+        area = float(mask.mean())
+        size = "big" if c.kind == "thing" else None
+        mention = Mention(cat, area, count, size, 0.5)
+        captions = self._caption_writer.captions(rng, [mention], "close-up")
+        return Scene(image=image, label=label, captions=captions, present=[cat], counts={cat: count})
 
     def scenes(self, split: str = "train", start: int = 0, stop: int | None = None) -> Iterator[Scene]:
         """Iterate over scenes ``start..stop-1`` of ``split`` (forever if ``stop`` is None)."""

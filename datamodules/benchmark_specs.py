@@ -93,6 +93,8 @@ class BenchmarkSpec:
         absent_policy: ``"zero"`` (mmseg, detectron2 v0.6, ZegFormer, MAFT+) or ``"exclude"``
             (detectron2 main, CAT-Seg, FC-CLIP). Default ``"zero"``.
         unseen_classes: names of the unseen classes of a zero-shot split (seen/unseen/h-IoU).
+        name_swap_control: also evaluate with the unseen names permuted among themselves and
+            report the zero-shot margin (:class:`~ovseg.benchmark.Benchmark`). Default off.
         ignore_index: label value that is not evaluated. Default 255.
         max_images: evaluate only the first N samples (sorted by name), for quick runs.
     """
@@ -119,6 +121,7 @@ class BenchmarkSpec:
     inference: InferenceSettings | None = None
     absent_policy: AbsentPolicy | None = None
     unseen_classes: list[str] | None = None
+    name_swap_control: bool | None = None
     ignore_index: int | None = None
     max_images: int | None = None
 
@@ -248,6 +251,7 @@ class BenchmarkSpec:
             absent_policy=spec.absent_policy,  # type: ignore[arg-type]
             unseen_classes=tuple(spec.unseen_classes or ()),
             ignore_index=spec.ignore_index,  # type: ignore[arg-type]
+            name_swap_control=bool(spec.name_swap_control),
         )
 
 
@@ -263,6 +267,7 @@ _GENERIC_DEFAULTS: dict[str, Any] = {
     "max_long_side": 2048,
     "absent_policy": "zero",
     "unseen_classes": [],
+    "name_swap_control": False,
     "ignore_index": 255,
 }
 

@@ -170,6 +170,8 @@ class CocoStuffDataModule(TrainDataModule):
         templates: prompt templates of the validation vocabulary.
         inference: resize / sliding-window settings of the validation benchmark.
         absent_policy: metric convention (see :class:`~ovseg.benchmark.Benchmark`).
+        name_swap_control: also evaluate with the unseen names permuted among themselves and report
+            the zero-shot margin (:class:`~ovseg.benchmark.Benchmark`; one more inference pass).
         eval_data: a DataModule whose benchmarks replace the own validation split.
     """
 
@@ -191,6 +193,7 @@ class CocoStuffDataModule(TrainDataModule):
         inference: InferenceSettings | None = None,
         absent_policy: AbsentPolicy = "zero",
         benchmark_name: str = "coco_stuff",
+        name_swap_control: bool = False,
         eval_data: L.LightningDataModule | None = None,
     ) -> None:
         super().__init__(eval_data)
@@ -218,6 +221,7 @@ class CocoStuffDataModule(TrainDataModule):
         self.inference = inference or InferenceSettings()
         self.absent_policy = absent_policy
         self.benchmark_name = benchmark_name
+        self.name_swap_control = name_swap_control
         # what mask-supervised methods train on: every class, or the seen ones in zero-shot mode
         self.training_classes = TrainingClasses(
             vocabulary=Vocabulary(tuple(names[:1] for names in self.vocabulary.classes)),
@@ -255,7 +259,14 @@ class CocoStuffDataModule(TrainDataModule):
         if self.val_split is None:
             return []
         return [
-            Benchmark(self.benchmark_name, self.vocabulary, self.inference, self.absent_policy, self.unseen_classes)
+            Benchmark(
+                self.benchmark_name,
+                self.vocabulary,
+                self.inference,
+                self.absent_policy,
+                self.unseen_classes,
+                name_swap_control=self.name_swap_control,
+            )
         ]
 
     def setup(self, stage: str) -> None:

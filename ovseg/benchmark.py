@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from ovseg.errors import UserError
@@ -27,6 +27,11 @@ class Benchmark:
         unseen_classes: display names of the classes unseen in training (zero-shot splits); when
             given, mIoU of seen and unseen classes and their harmonic mean are reported.
         ignore_index: label value that is not evaluated.
+        name_swap_control: also evaluate with the unseen classes' names permuted among themselves
+            (:meth:`name_swapped_vocabulary`) and report ``mIoU_unseen_swapped`` and the zero-shot
+            margin ``zs_margin`` = ``mIoU_unseen`` - ``mIoU_unseen_swapped``: how much of the
+            unseen mIoU comes from the names, not from assigning leftover regions to any unseen
+            class. Needs at least two unseen classes; one more inference pass per batch.
     """
 
     name: str
@@ -35,6 +40,7 @@ class Benchmark:
     absent_policy: AbsentPolicy = "zero"
     unseen_classes: tuple[str, ...] = ()
     ignore_index: int = 255
+    name_swap_control: bool = False
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -43,11 +49,25 @@ class Benchmark:
             raise ValueError(f"absent_policy must be 'zero' or 'exclude', got {self.absent_policy!r}")
         object.__setattr__(self, "unseen_classes", tuple(self.unseen_classes))
         check_unseen_names(self.unseen_classes, self.vocabulary, f"benchmark {self.name!r}")
+        if self.name_swap_control and len(set(self.unseen_indices)) < 2:
+            raise UserError(
+                f"benchmark {self.name!r}: name_swap_control permutes the unseen classes' names among "
+                f"themselves and needs at least two unseen classes, got {list(self.unseen_classes)}"
+            )
 
     @property
     def unseen_indices(self) -> tuple[int, ...]:
         """Class indices of :attr:`unseen_classes`."""
         return tuple(self.vocabulary.index_of(name) for name in self.unseen_classes)
+
+    def name_swapped_vocabulary(self) -> Vocabulary:
+        """The vocabulary with every unseen class named as the next unseen class (a cyclic shift,
+        so no unseen class keeps its own names); seen classes, templates and background unchanged."""
+        unseen = sorted(set(self.unseen_indices))
+        classes = list(self.vocabulary.classes)
+        for position, index in enumerate(unseen):
+            classes[index] = self.vocabulary.classes[unseen[(position + 1) % len(unseen)]]
+        return replace(self.vocabulary, classes=tuple(classes))
 
 
 @dataclass(frozen=True)

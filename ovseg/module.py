@@ -46,7 +46,17 @@ from ovseg.optim import (
 from ovseg.vocabulary import Prompt, TextEmbeddingCache, Vocabulary, reduce_synonyms
 
 AUTOCAST_DTYPES = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
-SUMMARY_METRICS = ("mIoU", "pAcc", "mAcc", "fwIoU", "mIoU_seen", "mIoU_unseen", "hIoU")
+SUMMARY_METRICS = (
+    "mIoU",
+    "pAcc",
+    "mAcc",
+    "fwIoU",
+    "mIoU_seen",
+    "mIoU_unseen",
+    "hIoU",
+    "mIoU_unseen_swapped",
+    "zs_margin",
+)
 
 
 @dataclass
@@ -192,6 +202,7 @@ class OVSegModule(L.LightningModule, ABC):
             self.save_hyperparameters()
         self.text_cache = TextEmbeddingCache()
         self._metrics: dict[str, SegmentationMetrics] = {}
+        self._swap_metrics: dict[str, SegmentationMetrics] = {}
         self.last_results: dict[str, dict[str, Tensor]] = {}
 
     # ------------------------------------------------------------------ method hooks
@@ -504,15 +515,17 @@ class OVSegModule(L.LightningModule, ABC):
         return list(benchmarks)
 
     def _reset_metrics(self) -> None:
-        self._metrics = {
-            benchmark.name: SegmentationMetrics(
+        def metrics(benchmark: Benchmark) -> SegmentationMetrics:
+            return SegmentationMetrics(
                 num_classes=len(benchmark.vocabulary),
                 ignore_index=benchmark.ignore_index,
                 absent_policy=benchmark.absent_policy,
                 unseen_classes=benchmark.unseen_indices,
             ).to(self.device)
-            for benchmark in self.benchmarks()
-        }
+
+        benchmarks = self.benchmarks()
+        self._metrics = {benchmark.name: metrics(benchmark) for benchmark in benchmarks}
+        self._swap_metrics = {b.name: metrics(b) for b in benchmarks if b.name_swap_control}
 
     def on_validation_epoch_start(self) -> None:
         self._reset_metrics()
@@ -529,6 +542,15 @@ class OVSegModule(L.LightningModule, ABC):
         metric = self._metrics[benchmark.name]
         for prediction, label in zip(predictions, labels):
             metric.update(prediction.labels, label.to(prediction.labels.device))
+        if benchmark.name_swap_control:  # the same images with the unseen names permuted
+            swapped = self.segment_tensors(
+                batch["image"],
+                benchmark.name_swapped_vocabulary(),
+                benchmark.inference,
+                [tuple(label.shape[-2:]) for label in labels],
+            )
+            for prediction, label in zip(swapped, labels):
+                self._swap_metrics[benchmark.name].update(prediction.labels, label.to(prediction.labels.device))
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate_batch(batch, dataloader_idx)
@@ -538,6 +560,10 @@ class OVSegModule(L.LightningModule, ABC):
 
     def _log_metrics(self, stage: str) -> None:
         self.last_results = {name: metric.compute() for name, metric in self._metrics.items()}
+        for name, metric in self._swap_metrics.items():  # Benchmark.name_swap_control
+            results = self.last_results[name]
+            results["mIoU_unseen_swapped"] = metric.compute()["mIoU_unseen"]
+            results["zs_margin"] = results["mIoU_unseen"] - results["mIoU_unseen_swapped"]
         summary: dict[str, float] = {}
         for name, results in self.last_results.items():
             for key in SUMMARY_METRICS:

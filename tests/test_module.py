@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from ovseg.benchmark import Benchmark
 from ovseg.datamodules.base import collate_samples
+from ovseg.errors import UserError
 from ovseg.inference import InferenceSettings
 from ovseg.metrics import confusion_matrix, metrics_from_confusion
 from ovseg.module import MaskPredictions, OVSegModule
@@ -168,3 +169,28 @@ def test_nan_loss_stops_with_step_and_terms():
     model = NaNMethod()
     with pytest.raises(FloatingPointError, match=r"step 0.*loss_global"):
         model.training_step({"image": torch.zeros(1, 3, 2, 2)}, 0)
+
+
+def test_name_swap_control_reports_the_zero_shot_margin():
+    """The oracle reads classes by name: with the unseen names (dog, car, tree) cycled among
+    themselves every unseen pixel goes to a wrong unseen class, so the swapped unseen mIoU is 0 and
+    the margin is the whole unseen mIoU; a seen-only error (sky) moves neither."""
+    levels = torch.tensor([[0, 1, 2, 3], [4, 4, 1, 7]])  # 7: no word (argmax 0 = cat)
+    labels = torch.tensor([[0, 1, 2, 3], [4, 4, 1, 4]])
+    vocabulary = Vocabulary.from_names(["cat", "dog", "car", "tree", "sky"])
+    benchmark = Benchmark("zs", vocabulary, unseen_classes=("dog", "car", "tree"), name_swap_control=True)
+    swapped = benchmark.name_swapped_vocabulary()
+    assert swapped.classes == (("cat",), ("car",), ("tree",), ("dog",), ("sky",))
+    data = TwoBenchmarks([sample(levels, labels)], [sample(levels, labels)], [benchmark, Benchmark("b", vocabulary)])
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    results = trainer.validate(OracleMethod(), datamodule=data, verbose=False)[0]
+    assert results["val/zs/mIoU_unseen"] == pytest.approx(100.0)
+    assert results["val/zs/mIoU_unseen_swapped"] == pytest.approx(0.0)
+    assert results["val/zs/zs_margin"] == pytest.approx(100.0)
+    assert results["val/zs/mIoU_seen"] == pytest.approx((50.0 + 200 / 3) / 2)  # cat 1/2, sky 2/3
+    assert "val/b/zs_margin" not in results  # only where asked
+
+
+def test_name_swap_control_needs_two_unseen_classes():
+    with pytest.raises(UserError, match="at least two unseen classes"):
+        Benchmark("zs", Vocabulary.from_names(["cat", "dog"]), unseen_classes=("dog",), name_swap_control=True)

@@ -194,14 +194,44 @@ def fast_args(config: Path, tmp_path: Path) -> list[str]:
     ]
 
 
-EXPERIMENTS = [c for c in CONFIGS if "model" in yaml.safe_load(c.read_text())]
+EXPERIMENTS = [c for c in CONFIGS if "class_path" in yaml.safe_load(c.read_text()).get("model", {})]
+#: overlays of a method's synthetic config (a model section without class_path), e.g. random_clip.yaml
+OVERLAYS = [c for c in CONFIGS if "model" in yaml.safe_load(c.read_text()) and c not in EXPERIMENTS]
 
 
 def test_every_config_is_covered():
-    """Every YAML under configs/ is either a full experiment (run below) or parses as YAML."""
+    """Every YAML under configs/ is a full experiment (run below), an overlay of its folder's
+    synthetic.yaml (tested below) or parses as YAML."""
     assert EXPERIMENTS, "no experiment config found"
     for config in CONFIGS:
         assert isinstance(yaml.safe_load(config.read_text()), dict), config
+    for overlay in OVERLAYS:
+        assert (overlay.parent / "synthetic.yaml").is_file(), f"{overlay} overlays no synthetic.yaml"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=[str(c.relative_to(REPO / "configs")) for c in OVERLAYS])
+def test_random_clip_overlays_leave_no_checkpoint(overlay, capsys):
+    """The random-CLIP controls: the synthetic config (pretrained CLIP file) with the overlay
+    resolves to a model without any CLIP checkpoint_path, everything else unchanged."""
+    base = overlay.parent / "synthetic.yaml"
+    configs = {}
+    for files in ((base,), (base, overlay)):
+        with pytest.raises(SystemExit):
+            run(["fit", *[arg for path in files for arg in ("-c", str(path))], "--print_config"])
+        configs[len(files)] = yaml.safe_load(capsys.readouterr().out)
+
+    def checkpoints(node, path=""):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield from checkpoints(value, f"{path}.{key}")
+                if key == "checkpoint_path":
+                    yield path, value
+
+    before, after = dict(checkpoints(configs[1]["model"])), dict(checkpoints(configs[2]["model"]))
+    assert before.keys() == after.keys() and before
+    assert all(str(value).endswith("open_clip.pt") for value in before.values())
+    assert all(value is None for value in after.values())
+    assert configs[1]["data"] == configs[2]["data"] and configs[1]["trainer"] == configs[2]["trainer"]
 
 
 @pytest.mark.parametrize("config", EXPERIMENTS, ids=[str(c.relative_to(REPO / "configs")) for c in EXPERIMENTS])

@@ -158,12 +158,15 @@ def test_export_command_writes_open_clips_keys_and_refuses_other_methods(tmp_pat
 BATCH = 64
 
 
-def pretrain(steps: int, size: int = 32, config: dict | None = None) -> tuple[CLIP, list[float]]:
-    """A tiny CLIP trained ``steps`` steps on synthetic captions (all 13 categories named, sand and
-    kite included), and its losses."""
-    model = make_clip(config)
+def pretrain(
+    steps: int, size: int = 32, config: dict | None = None, close_up_fraction: float = 0.0, **kwargs
+) -> tuple[CLIP, list[float]]:
+    """A tiny CLIP trained ``steps`` steps on synthetic captions (all 16 categories named, the unseen
+    sand, snow, kite and umbrella included), and its losses."""
+    model = make_clip(config, **kwargs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1)
-    dataset = SyntheticDataset(SyntheticDataModule(image_size=size).world, "train", steps * BATCH)
+    world = SyntheticDataModule(image_size=size, close_up_fraction=close_up_fraction).world
+    dataset = SyntheticDataset(world, "train", steps * BATCH)
     losses = []
     model.train()
     for step in range(steps):
@@ -177,17 +180,21 @@ def pretrain(steps: int, size: int = 32, config: dict | None = None) -> tuple[CL
     return model.eval(), losses
 
 
+#: TINY with the shipped configs' image embedding: the mean of the patch tokens (open_clip ``pool_type: avg``)
+TINY_AVG = {**TINY, "vision_cfg": {**TINY["vision_cfg"], "pool_type": "avg"}}
+
+
 @pytest.fixture(scope="module")
 def pretrained() -> tuple[CLIP, list[float]]:
-    """100 steps of 64 scenes at 32 px: about 6 s on one thread."""
-    return pretrain(100)
+    """100 steps of 64 scenes at 32 px, mean-pooled tiny ViT: about 6 s on one thread."""
+    return pretrain(100, config=TINY_AVG, dense_features="tokens")
 
 
 def recognition(model: CLIP, category: int, size: int = 32) -> tuple[float, float]:
     """On 200 held-out scenes: the ROC AUC of the pooled image-text similarity with "a photo of a
     {name}." at telling scenes with ``category`` from scenes without (chance 0.5), and the fraction
-    of its pixels that the segmenter (MaskCLIP dense features) labels ``category`` among the 13
-    names (chance 1/13)."""
+    of its pixels that the segmenter (dense features) labels ``category`` among the 16 names
+    (chance 1/16)."""
     batch = scenes(200, "val", size=size)
     labels = torch.stack(list(batch["label"]))  # (N, H, W)
     vocabulary = Vocabulary.from_names(NAMES)
@@ -206,24 +213,29 @@ def roc_auc(positive: torch.Tensor, scores: torch.Tensor) -> float:
     return float(above)
 
 
-def test_pretraining_recognises_an_unseen_category_on_held_out_scenes(pretrained):
+def test_pretraining_recognises_the_unseen_stuff_categories_on_held_out_scenes(pretrained):
     model, losses = pretrained
     assert sum(losses[-10:]) / 10 < 0.7 * losses[0]
-    sand = NAMES.index("sand")
-    assert not CATEGORIES[sand].seen  # unseen by the mask methods; named by captions, as every category
-    auc, pixel_accuracy = recognition(model, sand)
-    assert auc > 0.85  # 0.97 measured
-    assert pixel_accuracy > 0.5  # 0.94 measured
+    for name, min_auc, min_pixels in (("sand", 0.9, 0.7), ("snow", 0.8, 0.4)):  # 0.96/0.90, 0.87/0.63 measured
+        category = NAMES.index(name)
+        assert not CATEGORIES[category].seen  # unseen by the mask methods; named by captions, as all
+        auc, pixel_accuracy = recognition(model, category)
+        assert auc > min_auc and pixel_accuracy > min_pixels, (name, auc, pixel_accuracy)  # chance 0.5, 1/16
 
 
 @pytest.mark.slow
-def test_longer_pretraining_recognises_both_unseen_categories():
-    """Things (kite) need more steps and pixels than stuff: 1000 steps at 64 px (about 2 minutes)."""
-    config = {**TINY, "vision_cfg": {**TINY["vision_cfg"], "image_size": 64}}
-    model, _ = pretrain(1000, size=64, config=config)
-    sand_auc, _ = recognition(model, NAMES.index("sand"), size=64)
-    kite_auc, _ = recognition(model, NAMES.index("kite"), size=64)
-    assert sand_auc > 0.9 and kite_auc > 0.7
+def test_the_shipped_pretraining_recognises_all_unseen_categories():
+    """configs/clip/synthetic.yaml's model and data (mean-pooled ViT, 64 px, a quarter close-ups),
+    1000 steps (about 2.5 minutes): every unseen category, things included, well above chance."""
+    import yaml
+    from test_cli import REPO  # tests/test_cli.py
+
+    config = yaml.safe_load((REPO / "configs/clip/synthetic.yaml").read_text())
+    clip_config = config["model"]["init_args"]["clip_config"]
+    model, _ = pretrain(1000, size=64, config=clip_config, close_up_fraction=0.25, dense_features="tokens")
+    for name in ("sand", "snow", "kite", "umbrella"):
+        auc, pixel_accuracy = recognition(model, NAMES.index(name), size=64)
+        assert auc > 0.8 and pixel_accuracy > 0.3, (name, auc, pixel_accuracy)
 
 
 @pytest.mark.parametrize("data", ["CocoCaptionsDataModule", "WebDatasetDataModule"])

@@ -166,7 +166,9 @@ def test_mask_methods_record_the_training_classes_of_the_config(tmp_path: Path) 
     config = REPO / "configs" / "zegformer" / "synthetic.yaml"
     classes = training_classes_of(config)
     assert classes is not None and 0 < len(classes.seen_indices) < len(classes.vocabulary)
-    model = build_model(config)
+    random_clip = [f"--model.init_args.{tower}.init_args.checkpoint_path=null" for tower in ("clip_text", "clip_image")]
+    model = build_model(config, random_clip)  # the config's CLIP file is made by configs/clip/synthetic.yaml
+    assert model.hparams["clip_text"]["init_args"]["checkpoint_path"] in (None, "None")
     model.set_training_classes(classes)
     destination = save_converted(model, tmp_path / "z.ckpt", "official.pth", KeyReport())
     loaded = ZegFormer.load_from_checkpoint(destination, map_location="cpu")

@@ -14,10 +14,10 @@ import argparse
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from ovseg.errors import UserError
+from ovseg.io import atomic_torch_save
 
 #: ovseg key prefix -> open_clip key prefix (the towers keep open_clip's names after the prefix)
 KEY_PREFIXES = {"image_encoder.": "", "text_encoder.": "", "contrastive_loss.logit_scale": "logit_scale"}
@@ -45,7 +45,7 @@ def save_open_clip(state_dict: Mapping[str, Tensor], path: str | Path) -> Path:
     """Write :func:`open_clip_state_dict` of ``state_dict`` to ``path`` (``torch.save``); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(open_clip_state_dict(state_dict), path)
+    atomic_torch_save(open_clip_state_dict(state_dict), path)  # a reader never sees half a file
     return path
 
 

@@ -50,6 +50,9 @@ class CLIP(OVSegModule):
             (:func:`~ovseg.methods.clip.model.maskclip_value_path`), or ``"tokens"``, its usual
             output tokens; both through ``ln_post`` and ``proj``. Convolutional towers' dense
             features are per location already and ignore it.
+        export_path: if set, the trained model is also written there as an open_clip state dict
+            when ``fit`` ends (:meth:`export_open_clip`), ready for other configs'
+            ``checkpoint_path``; the same file as ``python -m ovseg.methods.clip.export``.
         **kwargs: optimizer, scheduler and evaluation options of :class:`OVSegModule`.
     """
 
@@ -61,9 +64,11 @@ class CLIP(OVSegModule):
         clip_config: dict[str, Any] | None = None,
         max_logit_scale: float = 100.0,
         dense_features: Literal["maskclip", "tokens"] = "maskclip",
+        export_path: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.export_path = export_path
         clip = build_open_clip_model(model_name, pretrained, checkpoint_path, clip_config)
         if getattr(clip, "logit_bias", None) is not None:
             raise ValueError("CLIP pretraining trains with the softmax (InfoNCE) loss: SigLIP models are not supported")
@@ -114,6 +119,12 @@ class CLIP(OVSegModule):
         self.contrastive_loss.clamp_()
 
     # ---------------------------------------------------------------- export
+    def on_fit_end(self) -> None:
+        """Write :attr:`export_path` (rank zero) once training has finished."""
+        if self.export_path is not None and self.trainer.is_global_zero:
+            path = self.export_open_clip(self.export_path)
+            print(f"wrote the trained CLIP as an open_clip state dict: {path}")
+
     def export_open_clip(self, path: str | Path) -> Path:
         """Write the trained model as an open_clip state dict file
         (:func:`~ovseg.methods.clip.export.save_open_clip`); returns its path."""

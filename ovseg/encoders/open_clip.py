@@ -23,7 +23,7 @@ from ovseg.encoders.base import ImageEncoder, ImageFeatures, TextEncoder, TextFe
 from ovseg.encoders.hf_open_clip import TRANSFORMERS_PREFIX, open_clip_from_transformers
 from ovseg.encoders.text_transformer import projection_dim, run_clip_text_tower
 from ovseg.encoders.timm_vit import Stat, resolve_norm_stat
-from ovseg.errors import UserError
+from ovseg.errors import MissingResourceError, UserError
 
 
 def build_open_clip_model(
@@ -46,6 +46,9 @@ def build_open_clip_model(
     """
     if (model_name is None) == (config is None):
         raise ValueError("give exactly one of model_name and config")
+    if checkpoint_path in ("None", "null"):
+        # jsonargparse hands `--...init_args.checkpoint_path null` of a nested class over as a string
+        checkpoint_path = None
     if model_name is not None and model_name.startswith(TRANSFORMERS_PREFIX):
         if pretrained is not None or checkpoint_path is not None or create_kwargs:
             raise ValueError(
@@ -74,7 +77,11 @@ def _load_clip_checkpoint(model: nn.Module, path: str) -> None:
     import os
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+        raise MissingResourceError(
+            f"CLIP checkpoint_path {path} does not exist: give an open_clip state dict file, e.g. the one "
+            "`ovseg fit -c configs/clip/synthetic.yaml` writes (runs/clip_synthetic/open_clip.pt) or "
+            "`python -m ovseg.methods.clip.export CKPT OUT` makes; set checkpoint_path to null for a random CLIP"
+        )
     try:
         open_clip.load_checkpoint(model, path, strict=True)
     except Exception as err:

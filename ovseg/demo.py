@@ -1,85 +1,329 @@
-"""``make demo``: SimZSS and its LiT ablation on the synthetic world, offline, side by side.
+"""``make demo``: every method on the synthetic world, offline, in one table.
 
-    python -m ovseg.demo [--config configs/simzss/synthetic.yaml] [extra ovseg overrides...]
+    python -m ovseg.demo [--seed 0] [--threads 1] [--jobs 2] [--retrain [NAME ...]] [--only NAME ...]
+                         [-- OVSEG_FIT_OVERRIDES ...]
 
-Both runs use the same config, seed and budget; the LiT run only sets ``lambda_local: 0`` (no
-concept loss). Each trained model is evaluated with both class embeddings (the config's, then the
-other: ``eot`` or ``concept``), and the final validation metrics and per-class IoU of all four are
-printed together; "minutes" is the training run's wall-clock time. Each run owns its folder:
-``runs/demo/simzss`` and ``runs/demo/lit`` (``checkpoints/last.ckpt``, ``lightning_logs/``).
+The runs (:data:`RUNS`), each ``ovseg fit`` of a shipped config in its own folder
+``runs/demo[/seed-S]/<name>`` (``checkpoints/``, ``lightning_logs/``, ``log.txt``, ``results.json``):
+
+1. ``clip``: CLIP pretrained from the scene captions (configs/clip/synthetic.yaml), which name every
+   category, the unseen ones included; written as an open_clip file for the mask methods;
+2. ``simzss`` and ``lit``: SimZSS and its LiT ablation (no concept loss), evaluated with both class
+   embeddings (concept, eot);
+3. ``zegformer``, ``cdt`` and ``cdt_no_cdt`` (the ablation with the plain text embeddings T), on
+   the pretrained CLIP, and ``zegformer_random_clip`` / ``cdt_random_clip``, the same configs on a
+   randomly initialised CLIP (the control: its names carry no meaning).
+
+Every evaluation reports the zero-shot margin: unseen mIoU with the true names minus unseen mIoU
+with the unseen names permuted among themselves (:class:`~ovseg.benchmark.Benchmark`'s
+``name_swap_control``). A run whose ``results.json`` matches its command line (config, seed, thread
+count, and the CLIP it starts from) is reused, not retrained; ``--retrain`` retrains all or the
+named runs (and whatever starts from them). Each run is its own process with ``--threads`` OpenMP
+threads (the figures depend on the thread count, not on the machine's cores); ``--jobs`` runs
+train side by side (default: as many as the cores allow, at most 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from ovseg.cli import run
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+#: the summary metrics of the table, in order
+COLUMNS = ("mIoU", "mIoU_seen", "mIoU_unseen", "hIoU", "zs_margin")
+HEADERS = ("mIoU", "seen", "unseen", "hIoU", "zs margin")
+#: where the CLIP run writes its open_clip file (relative to the run folder)
+CLIP_FILE = "open_clip.pt"
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "simzss" / "synthetic.yaml"
+
+@dataclass(frozen=True)
+class DemoRun:
+    """One training run of the demo.
+
+    Attributes:
+        name: folder under the demo root, and the name ``--retrain`` / ``--only`` take.
+        label: the method as the table shows it.
+        clip: the CLIP it starts from: ``"pretrained"`` (the ``clip`` run's file), ``"random"`` or ``"-"``.
+        configs: config files under ``configs/``, merged in order.
+        overrides: further command-line overrides.
+        alternative: ``(attribute, value, label)``: validate the trained model once more with one
+            attribute changed (SimZSS's other class embedding), a second table row.
+    """
+
+    name: str
+    label: str
+    clip: str
+    configs: tuple[str, ...]
+    overrides: tuple[str, ...] = ()
+    alternative: tuple[str, str, str] | None = None
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        return ("clip",) if self.clip == "pretrained" else ()
 
 
-def train(config: Path, name: str, extra: list[str]):
-    """Fit one run; returns its final validation results, wall-clock seconds and class names."""
-    Console().rule(f"[bold]{name}")
+RUNS: tuple[DemoRun, ...] = (
+    DemoRun("clip", "CLIP, dense tokens", "-", ("clip/synthetic.yaml",)),
+    DemoRun("zegformer", "ZegFormer", "pretrained", ("zegformer/synthetic.yaml",)),
+    DemoRun("zegformer_random_clip", "ZegFormer", "random", ("zegformer/synthetic.yaml", "zegformer/random_clip.yaml")),
+    DemoRun("cdt", "CDT (MAFT+)", "pretrained", ("cdt/synthetic.yaml",)),
+    DemoRun("cdt_random_clip", "CDT (MAFT+)", "random", ("cdt/synthetic.yaml", "cdt/random_clip.yaml")),
+    DemoRun(
+        "cdt_no_cdt", "no-CDT ablation", "pretrained", ("cdt/synthetic.yaml",), ("--model.init_args.use_cdt", "false")
+    ),
+    DemoRun(
+        "simzss",
+        "SimZSS, concept",
+        "-",
+        ("simzss/synthetic.yaml",),
+        alternative=("class_embedding", "eot", "SimZSS, eot"),
+    ),
+    DemoRun(
+        "lit",
+        "LiT (lambda 0), eot",
+        "-",
+        ("simzss/synthetic.yaml",),
+        ("--model.init_args.lambda_local", "0", "--model.init_args.class_embedding", "eot"),
+        alternative=("class_embedding", "concept", "LiT (lambda 0), concept"),
+    ),
+)
+RUNS_BY_NAME = {run.name: run for run in RUNS}
+
+
+def fit_arguments(run: DemoRun, root: Path, seed: int, extra: Sequence[str] = ()) -> list[str]:
+    """The ``ovseg fit`` command line of ``run`` (without ``fit``); ``extra`` overrides come last."""
+    args: list[str] = []
+    for config in run.configs:
+        args += ["-c", str(CONFIGS / config)]
+    args += ["--seed_everything", str(seed), "--trainer.default_root_dir", str(root / run.name), *run.overrides]
+    clip_file = str(root / "clip" / CLIP_FILE)
+    if run.name == "clip":
+        args += ["--model.init_args.export_path", clip_file]
+    elif run.clip == "pretrained":
+        if "zegformer" in run.configs[0]:
+            args += [
+                "--model.init_args.clip_text.init_args.checkpoint_path",
+                clip_file,
+                "--model.init_args.clip_image.init_args.checkpoint_path",
+                clip_file,
+            ]
+        else:
+            args += ["--model.init_args.checkpoint_path", clip_file]
+    return [*args, *extra]
+
+
+def run_key(run: DemoRun, root: Path, seed: int, threads: int, extra: Sequence[str] = ()) -> dict[str, Any]:
+    """What a run's results depend on; a stored result with another key is stale."""
+    key: dict[str, Any] = {"args": fit_arguments(run, root, seed, extra), "seed": seed, "threads": threads}
+    for config in run.configs:
+        key[config] = (CONFIGS / config).read_text()
+    for need in run.needs:  # a retrained CLIP makes the runs that start from it stale
+        stored = read_results(root / need)
+        key[f"{need}_finished"] = stored.get("finished") if stored else None
+    return key
+
+
+def read_results(folder: Path) -> dict[str, Any] | None:
+    path = folder / "results.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def summary(results: dict[str, Any]) -> dict[str, float]:
+    """The synthetic benchmark's summary metrics of a run's final validation, as floats."""
+    benchmark = next(iter(results))
+    return {key: float(value) for key, value in results[benchmark].items() if key != "IoU" and value.ndim == 0}
+
+
+# ---------------------------------------------------------------------------- one run (child process)
+def train_one(run: DemoRun, root: Path, seed: int, threads: int, extra: Sequence[str] = ()) -> None:
+    """Fit ``run`` in this process and write its ``results.json`` (called with ``--child``)."""
+    import torch
+
+    from ovseg.cli import run as ovseg_run
+
+    torch.set_num_threads(threads)
+    key = run_key(run, root, seed, threads, extra)
     start = time.perf_counter()
-    cli = run(["fit", "-c", str(config), "--trainer.default_root_dir", f"runs/demo/{name}", *extra])
+    cli = ovseg_run(["fit", *fit_arguments(run, root, seed, extra)])
     seconds = time.perf_counter() - start
-    results = dict(cli.model.last_results)
-    if not results:
-        raise RuntimeError(f"the {name} run produced no validation results (is validation disabled?)")
-    names = list(cli.datamodule.benchmarks[0].vocabulary.display_names)
-    return results, seconds, names, cli
+    if cli is None or not cli.model.last_results:
+        raise SystemExit(f"error: the {run.name} run produced no validation results")
+    rows = {run.label: summary(cli.model.last_results)}
+    if run.alternative is not None:
+        attribute, value, label = run.alternative
+        setattr(cli.model, attribute, value)
+        cli.model.text_cache.invalidate()
+        cli.model.print_metrics = False
+        cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+        rows[label] = summary(cli.model.last_results)
+    record = {"key": key, "rows": rows, "minutes": seconds / 60, "threads": threads, "finished": time.time()}
+    from ovseg.io import atomic_write_json
+
+    atomic_write_json(root / run.name / "results.json", record, indent=1)
 
 
-def revalidate(cli, **attributes) -> dict:
-    """Validate the trained model again with some attributes changed (e.g. the class embedding)."""
-    for key, value in attributes.items():
-        setattr(cli.model, key, value)
-    cli.model.text_cache.invalidate()
-    cli.model.print_metrics = False
-    cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
-    return dict(cli.model.last_results)
+# ---------------------------------------------------------------------------- scheduling (parent)
+def default_jobs() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(2, cores))
 
 
-def side_by_side(runs: dict[str, tuple[dict, float, list[str]]]) -> Table:
-    """One table: summary metrics then per-class IoU, one column per run."""
-    table = Table(title="synthetic world: SimZSS vs LiT (validation, %)")
-    table.add_column("metric")
-    for name in runs:
-        table.add_column(name, justify="right")
-    first_results, _, class_names = next(iter(runs.values()))
-    benchmark = next(iter(first_results))
-    for key in ("mIoU", "pAcc", "mAcc", "fwIoU"):
-        table.add_row(key, *[f"{float(results[benchmark][key]):.2f}" for results, _, _ in runs.values()])
-    table.add_row("minutes", *[f"{seconds / 60:.1f}" for _, seconds, _ in runs.values()])
-    table.add_section()
-    for index, name in enumerate(class_names):
-        table.add_row(
-            f"IoU {name}", *[f"{float(results[benchmark]['IoU'][index]):.1f}" for results, _, _ in runs.values()]
-        )
-    return table
+def plan(names: Sequence[str] | None) -> list[DemoRun]:
+    """The runs to show: all, or the named ones and the runs they start from."""
+    if not names:
+        return list(RUNS)
+    unknown = [name for name in names if name not in RUNS_BY_NAME]
+    if unknown:
+        raise SystemExit(f"error: unknown demo run(s) {unknown}; choose from {list(RUNS_BY_NAME)}")
+    wanted = set(names) | {need for name in names for need in RUNS_BY_NAME[name].needs}
+    return [run for run in RUNS if run.name in wanted]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    args, extra = parser.parse_known_args()
-    runs = {}
-    for label, name, flags in (
-        ("SimZSS", "simzss", []),
-        ("LiT (lambda 0)", "lit", ["--model.init_args.lambda_local", "0"]),
-    ):
-        results, seconds, names, cli = train(args.config, name, [*extra, *flags])
-        embedding = cli.model.class_embedding
-        runs[f"{label}, {embedding}"] = (results, seconds, names)
-        other = "eot" if embedding == "concept" else "concept"
-        runs[f"{label}, {other}"] = (revalidate(cli, class_embedding=other), seconds, names)
-    Console().print(side_by_side(runs))
+def execute(
+    runs: list[DemoRun], root: Path, seed: int, threads: int, jobs: int, retrain: set[str], extra: Sequence[str] = ()
+) -> None:
+    """Train what is stale, ``jobs`` processes at a time, respecting each run's ``needs``."""
+    console = Console()
+    done: set[str] = set()
+    pending = list(runs)
+    active: dict[str, tuple[subprocess.Popen, float, Any]] = {}
+    retrained: set[str] = set()
+    while pending or active:
+        for run in list(pending):
+            if len(active) >= jobs:
+                break
+            if not all(need in done for need in run.needs):
+                continue
+            pending.remove(run)
+            stale = run.name in retrain or any(need in retrained for need in run.needs)
+            stored = read_results(root / run.name)
+            if not stale and stored is not None and stored.get("key") == run_key(run, root, seed, threads, extra):
+                console.print(
+                    f"[dim]{run.name}: reusing {root / run.name / 'results.json'} (--retrain {run.name} to train again)"
+                )
+                done.add(run.name)
+                continue
+            (root / run.name).mkdir(parents=True, exist_ok=True)
+            log = open(root / run.name / "log.txt", "w")  # noqa: SIM115 (closed when the process ends)
+            command = [sys.executable, "-m", "ovseg.demo", "--child", run.name, "--root", str(root)]
+            command += ["--seed", str(seed), "--threads", str(threads), "--", *extra]
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
+            active[run.name] = (process, time.perf_counter(), log)
+            retrained.add(run.name)
+            console.print(f"{run.name}: training ({threads} thread(s)), log: {root / run.name / 'log.txt'}")
+        if not active and pending:
+            raise SystemExit(f"error: cannot schedule {[run.name for run in pending]} (missing runs they need)")
+        time.sleep(0.5)
+        for name, (process, started, log) in list(active.items()):
+            if process.poll() is None:
+                continue
+            log.close()
+            del active[name]
+            minutes = (time.perf_counter() - started) / 60
+            if process.returncode != 0:
+                for other, _, other_log in active.values():
+                    other.terminate()
+                    other_log.close()
+                tail = (root / name / "log.txt").read_text(errors="replace").splitlines()[-15:]
+                print("\n".join(tail), file=sys.stderr)
+                raise SystemExit(
+                    f"error: the {name} run failed (exit {process.returncode}); its log: {root / name / 'log.txt'}"
+                )
+            done.add(name)
+            console.print(f"{name}: done in {minutes:.1f} min")
+
+
+def table(runs: list[DemoRun], root: Path, seed: int) -> Table:
+    """One row per evaluated model: CLIP, summary metrics, minutes, threads."""
+    result = Table(title=f"synthetic world, seed {seed}: validation mIoU (%), 100 held-out scenes")
+    result.add_column("run")
+    result.add_column("CLIP")
+    for header in HEADERS:
+        result.add_column(header, justify="right")
+    result.add_column("minutes", justify="right")
+    result.add_column("threads", justify="right")
+    for run in runs:
+        stored = read_results(root / run.name)
+        assert stored is not None
+        for label, metrics in stored["rows"].items():
+            cells = [f"{metrics[key]:.1f}" if key in metrics else "-" for key in COLUMNS]
+            minutes = f"{stored['minutes']:.1f}" if label == run.label else "(same)"
+            result.add_row(label, run.clip, *cells, minutes, str(stored["threads"]))
+    return result
+
+
+def markdown(runs: list[DemoRun], root: Path) -> str:
+    """The table as Markdown (written next to the runs, for the README)."""
+    lines = [
+        "| run | CLIP | " + " | ".join(HEADERS) + " | minutes | threads |",
+        "|---|---|" + "---:|" * (len(HEADERS) + 2),
+    ]
+    for run in runs:
+        stored = read_results(root / run.name)
+        assert stored is not None
+        for label, metrics in stored["rows"].items():
+            cells = [f"{metrics[key]:.1f}" if key in metrics else "-" for key in COLUMNS]
+            minutes = f"{stored['minutes']:.1f}" if label == run.label else "(same)"
+            lines.append(f"| {label} | {run.clip} | " + " | ".join(cells) + f" | {minutes} | {stored['threads']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m ovseg.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of every run (default 0)")
+    parser.add_argument("--threads", type=int, default=1, help="OpenMP threads per run (default 1)")
+    parser.add_argument("--jobs", type=int, default=default_jobs(), help="runs trained side by side")
+    parser.add_argument("--root", type=Path, default=None, help="default runs/demo (runs/demo/seed-S for S != 0)")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help=f"only these runs (of {list(RUNS_BY_NAME)})")
+    parser.add_argument("--retrain", nargs="*", metavar="NAME", help="retrain all, or the named runs")
+    parser.add_argument("--child", metavar="NAME", help=argparse.SUPPRESS)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:  # everything after -- goes to every run's `ovseg fit`
+        extra = argv[argv.index("--") + 1 :]
+        argv = argv[: argv.index("--")]
+    args = parser.parse_args(argv)
+    if args.threads < 1 or args.jobs < 1:
+        raise SystemExit("error: --threads and --jobs must be at least 1")
+    root = args.root or Path("runs/demo" if args.seed == 0 else f"runs/demo/seed-{args.seed}")
+    if args.child is not None:
+        train_one(RUNS_BY_NAME[args.child], root, args.seed, args.threads, extra)
+        return
+    runs = plan(args.only)
+    if args.retrain is None:
+        retrain: set[str] = set()
+    else:
+        retrain = {run.name for run in plan(args.retrain)} if args.retrain else set(RUNS_BY_NAME)
+        retrain &= set(args.retrain) if args.retrain else retrain
+    start = time.perf_counter()
+    execute(runs, root, args.seed, args.threads, args.jobs, retrain, extra)
+    console = Console(width=None if sys.stdout.isatty() else 120)  # a log file keeps the table whole
+    console.print(table(runs, root, args.seed))
+    (root / "results.md").write_text(markdown(runs, root))
+    console.print(
+        f"wall time {(time.perf_counter() - start) / 60:.1f} min with {args.jobs} job(s) x {args.threads} thread(s); "
+        f"table also in {root / 'results.md'}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,87 @@
+"""``make demo`` (ovseg.demo): which runs it trains, how they start from the pretrained CLIP, reuse."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from ovseg import demo
+from ovseg.demo import RUNS, RUNS_BY_NAME, fit_arguments, plan, run_key
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_every_method_with_pretrained_and_random_clip_and_the_cdt_ablation():
+    shown = {(run.label, run.clip) for run in RUNS}
+    assert {("ZegFormer", "pretrained"), ("ZegFormer", "random")} <= shown
+    assert {("CDT (MAFT+)", "pretrained"), ("CDT (MAFT+)", "random"), ("no-CDT ablation", "pretrained")} <= shown
+    assert {"clip", "simzss", "lit"} <= set(RUNS_BY_NAME)
+    # the runs that start from the pretrained CLIP are scheduled after it
+    order = [run.name for run in RUNS]
+    assert all(order.index("clip") < order.index(run.name) for run in RUNS if run.needs)
+
+
+def test_pretrained_runs_load_the_clip_runs_file_and_random_ones_do_not(tmp_path):
+    clip_file = str(tmp_path / "clip" / "open_clip.pt")
+    clip_args = fit_arguments(RUNS_BY_NAME["clip"], tmp_path, 0)
+    assert clip_args[clip_args.index("--model.init_args.export_path") + 1] == clip_file
+    for name in ("zegformer", "cdt", "cdt_no_cdt"):
+        args = fit_arguments(RUNS_BY_NAME[name], tmp_path, 3)
+        assert args.count(clip_file) == (2 if name == "zegformer" else 1)  # zegformer: text and image towers
+        assert args[args.index("--seed_everything") + 1] == "3"
+    for name in ("zegformer_random_clip", "cdt_random_clip"):
+        args = fit_arguments(RUNS_BY_NAME[name], tmp_path, 0)
+        assert clip_file not in args and args[3].endswith("random_clip.yaml")
+    assert fit_arguments(RUNS_BY_NAME["cdt_no_cdt"], tmp_path, 0, ["--x", "1"])[-2:] == ["--x", "1"]
+
+
+def test_plan_adds_what_a_run_starts_from_and_refuses_unknown_names():
+    assert [run.name for run in plan(["cdt"])] == ["clip", "cdt"]
+    assert [run.name for run in plan(None)] == [run.name for run in RUNS]
+    with pytest.raises(SystemExit, match=r"unknown demo run\(s\) \['cdt_plus'\]"):
+        plan(["cdt_plus"])
+
+
+def test_a_retrained_clip_makes_the_runs_that_start_from_it_stale(tmp_path):
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "results.json").write_text(json.dumps({"finished": 1.0}))
+    cdt, lit = RUNS_BY_NAME["cdt"], RUNS_BY_NAME["lit"]
+    before = run_key(cdt, tmp_path, 0, 1), run_key(lit, tmp_path, 0, 1)
+    (tmp_path / "clip" / "results.json").write_text(json.dumps({"finished": 2.0}))
+    assert run_key(cdt, tmp_path, 0, 1) != before[0]
+    assert run_key(lit, tmp_path, 0, 1) == before[1]  # LiT does not use the CLIP
+    assert run_key(lit, tmp_path, 0, 2) != before[1]  # the thread count is part of the key
+    assert run_key(lit, tmp_path, 1, 1) != before[1]
+
+
+def test_trains_once_then_reuses_and_retrains_on_request(tmp_path, monkeypatch, capsys):
+    """The CLIP run with the fast-mode overlay, twice: the second call reuses results.json; the
+    table shows the run's metrics, the exported open_clip file exists."""
+    monkeypatch.chdir(tmp_path)
+    fast = ["-c", str(REPO / "tests/fast/clip.yaml"), "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"]
+    fast += ["--data.init_args.num_val", "4", "--data.init_args.batch_size", "4", "--data.init_args.image_size", "32"]
+    argv = ["--root", str(tmp_path / "demo"), "--only", "clip", "--", *fast]
+    demo.main(argv)
+    out = capsys.readouterr().out
+    record = json.loads((tmp_path / "demo/clip/results.json").read_text())
+    assert "clip: training (1 thread(s))" in out and "clip: done" in out
+    assert (tmp_path / "demo/clip/open_clip.pt").is_file()
+    assert record["threads"] == 1 and record["key"]["args"][-len(fast) :] == fast
+    row = record["rows"]["CLIP, dense tokens"]
+    assert {"mIoU", "mIoU_seen", "mIoU_unseen", "zs_margin"} <= row.keys()
+    assert f"{row['mIoU']:.1f}" in out and f"{row['mIoU']:.1f}" in (tmp_path / "demo/results.md").read_text()
+    demo.main(argv)
+    assert "clip: reusing" in capsys.readouterr().out
+    assert json.loads((tmp_path / "demo/clip/results.json").read_text())["finished"] == record["finished"]
+    demo.main(["--retrain", "clip", *argv])
+    assert "clip: training" in capsys.readouterr().out
+
+
+def test_a_failed_run_stops_the_demo_with_its_log(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"the clip run failed \(exit [1-9]\d*\); its log: .*clip/log\.txt"):
+        demo.main(["--root", str(tmp_path / "demo"), "--only", "clip", "--", "--trainer.no_such_option", "1"])
+    assert sys.executable  # the child ran with this interpreter

@@ -58,6 +58,8 @@ class DemoRun:
         clip: the CLIP it starts from: ``"pretrained"`` (the ``clip`` run's file), ``"random"`` or ``"-"``.
         configs: config files under ``configs/``, merged in order.
         overrides: further command-line overrides.
+        clip_options: the options that receive the ``clip`` run's open_clip file: where the CLIP
+            run writes it, or where a run on the pretrained CLIP loads it from.
         alternative: ``(attribute, value, label)``: validate the trained model once more with one
             attribute changed (SimZSS's other class embedding), a second table row.
     """
@@ -67,6 +69,7 @@ class DemoRun:
     clip: str
     configs: tuple[str, ...]
     overrides: tuple[str, ...] = ()
+    clip_options: tuple[str, ...] = ()
     alternative: tuple[str, str, str] | None = None
 
     @property
@@ -74,14 +77,27 @@ class DemoRun:
         return ("clip",) if self.clip == "pretrained" else ()
 
 
+#: where each method's config takes the CLIP file
+EXPORT_CLIP = ("--model.init_args.export_path",)
+ZEGFORMER_CLIP = (
+    "--model.init_args.clip_text.init_args.checkpoint_path",
+    "--model.init_args.clip_image.init_args.checkpoint_path",
+)
+CDT_CLIP = ("--model.init_args.checkpoint_path",)
+
 RUNS: tuple[DemoRun, ...] = (
-    DemoRun("clip", "CLIP, dense tokens", "-", ("clip/synthetic.yaml",)),
-    DemoRun("zegformer", "ZegFormer", "pretrained", ("zegformer/synthetic.yaml",)),
+    DemoRun("clip", "CLIP, dense tokens", "-", ("clip/synthetic.yaml",), clip_options=EXPORT_CLIP),
+    DemoRun("zegformer", "ZegFormer", "pretrained", ("zegformer/synthetic.yaml",), clip_options=ZEGFORMER_CLIP),
     DemoRun("zegformer_random_clip", "ZegFormer", "random", ("zegformer/synthetic.yaml", "zegformer/random_clip.yaml")),
-    DemoRun("cdt", "CDT (MAFT+)", "pretrained", ("cdt/synthetic.yaml",)),
+    DemoRun("cdt", "CDT (MAFT+)", "pretrained", ("cdt/synthetic.yaml",), clip_options=CDT_CLIP),
     DemoRun("cdt_random_clip", "CDT (MAFT+)", "random", ("cdt/synthetic.yaml", "cdt/random_clip.yaml")),
     DemoRun(
-        "cdt_no_cdt", "no-CDT ablation", "pretrained", ("cdt/synthetic.yaml",), ("--model.init_args.use_cdt", "false")
+        "cdt_no_cdt",
+        "no-CDT ablation",
+        "pretrained",
+        ("cdt/synthetic.yaml",),
+        ("--model.init_args.use_cdt", "false"),
+        clip_options=CDT_CLIP,
     ),
     DemoRun(
         "simzss",
@@ -109,18 +125,8 @@ def fit_arguments(run: DemoRun, root: Path, seed: int, extra: Sequence[str] = ()
         args += ["-c", str(CONFIGS / config)]
     args += ["--seed_everything", str(seed), "--trainer.default_root_dir", str(root / run.name), *run.overrides]
     clip_file = str(root / "clip" / CLIP_FILE)
-    if run.name == "clip":
-        args += ["--model.init_args.export_path", clip_file]
-    elif run.clip == "pretrained":
-        if "zegformer" in run.configs[0]:
-            args += [
-                "--model.init_args.clip_text.init_args.checkpoint_path",
-                clip_file,
-                "--model.init_args.clip_image.init_args.checkpoint_path",
-                clip_file,
-            ]
-        else:
-            args += ["--model.init_args.checkpoint_path", clip_file]
+    for option in run.clip_options:
+        args += [option, clip_file]
     return [*args, *extra]
 
 

@@ -490,3 +490,12 @@ def test_caption_files_missing_keys_and_cut_captions_are_named_and_counted(tmp_p
     code, _, err = exits(capsys, "data", "extract-concepts", "--coco", str(annotations), "--no-progress")
     assert code != 0
     assert f"{annotations}: annotation {doc['annotations'][1]['id']!r}" in err and "has no 'caption' key" in err
+
+
+def test_a_synthetic_mask_config_without_its_clip_file_says_how_to_make_it(capsys):
+    """configs/cdt/synthetic.yaml starts from runs/clip_synthetic/open_clip.pt: before the CLIP
+    config has run, fit ends in one line naming the file and the command that writes it."""
+    code, _, err = exits(capsys, "fit", "-c", str(REPO / "configs" / "cdt" / "synthetic.yaml"))
+    assert_one_line_error(
+        code, err, "runs/clip_synthetic/open_clip.pt does not exist", "ovseg fit -c configs/clip/synthetic.yaml"
+    )

@@ -18,7 +18,8 @@ Every evaluation reports the zero-shot margin: unseen mIoU with the true names m
 with the unseen names permuted among themselves (:class:`~ovseg.benchmark.Benchmark`'s
 ``name_swap_control``). A run whose ``results.json`` matches its command line (config, seed, thread
 count, and the CLIP it starts from) is reused, not retrained; ``--retrain`` retrains all or the
-named runs (and whatever starts from them). Each run is its own process with ``--threads`` OpenMP
+named runs (and whatever starts from them); ovseg's own code is not part of that check, so retrain
+after updating ovseg. Each run is its own process with ``--threads`` OpenMP
 threads (the figures depend on the thread count, not on the machine's cores); ``--jobs`` runs
 train side by side (default: as many as the cores allow, at most 2).
 """

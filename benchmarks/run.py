@@ -171,12 +171,12 @@ def for_synthetic_training(config: dict) -> dict:
     return {**config, "init_args": init_args}
 
 
-def config_model(path: str, device: torch.device, random_weights: bool = True) -> OVSegModule:
-    """The model section of a shipped config, built as ``ovseg fit`` builds it (trained here on
-    the synthetic world, see :func:`for_synthetic_training`)."""
-    config = for_synthetic_training(yaml.safe_load((REPO / path).read_text())["model"])
-    if random_weights:
-        config = without_pretrained_weights(config)
+def config_model(path: str, device: torch.device) -> OVSegModule:
+    """The model section of a shipped config, built as ``ovseg fit`` builds it, with random weights
+    (:func:`without_pretrained_weights`: throughput does not depend on them, nothing is downloaded
+    and the synthetic CLIP file need not exist) and trained here on the synthetic world
+    (:func:`for_synthetic_training`)."""
+    config = without_pretrained_weights(for_synthetic_training(yaml.safe_load((REPO / path).read_text())["model"]))
     return build_model_from_section(config).to(device).eval()
 
 
@@ -610,7 +610,7 @@ def main() -> None:
         for method in args.methods:
             tiny, real = METHOD_CONFIGS[method]
             torch.manual_seed(0)
-            model = config_model(tiny, device, random_weights=True)  # the tiny CLIP file need not exist
+            model = config_model(tiny, device)
             rows = bench_method(model, device, repeats)
             if method == "SimZSS":
                 rows += [
@@ -622,7 +622,7 @@ def main() -> None:
             print_table(f"{method}, tiny: {tiny}", rows)
             if real_size:
                 torch.manual_seed(0)
-                model = config_model(real, device, random_weights=True)
+                model = config_model(real, device)
                 rows = bench_method(model, device, max(1, repeats // 2), REAL_SIZES)
                 print_table(f"{method}, real size: {real} (random weights)", rows)
                 del model

@@ -258,38 +258,38 @@ def execute(
             console.print(f"{name}: done in {minutes:.1f} min")
 
 
-def table(runs: list[DemoRun], root: Path, seed: int) -> Table:
-    """One row per evaluated model: CLIP, summary metrics, minutes, threads."""
-    result = Table(title=f"synthetic world, seed {seed}: validation mIoU (%), 100 held-out scenes")
-    result.add_column("run")
-    result.add_column("CLIP")
-    for header in HEADERS:
-        result.add_column(header, justify="right")
-    result.add_column("minutes", justify="right")
-    result.add_column("threads", justify="right")
+#: the table's columns after the run's label
+TABLE_HEADERS = ("CLIP", *HEADERS, "minutes", "threads")
+
+
+def table_rows(runs: list[DemoRun], root: Path) -> list[list[str]]:
+    """One row of cells per evaluated model: label, CLIP, summary metrics, minutes, threads."""
+    rows = []
     for run in runs:
         stored = read_results(root / run.name)
-        assert stored is not None
+        assert stored is not None, f"{run.name} has no results.json"
         for label, metrics in stored["rows"].items():
             cells = [f"{metrics[key]:.1f}" if key in metrics else "-" for key in COLUMNS]
             minutes = f"{stored['minutes']:.1f}" if label == run.label else "(same)"
-            result.add_row(label, run.clip, *cells, minutes, str(stored["threads"]))
+            rows.append([label, run.clip, *cells, minutes, str(stored["threads"])])
+    return rows
+
+
+def table(runs: list[DemoRun], root: Path, seed: int) -> Table:
+    """:func:`table_rows` as a rich table for the terminal."""
+    result = Table(title=f"synthetic world, seed {seed}: validation mIoU (%), 100 held-out scenes")
+    result.add_column("run")
+    for header in TABLE_HEADERS:
+        result.add_column(header, justify="left" if header == "CLIP" else "right")
+    for row in table_rows(runs, root):
+        result.add_row(*row)
     return result
 
 
 def markdown(runs: list[DemoRun], root: Path) -> str:
-    """The table as Markdown (written next to the runs, for the README)."""
-    lines = [
-        "| run | CLIP | " + " | ".join(HEADERS) + " | minutes | threads |",
-        "|---|---|" + "---:|" * (len(HEADERS) + 2),
-    ]
-    for run in runs:
-        stored = read_results(root / run.name)
-        assert stored is not None
-        for label, metrics in stored["rows"].items():
-            cells = [f"{metrics[key]:.1f}" if key in metrics else "-" for key in COLUMNS]
-            minutes = f"{stored['minutes']:.1f}" if label == run.label else "(same)"
-            lines.append(f"| {label} | {run.clip} | " + " | ".join(cells) + f" | {minutes} | {stored['threads']} |")
+    """:func:`table_rows` as Markdown (written next to the runs, for the README)."""
+    lines = ["| run | " + " | ".join(TABLE_HEADERS) + " |", "|---|---|" + "---:|" * (len(TABLE_HEADERS) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(runs, root)]
     return "\n".join(lines) + "\n"
 
 

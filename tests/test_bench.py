@@ -28,7 +28,7 @@ def bench():
 def test_every_method_table_has_training_inference_and_memory_rows(bench, method):
     tiny, real = bench.METHOD_CONFIGS[method]
     assert (REPO / tiny).is_file() and (REPO / real).is_file()
-    model = bench.config_model(tiny, torch.device("cpu"), random_weights=True)
+    model = bench.config_model(tiny, torch.device("cpu"))
     rows = dict(bench.bench_method(model, torch.device("cpu"), repeats=1, sizes=(64, 2, 64, 32)))
     assert rows["training, batch 2 at 64 px (samples/s)"] > 0
     assert rows["inference, whole image 64x64 (images/s)"] > 0

@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from ovseg import convert as convert_module
 from ovseg.cli import run
-from ovseg.convert import ConversionError, KeyReport, build_model, load_official_weights
+from ovseg.convert import ConversionError, KeyReport, build_model, build_model_from_section, load_official_weights
 from ovseg.methods.simzss import SimZSS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,9 +167,12 @@ def test_mask_methods_record_the_training_classes_of_the_config(tmp_path: Path) 
     config = REPO / "configs" / "zegformer" / "synthetic.yaml"
     classes = training_classes_of(config)
     assert classes is not None and 0 < len(classes.seen_indices) < len(classes.vocabulary)
-    random_clip = [f"--model.init_args.{tower}.init_args.checkpoint_path=null" for tower in ("clip_text", "clip_image")]
-    model = build_model(config, random_clip)  # the config's CLIP file is made by configs/clip/synthetic.yaml
-    assert model.hparams["clip_text"]["init_args"]["checkpoint_path"] in (None, "None")
+    # the config's CLIP file is made by configs/clip/synthetic.yaml: here the random-CLIP overlay's model
+    section = yaml.safe_load(config.read_text())["model"]
+    for tower in ("clip_text", "clip_image"):
+        section["init_args"][tower]["init_args"]["checkpoint_path"] = None
+    model = build_model_from_section(section)
+    assert model.hparams["clip_text"]["init_args"]["checkpoint_path"] is None
     model.set_training_classes(classes)
     destination = save_converted(model, tmp_path / "z.ckpt", "official.pth", KeyReport())
     loaded = ZegFormer.load_from_checkpoint(destination, map_location="cpu")

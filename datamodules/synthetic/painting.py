@@ -134,6 +134,14 @@ def paint_texture(
     raise ValueError(f"unknown texture {name!r}")
 
 
+def blob_mask(rng: np.random.Generator, dy: np.ndarray, dx: np.ndarray, a: float, b: float) -> np.ndarray:
+    """A wobbly ellipse with semi-axes ``a`` (rows) and ``b`` (columns): 2-4 lobes of +-15% radius at
+    a random phase; ``dy``/``dx`` are offsets from the centre. Draws two numbers from ``rng``."""
+    lobes = rng.integers(2, 5)
+    wob = 1.0 + 0.15 * np.sin(lobes * np.arctan2(dy, dx) + rng.uniform(0, 2 * np.pi))
+    return (dy / a) ** 2 + (dx / b) ** 2 <= wob * wob
+
+
 def shape_mask(shape: str, dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarray:
     """Boolean silhouette inscribed in a disc of radius ``r``; ``dy``/``dx`` are offsets from the centre."""
     if shape == "circle":

@@ -26,6 +26,7 @@ from ovseg.datamodules.synthetic.categories import (
     split_id,
 )
 from ovseg.datamodules.synthetic.painting import (
+    blob_mask,
     coordinate_grid,
     paint_texture,
     pixel_noise,
@@ -169,9 +170,7 @@ class SyntheticWorld:
             for k in range(1, n_stuff):
                 cy, cx = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w
                 a, b = rng.uniform(0.22, 0.4) * s, rng.uniform(0.22, 0.4) * s
-                dy, dx = yy - cy, xx - cx
-                wob = 1.0 + 0.15 * np.sin(rng.integers(2, 5) * np.arctan2(dy, dx) + rng.uniform(0, 2 * np.pi))
-                region[(dy / a) ** 2 + (dx / b) ** 2 <= wob * wob] = k
+                region[blob_mask(rng, yy - cy, xx - cx, a, b)] = k
         for k, cat in enumerate(stuff):
             c = self.categories[cat]
             region_cat.append(cat)
@@ -274,9 +273,7 @@ class SyntheticWorld:
         if c.kind == "stuff":
             cy, cx = rng.uniform(0.4, 0.6) * h, rng.uniform(0.4, 0.6) * w
             a, b = rng.uniform(0.32, 0.5) * s, rng.uniform(0.32, 0.5) * s
-            dy, dx = yy - cy, xx - cx
-            wob = 1.0 + 0.15 * np.sin(rng.integers(2, 5) * np.arctan2(dy, dx) + rng.uniform(0, 2 * np.pi))
-            mask = (dy / a) ** 2 + (dx / b) ** 2 <= wob * wob
+            mask = blob_mask(rng, yy - cy, xx - cx, a, b)
             tex = paint_texture(c.texture, rng, yy, xx, 0.0, 0.0, 0.0).astype(np.float32)
         else:
             count = 1 if rng.random() < 0.7 else 2

@@ -46,9 +46,6 @@ def build_open_clip_model(
     """
     if (model_name is None) == (config is None):
         raise ValueError("give exactly one of model_name and config")
-    if checkpoint_path in ("None", "null"):
-        # jsonargparse hands `--...init_args.checkpoint_path null` of a nested class over as a string
-        checkpoint_path = None
     if model_name is not None and model_name.startswith(TRANSFORMERS_PREFIX):
         if pretrained is not None or checkpoint_path is not None or create_kwargs:
             raise ValueError(

@@ -77,7 +77,8 @@ def _load_clip_checkpoint(model: nn.Module, path: str) -> None:
         raise MissingResourceError(
             f"CLIP checkpoint_path {path} does not exist: give an open_clip state dict file, e.g. the one "
             "`ovseg fit -c configs/clip/synthetic.yaml` writes (runs/clip_synthetic/open_clip.pt) or "
-            "`python -m ovseg.methods.clip.export CKPT OUT` makes; set checkpoint_path to null for a random CLIP"
+            "`python -m ovseg.methods.clip.export CKPT OUT` makes; for a random CLIP set checkpoint_path: null in a "
+            "config file, as configs/zegformer/random_clip.yaml and configs/cdt/random_clip.yaml do"
         )
     try:
         open_clip.load_checkpoint(model, path, strict=True)

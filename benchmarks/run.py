@@ -208,7 +208,7 @@ def bench_method(
     """
     train_px, batch_size, image_px, window = sizes
     data = SyntheticDataModule(
-        num_train=batch_size, batch_size=batch_size, image_size=train_px, ignore_unseen_in_training=True
+        num_train=batch_size, batch_size=batch_size, image_size=train_px, unseen_in_training="ignored"
     )
     if isinstance(model, MaskClassificationModule):
         model.set_training_classes(data.training_classes)

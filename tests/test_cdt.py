@@ -44,7 +44,7 @@ def tiny_cdt(**kwargs) -> CDT:
 
 
 def synthetic_batch(size: int = 64, batch: int = 4):
-    data = SyntheticDataModule(num_train=batch, batch_size=batch, image_size=size, ignore_unseen_in_training=True)
+    data = SyntheticDataModule(num_train=batch, batch_size=batch, image_size=size, unseen_in_training="ignored")
     return data, next(iter(data.train_dataloader()))
 
 

@@ -61,7 +61,7 @@ class TinyMaskMethod(MaskClassificationModule):
 
 
 def test_training_classes_come_from_the_datamodule_and_travel_in_the_checkpoint(tmp_path):
-    data = SyntheticDataModule(num_train=8, num_val=4, image_size=32, batch_size=4, ignore_unseen_in_training=True)
+    data = SyntheticDataModule(num_train=8, num_val=4, image_size=32, batch_size=4, unseen_in_training="ignored")
     module = TinyMaskMethod(optimizer=lambda params: torch.optim.SGD(params, lr=0.1), print_metrics=False)
     trainer = L.Trainer(
         max_steps=3,

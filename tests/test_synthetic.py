@@ -21,6 +21,7 @@ from ovseg.datamodules.synthetic import (
     CATEGORIES,
     IGNORE_INDEX,
     PLAIN_BACKGROUND,
+    SyntheticDataModule,
     SyntheticDataset,
     SyntheticWorld,
     caption_choice,
@@ -130,6 +131,37 @@ def test_close_ups_are_one_category_on_the_plain_background():
         assert np.array_equal(mixed.scene(index, "val").image, plain.scene(index, "val").image)
     with pytest.raises(ValueError, match="close_up_fraction"):
         SyntheticWorld(close_up_fraction=1.5)
+
+
+def test_unseen_in_training_modes():
+    """``unseen_in_training``: "labelled" keeps every training label, "ignored" turns unseen pixels
+    into 255 in the same images, "absent" draws training scenes from the seen categories only;
+    validation scenes are the same in all three, and only "labelled" trains on the unseen classes."""
+    modes = {m: SyntheticDataModule(num_train=40, num_val=4, image_size=48, unseen_in_training=m) for m in
+             ("labelled", "ignored", "absent")}  # fmt: skip
+    unseen = torch.tensor(modes["labelled"].unseen_indices)
+    shown = {m: torch.zeros(len(CATEGORIES), dtype=torch.bool) for m in modes}
+    for index in range(40):
+        items = {m: dm.train_dataset()[index] for m, dm in modes.items()}
+        for m, item in items.items():
+            present = item["label"].unique()
+            shown[m][present[present != 255]] = True
+        labelled, ignored = items["labelled"], items["ignored"]
+        assert torch.equal(labelled["image"], ignored["image"])
+        is_unseen = torch.isin(labelled["label"], unseen)
+        assert bool((ignored["label"][is_unseen] == 255).all())
+        assert torch.equal(ignored["label"][~is_unseen], labelled["label"][~is_unseen])
+    assert shown["labelled"][unseen].all() and not shown["ignored"][unseen].any()
+    assert not shown["absent"][unseen].any() and shown["absent"].sum() == len(CATEGORIES) - len(unseen)
+    for index in range(4):
+        images = [dm.val_dataloader().dataset[index]["image"] for dm in modes.values()]
+        assert all(torch.equal(images[0], other) for other in images[1:])
+    assert modes["labelled"].training_classes.unseen_classes == ()
+    assert len(modes["absent"].training_classes.unseen_classes) == len(unseen)
+    with pytest.raises(ValueError, match="unseen_in_training"):
+        SyntheticDataModule(unseen_in_training="ignore")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="no stuff"):
+        SyntheticWorld(excluded_from_training=[i for i, c in enumerate(CATEGORIES) if c.kind == "stuff"])
 
 
 def test_vocabulary_helpers(world):

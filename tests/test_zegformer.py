@@ -250,7 +250,7 @@ def test_model_outputs_per_decoder_layer():
 
 # ------------------------------------------------------------------------------- training
 def test_clip_stays_frozen_and_in_eval_mode_through_lightning_training():
-    data = SyntheticDataModule(num_train=8, num_val=2, image_size=48, batch_size=4, ignore_unseen_in_training=True)
+    data = SyntheticDataModule(num_train=8, num_val=2, image_size=48, batch_size=4, unseen_in_training="ignored")
     model = tiny_zegformer(
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
         lr_multipliers={"model.backbone.": 0.1},
@@ -292,7 +292,7 @@ def test_clip_stays_frozen_and_in_eval_mode_through_lightning_training():
 
 def test_short_training_on_synthetic_scenes_decreases_the_loss():
     torch.manual_seed(0)
-    data = SyntheticDataModule(num_train=4, image_size=48, batch_size=4, ignore_unseen_in_training=True)
+    data = SyntheticDataModule(num_train=4, image_size=48, batch_size=4, unseen_in_training="ignored")
     model = tiny_zegformer(clip_classification=False, dropout=0.0)
     model.set_training_classes(data.training_classes)
     batch = next(iter(data.train_dataloader()))

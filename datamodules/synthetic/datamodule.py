@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import lightning as L
 import torch
@@ -15,6 +16,8 @@ from ovseg.datamodules.synthetic.dataset import SyntheticDataset
 from ovseg.datamodules.synthetic.world import SyntheticWorld
 from ovseg.inference import InferenceSettings
 from ovseg.vocabulary import Vocabulary
+
+UnseenInTraining = Literal["labelled", "ignored", "absent"]
 
 
 class _IgnoreUnseen(Dataset):
@@ -48,8 +51,13 @@ class SyntheticDataModule(L.LightningDataModule):
         num_workers: dataloader workers.
         templates: prompt templates of the evaluation vocabulary ("single", "imagenet80" or a list).
         use_synonyms: evaluation classes take the max over their synonyms too.
-        ignore_unseen_in_training: unseen-class pixels become 255 in training labels (the
-            zero-shot protocol of mask-supervised methods).
+        unseen_in_training: what the training scenes hold of the unseen categories:
+            ``"labelled"`` (default): everything, labelled (caption-trained methods read only the
+            captions); ``"ignored"``: their pixels become 255 in the training labels, the zero-shot
+            protocol of the ZegFormer release (unseen objects stay in the images, in no target
+            mask); ``"absent"``: training scenes are drawn from the seen categories only, as in a
+            data set annotated for the seen classes alone (ZS3Net's protocol, which drops training
+            images that show an unseen class). Validation scenes never change.
         inference: resize / sliding-window settings of the benchmark.
         absent_policy: metric convention for classes predicted but absent from the ground truth.
         close_up_fraction: share of training scenes that are close-ups of one category on a plain
@@ -69,20 +77,27 @@ class SyntheticDataModule(L.LightningDataModule):
         num_workers: int = 0,
         templates: str | list[str] = "single",
         use_synonyms: bool = False,
-        ignore_unseen_in_training: bool = False,
+        unseen_in_training: UnseenInTraining = "labelled",
         inference: InferenceSettings | None = None,
         absent_policy: AbsentPolicy = "zero",
         close_up_fraction: float = 0.0,
         name_swap_control: bool = False,
     ) -> None:
         super().__init__()
-        self.world = SyntheticWorld(image_size=image_size, seed=seed, close_up_fraction=close_up_fraction)
+        if unseen_in_training not in get_args(UnseenInTraining):
+            raise ValueError(
+                f"unseen_in_training must be one of {get_args(UnseenInTraining)}, got {unseen_in_training!r}"
+            )
+        self.unseen_in_training = unseen_in_training
+        excludes = tuple(self.unseen_indices) if unseen_in_training == "absent" else ()
+        self.world = SyntheticWorld(
+            image_size=image_size, seed=seed, close_up_fraction=close_up_fraction, excluded_from_training=excludes
+        )
         self.num_train = num_train
         self.num_val = num_val
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
-        self.ignore_unseen_in_training = ignore_unseen_in_training
         classes = [(c.name, *c.synonyms) if use_synonyms else (c.name,) for c in CATEGORIES]
         self.benchmarks = [
             Benchmark(
@@ -95,10 +110,10 @@ class SyntheticDataModule(L.LightningDataModule):
             )
         ]
         # label maps index CATEGORIES; mask-supervised methods train on the seen classes only
-        # when unseen pixels are ignored
+        # unless the unseen ones are labelled
         self.training_classes = TrainingClasses(
             vocabulary=Vocabulary(tuple((c.name,) for c in CATEGORIES)),
-            unseen_classes=self.benchmarks[0].unseen_classes if ignore_unseen_in_training else (),
+            unseen_classes=self.benchmarks[0].unseen_classes if unseen_in_training != "labelled" else (),
         )
 
     @property
@@ -108,7 +123,7 @@ class SyntheticDataModule(L.LightningDataModule):
 
     def train_dataset(self) -> Dataset:
         dataset: Dataset = SyntheticDataset(self.world, "train", self.num_train)
-        if self.ignore_unseen_in_training:
+        if self.unseen_in_training == "ignored":
             dataset = _IgnoreUnseen(dataset, self.unseen_indices)
         return dataset
 

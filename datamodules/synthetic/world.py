@@ -50,6 +50,8 @@ class SyntheticWorld:
             category, large, on a plain background of :data:`PLAIN_BACKGROUND`, the way product and
             object photos fill a share of web image-text data. 0 (default) leaves every scene as
             before; validation and test scenes are never close-ups.
+        excluded_from_training: indices of categories that *training* scenes never show (a data set
+            annotated for the other categories only); validation and test scenes show every one.
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class SyntheticWorld:
         ignore_boundary: bool = True,
         categories: tuple[Category, ...] = CATEGORIES,
         close_up_fraction: float = 0.0,
+        excluded_from_training: tuple[int, ...] = (),
     ) -> None:
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.height, self.width = int(size[0]), int(size[1])
@@ -80,10 +83,15 @@ class SyntheticWorld:
         if not 0.0 <= close_up_fraction <= 1.0:
             raise ValueError(f"close_up_fraction must be in [0, 1], got {close_up_fraction}")
         self.close_up_fraction = float(close_up_fraction)
+        self.excluded_from_training = tuple(sorted({int(i) for i in excluded_from_training}))
+        if any(not 0 <= i < len(self.categories) for i in self.excluded_from_training):
+            raise ValueError(f"excluded_from_training indexes {len(self.categories)} categories")
         self.stuff_ids = [i for i, c in enumerate(self.categories) if c.kind == "stuff"]
         self.thing_ids = [i for i, c in enumerate(self.categories) if c.kind == "thing"]
         if not self.stuff_ids:
             raise ValueError("the world needs at least one stuff category")
+        if all(i in self.excluded_from_training for i in self.stuff_ids):
+            raise ValueError("excluded_from_training leaves no stuff category for the training scenes")
         if len(self.categories) > 255:
             raise ValueError("at most 255 categories (uint8 labels, 255 = ignore)")
         self._caption_writer = CaptionWriter(self.categories)
@@ -140,6 +148,10 @@ class SyntheticWorld:
         s = float(min(h, w))
         yy, xx = coordinate_grid(h, w)
         jit = self.color_jitter
+        stuff_ids, thing_ids = self.stuff_ids, self.thing_ids
+        if self.excluded_from_training and split_id(split) == 0:
+            stuff_ids = [i for i in stuff_ids if i not in self.excluded_from_training]
+            thing_ids = [i for i in thing_ids if i not in self.excluded_from_training]
         # region map: stuff regions 0..n_stuff-1, then one region per thing instance
         region_cat: list[int] = []
         region_col: list[np.ndarray] = []
@@ -147,8 +159,8 @@ class SyntheticWorld:
 
         # ---- stuff layout
         u = rng.random()
-        n_stuff = min(1 if u < 0.2 else 2 if u < 0.65 else 3, len(self.stuff_ids))
-        stuff = [int(c) for c in rng.choice(self.stuff_ids, n_stuff, replace=False)]
+        n_stuff = min(1 if u < 0.2 else 2 if u < 0.65 else 3, len(stuff_ids))
+        stuff = [int(c) for c in rng.choice(stuff_ids, n_stuff, replace=False)]
         layout = "bands" if n_stuff == 1 or rng.random() < 0.7 else "blobs"
         region = np.zeros((h, w), dtype=np.uint8)
         if layout == "bands":
@@ -182,11 +194,11 @@ class SyntheticWorld:
                 np.copyto(tex, t, where=region == k)
 
         # ---- things: several instances of 1-3 categories, placed without (much) overlap
-        n_obj = int(rng.integers(self.min_objects, self.max_objects + 1)) if self.thing_ids else 0
+        n_obj = int(rng.integers(self.min_objects, self.max_objects + 1)) if thing_ids else 0
         inst_area: list[float] = []  # full (unclipped) area of each instance
         if n_obj:
-            n_kinds = min(int(rng.integers(1, 4)), n_obj, len(self.thing_ids))
-            kinds = rng.choice(self.thing_ids, n_kinds, replace=False)
+            n_kinds = min(int(rng.integers(1, 4)), n_obj, len(thing_ids))
+            kinds = rng.choice(thing_ids, n_kinds, replace=False)
             cats = list(kinds) + list(rng.choice(kinds, n_obj - len(kinds)))
             placed: list[tuple[float, float, float]] = []
             for cat in cats:
@@ -265,7 +277,11 @@ class SyntheticWorld:
         h, w = self.height, self.width
         s = float(min(h, w))
         yy, xx = coordinate_grid(h, w)
-        cat = int(rng.integers(self.num_classes))
+        if self.excluded_from_training:  # close-ups are training scenes
+            allowed = [i for i in range(self.num_classes) if i not in self.excluded_from_training]
+            cat = int(rng.choice(allowed))
+        else:
+            cat = int(rng.integers(self.num_classes))
         c = self.categories[cat]
         mask = np.zeros((h, w), dtype=bool)
         tex = np.zeros((h, w), dtype=np.float32)

@@ -430,7 +430,10 @@ def test_mask_method_checkpoint_validates_the_same_and_on_the_evaluation_datamod
 
     write_mmseg(
         # 3 scenes: the third shows unseen classes (sand, umbrella), so the unseen mIoU is a number
-        SyntheticWorld(image_size=(64, 80), seed=4), tmp_path / "data/synthetic_mmseg", num_images=3, progress=False
+        SyntheticWorld(image_size=(64, 80), seed=4),
+        tmp_path / "data/synthetic_mmseg",
+        num_images=3,
+        progress=False,
     )
     evaluated = run(
         [

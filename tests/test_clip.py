@@ -164,19 +164,16 @@ def pretrain(
     size: int = 32,
     config: dict | None = None,
     close_up_fraction: float = 0.0,
-    shipped_schedule: bool = False,
+    adamw: dict | None = None,
+    warmup: float | None = None,
     **kwargs,
 ) -> tuple[CLIP, list[float]]:
     """A tiny CLIP trained ``steps`` steps on synthetic captions (all 16 categories named, the unseen
-    sand, snow, kite and umbrella included), and its losses. ``shipped_schedule``: the optimiser
-    and schedule of configs/clip/synthetic.yaml (AdamW betas 0.9/0.98, eps 1e-6, 5% warm-up, cosine)."""
+    sand, snow, kite and umbrella included), and its losses. ``adamw``: AdamW's arguments (default
+    lr 2e-3, weight decay 0.1); ``warmup``: a :class:`WarmupCosineLR` schedule with that warm-up."""
     model = make_clip(config, **kwargs)
-    if shipped_schedule:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
-        scheduler = WarmupCosineLR(optimizer, warmup=0.05, total_steps=steps)
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1)
-        scheduler = None
+    optimizer = torch.optim.AdamW(model.parameters(), **(adamw or {"lr": 2e-3, "weight_decay": 0.1}))
+    scheduler = None if warmup is None else WarmupCosineLR(optimizer, warmup=warmup, total_steps=steps)
     world = SyntheticDataModule(image_size=size, close_up_fraction=close_up_fraction).world
     dataset = SyntheticDataset(world, "train", steps * BATCH)
     losses = []
@@ -247,10 +244,15 @@ def test_the_shipped_pretraining_recognises_all_unseen_categories():
     import yaml
     from test_cli import REPO  # tests/test_cli.py
 
-    config = yaml.safe_load((REPO / "configs/clip/synthetic.yaml").read_text())
-    clip_config = config["model"]["init_args"]["clip_config"]
+    shipped = yaml.safe_load((REPO / "configs/clip/synthetic.yaml").read_text())["model"]["init_args"]
     model, _ = pretrain(
-        1000, size=64, config=clip_config, close_up_fraction=0.25, shipped_schedule=True, dense_features="tokens"
+        1000,
+        size=64,
+        config=shipped["clip_config"],
+        close_up_fraction=0.25,
+        adamw=shipped["optimizer"]["init_args"],
+        warmup=shipped["lr_scheduler"]["init_args"]["warmup"],
+        dense_features="tokens",
     )
     scores = {name: recognition(model, NAMES.index(name), size=64) for name in ("sand", "snow", "kite", "umbrella")}
     for name, (auc, pixel_accuracy) in scores.items():

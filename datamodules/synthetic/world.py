@@ -90,7 +90,10 @@ class SyntheticWorld:
         self.thing_ids = [i for i, c in enumerate(self.categories) if c.kind == "thing"]
         if not self.stuff_ids:
             raise ValueError("the world needs at least one stuff category")
-        if all(i in self.excluded_from_training for i in self.stuff_ids):
+        # what training scenes draw from (the same lists as validation without exclusions)
+        self._training_stuff_ids = [i for i in self.stuff_ids if i not in self.excluded_from_training]
+        self._training_thing_ids = [i for i in self.thing_ids if i not in self.excluded_from_training]
+        if not self._training_stuff_ids:
             raise ValueError("excluded_from_training leaves no stuff category for the training scenes")
         if len(self.categories) > 255:
             raise ValueError("at most 255 categories (uint8 labels, 255 = ignore)")
@@ -142,16 +145,15 @@ class SyntheticWorld:
     def scene(self, index: int, split: str = "train") -> Scene:
         """Generate scene ``index`` of ``split`` (train/val/test streams never share a scene)."""
         rng = self.rng(index, split)
-        if self.close_up_fraction > 0 and split_id(split) == 0 and rng.random() < self.close_up_fraction:
+        training = split_id(split) == 0
+        if self.close_up_fraction > 0 and training and rng.random() < self.close_up_fraction:
             return self.close_up(rng)
         h, w = self.height, self.width
         s = float(min(h, w))
         yy, xx = coordinate_grid(h, w)
         jit = self.color_jitter
-        stuff_ids, thing_ids = self.stuff_ids, self.thing_ids
-        if self.excluded_from_training and split_id(split) == 0:
-            stuff_ids = [i for i in stuff_ids if i not in self.excluded_from_training]
-            thing_ids = [i for i in thing_ids if i not in self.excluded_from_training]
+        stuff_ids = self._training_stuff_ids if training else self.stuff_ids
+        thing_ids = self._training_thing_ids if training else self.thing_ids
         # region map: stuff regions 0..n_stuff-1, then one region per thing instance
         region_cat: list[int] = []
         region_col: list[np.ndarray] = []
@@ -278,8 +280,7 @@ class SyntheticWorld:
         s = float(min(h, w))
         yy, xx = coordinate_grid(h, w)
         if self.excluded_from_training:  # close-ups are training scenes
-            allowed = [i for i in range(self.num_classes) if i not in self.excluded_from_training]
-            cat = int(rng.choice(allowed))
+            cat = int(rng.choice(sorted(self._training_stuff_ids + self._training_thing_ids)))
         else:
             cat = int(rng.integers(self.num_classes))
         c = self.categories[cat]

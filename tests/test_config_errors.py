@@ -84,6 +84,12 @@ def test_misspelt_options_are_named(tmp_path, capsys):
     assert "does not accept option 'trainer.max_step'" in err
 
 
+def test_a_value_outside_a_choice_names_the_key_and_the_choices(capsys):
+    config = str(REPO / "configs/cdt/synthetic.yaml")
+    err = cli_error(capsys, "fit", "-c", config, "--data.init_args.unseen_in_training", "ignore")
+    assert 'key "unseen_in_training"' in err and "'labelled', 'ignored', 'absent'" in err and "ignore" in err
+
+
 # ------------------------------------------------------------------ checkpoints of another method
 
 

@@ -158,6 +158,13 @@ def summary(results: dict[str, Any]) -> dict[str, float]:
     return {key: float(value) for key, value in results[benchmark].items() if key != "IoU" and value.ndim == 0}
 
 
+def validation_images(trainer: Any) -> int:
+    """How many images the trainer's validation dataloaders hold (the table's "held-out scenes")."""
+    loaders = trainer.val_dataloaders
+    loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+    return sum(len(loader.dataset) for loader in loaders)
+
+
 # ---------------------------------------------------------------------------- one run (child process)
 def train_one(run: DemoRun, root: Path, seed: int, threads: int, extra: Sequence[str] = ()) -> None:
     """Fit ``run`` in this process and write its ``results.json`` (called with ``--child``)."""
@@ -180,7 +187,14 @@ def train_one(run: DemoRun, root: Path, seed: int, threads: int, extra: Sequence
         cli.model.print_metrics = False
         cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
         rows[label] = summary(cli.model.last_results)
-    record = {"key": key, "rows": rows, "minutes": seconds / 60, "threads": threads, "finished": time.time()}
+    record = {
+        "key": key,
+        "rows": rows,
+        "minutes": seconds / 60,
+        "threads": threads,
+        "scenes": validation_images(cli.trainer),
+        "finished": time.time(),
+    }
     from ovseg.io import atomic_write_json
 
     atomic_write_json(root / run.name / "results.json", record, indent=1)
@@ -277,7 +291,9 @@ def table_rows(runs: list[DemoRun], root: Path) -> list[list[str]]:
 
 def table(runs: list[DemoRun], root: Path, seed: int) -> Table:
     """:func:`table_rows` as a rich table for the terminal."""
-    result = Table(title=f"synthetic world, seed {seed}: validation mIoU (%), 100 held-out scenes")
+    scenes = sorted({stored.get("scenes") for run in runs if (stored := read_results(root / run.name))} - {None})
+    held_out = f", {scenes[0]} held-out scenes" if len(scenes) == 1 else ""
+    result = Table(title=f"synthetic world, seed {seed}: validation mIoU (%){held_out}")
     result.add_column("run")
     for header in TABLE_HEADERS:
         result.add_column(header, justify="left" if header == "CLIP" else "right")

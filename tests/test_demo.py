@@ -70,6 +70,7 @@ def test_trains_once_then_reuses_and_retrains_on_request(tmp_path, monkeypatch, 
     assert "clip: training (1 thread(s))" in out and "clip: done" in out
     assert (tmp_path / "demo/clip/open_clip.pt").is_file()
     assert record["threads"] == 1 and record["key"]["args"][-len(fast) :] == fast
+    assert record["scenes"] == 4 and "4 held-out scenes" in out
     row = record["rows"]["CLIP, dense tokens"]
     assert {"mIoU", "mIoU_seen", "mIoU_unseen", "zs_margin"} <= row.keys()
     assert f"{row['mIoU']:.1f}" in out and f"{row['mIoU']:.1f}" in (tmp_path / "demo/results.md").read_text()

@@ -1,0 +1,69 @@
+"""scripts/diagnostics: the thread-dependence check and the per-class confusions of demo runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from ovseg import demo
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "scripts" / "diagnostics"
+SMALL_DATA = ["--data.init_args.batch_size", "2", "--data.init_args.image_size", "48", "--data.init_args.num_val", "2"]
+
+
+def run_script(name: str, *args: str, cwd: Path = REPO) -> str:
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / name), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_thread_dependence_compares_one_step_at_one_and_two_threads():
+    """A tiny CDT (random CLIP): the 1-thread step repeats bit for bit, and the report's counts are
+    consistent with the model (every parameter with a gradient is counted)."""
+    out = run_script(
+        "thread_dependence.py",
+        "-c",
+        "configs/cdt/synthetic.yaml",
+        "-c",
+        "tests/fast/cdt.yaml",
+        *SMALL_DATA,
+    )
+    assert "1 thread twice: gradients identical" in out
+    losses = re.search(r"loss: (\S+) \(1 thread\), (\S+) \(2 threads\), (\S+) \(1 thread, again\)", out)
+    assert losses is not None and losses.group(1) == losses.group(3)
+    assert abs(float(losses.group(1)) - float(losses.group(2))) < 1e-4 * abs(float(losses.group(1)))
+    counts = re.search(r"parameters: (\d+) of (\d+) gradients differ", out)
+    assert counts is not None and int(counts.group(1)) <= int(counts.group(2)) and int(counts.group(2)) > 50
+    assert re.search(r"backward: \d+ leaf modules get equal gradients from above", out)
+
+
+def test_confusions_rebuilds_a_demo_run_and_matches_its_validation(tmp_path, monkeypatch):
+    """The demo's fast CLIP run, then its confusions on the same scenes it validated on: the seen
+    and unseen mIoU equal the ones the run stored, and every class's row is printed."""
+    monkeypatch.chdir(tmp_path)
+    fast = ["-c", str(REPO / "tests/fast/clip.yaml"), "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"]
+    fast += ["--data.init_args.num_val", "4", "--data.init_args.batch_size", "4", "--data.init_args.image_size", "32"]
+    demo.main(["--root", str(tmp_path / "demo"), "--only", "clip", "--", *fast])
+    stored = json.loads((tmp_path / "demo/clip/results.json").read_text())["rows"]["CLIP, dense tokens"]
+    out = run_script(
+        "confusions.py", str(tmp_path / "demo/clip"), "--scenes", "4", "--classes", "car", "kite", cwd=tmp_path
+    )
+    figures = re.search(r"seen (\S+), unseen (\S+) mIoU \(4 scenes\)", out)
+    assert figures is not None
+    assert float(figures.group(1)) == round(stored["mIoU_seen"], 1)
+    assert float(figures.group(2)) == round(stored["mIoU_unseen"], 1)
+    assert "car pixels labelled:" in out and "kite pixels labelled:" in out
+    iou_line = out.splitlines()[1]
+    assert iou_line.startswith("  IoU: sky ") and "KITE" in iou_line and "kite" not in iou_line  # unseen: capitals

@@ -225,10 +225,43 @@ class OVSegCLI(LightningCLI):
             OVSegModule.check_checkpoint_method(
                 checkpoint, import_object(class_path), f"checkpoint {ckpt_path}", class_path
             )
+        configured = model_settings(self.config, subcommand)
         super()._parse_ckpt_path()
         overrides = model_options(getattr(self, "_command_line", []))
         if ckpt_path and overrides and Path(ckpt_path).is_file():
             self.config = self.parser.parse_args([subcommand, *overrides], namespace=self.config.clone())
+        if checkpoint is not None:
+            restored = model_settings(self.config, subcommand)
+            replaced = sorted(key for key, value in configured.items() if key in restored and restored[key] != value)
+            if replaced:
+                print(
+                    f"ovseg: --ckpt_path {ckpt_path}: the checkpoint's hyper-parameters replace the configured "
+                    f"model.init_args {', '.join(replaced)} (to evaluate with other values, give them as "
+                    "--model.init_args.* options: those apply on top)",
+                    file=sys.stderr,
+                )
+
+
+def model_settings(config: Any, subcommand: str | None) -> dict[str, Any]:
+    """The model's ``init_args`` in ``config`` (of ``subcommand``), flattened to dotted keys."""
+    settings = config.get(subcommand) if subcommand else config
+    model = settings.get("model") if settings is not None else None
+    init_args = model.get("init_args") if model is not None and hasattr(model, "get") else None
+    if init_args is None:
+        return {}
+    flat: dict[str, Any] = {}
+
+    def visit(value: Any, prefix: str) -> None:
+        if hasattr(value, "as_dict"):
+            value = value.as_dict()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                visit(item, f"{prefix}.{key}" if prefix else str(key))
+        else:
+            flat[prefix] = value
+
+    visit(init_args, "")
+    return flat
 
 
 def check_loader_sizes(config: Any, key: str) -> None:

@@ -290,6 +290,17 @@ def test_smoke_fit_prints_table_and_validate_reproduces_it(tmp_path, monkeypatch
         ]
     )
     assert float(validated.trainer.callback_metrics["val/synthetic/mIoU"]) == pytest.approx(fit_miou, abs=1e-6)
+    assert "hyper-parameters replace" not in capsys.readouterr().err  # the config agrees with the checkpoint
+    # A -c file's model section loses to the checkpoint (as in LightningCLI), and ovseg says so;
+    # a --model.* option wins.
+    overlay = tmp_path / "eot.yaml"
+    overlay.write_text("model:\n  init_args:\n    class_embedding: eot\n")
+    validate = ["validate", "-c", str(REPO / "configs/experiment/smoke.yaml"), "--data.init_args.num_val", "8"]
+    validate += ["--trainer.enable_progress_bar", "false", "--ckpt_path", str(checkpoint)]
+    assert run([*validate, "-c", str(overlay)]).model.class_embedding == "concept"
+    assert "the configured model.init_args class_embedding (" in capsys.readouterr().err
+    assert run([*validate, "--model.init_args.class_embedding", "eot"]).model.class_embedding == "eot"
+    assert "hyper-parameters replace" not in capsys.readouterr().err
     tested = run(
         [
             "test",

@@ -32,6 +32,7 @@ from typing import Any
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
 
 from ovseg.errors import UserError
 from ovseg.hub import HUB_PREFIX, resolve_checkpoint
@@ -233,7 +234,7 @@ class OVSegCLI(LightningCLI):
         if checkpoint is not None:
             restored = model_settings(self.config, subcommand)
             replaced = sorted(key for key, value in configured.items() if key in restored and restored[key] != value)
-            if replaced:
+            if replaced and rank_zero_only.rank == 0:
                 print(
                     f"ovseg: --ckpt_path {ckpt_path}: the checkpoint's hyper-parameters replace the configured "
                     f"model.init_args {', '.join(replaced)} (to evaluate with other values, give them as "

@@ -21,7 +21,8 @@ count, and the CLIP it starts from) is reused, not retrained; ``--retrain`` retr
 named runs (and whatever starts from them); ovseg's own code is not part of that check, so retrain
 after updating ovseg. Each run is its own process with ``--threads`` OpenMP
 threads (the figures depend on the thread count, not on the machine's cores); ``--jobs`` runs
-train side by side (default: as many as the cores allow, at most 2).
+train side by side (default: as many as the cores allow, at most 2). Ctrl-C stops the runs in
+progress (exit status 130); finished runs keep their ``results.json`` and are reused next time.
 """
 
 from __future__ import annotations
@@ -226,50 +227,72 @@ def execute(
     pending = list(runs)
     active: dict[str, tuple[subprocess.Popen, float, Any]] = {}
     retrained: set[str] = set()
-    while pending or active:
-        for run in list(pending):
-            if len(active) >= jobs:
-                break
-            if not all(need in done for need in run.needs):
-                continue
-            pending.remove(run)
-            stale = run.name in retrain or any(need in retrained for need in run.needs)
-            stored = read_results(root / run.name)
-            if not stale and stored is not None and stored.get("key") == run_key(run, root, seed, threads, extra):
-                console.print(
-                    f"[dim]{run.name}: reusing {root / run.name / 'results.json'} (--retrain {run.name} to train again)"
-                )
-                done.add(run.name)
-                continue
-            (root / run.name).mkdir(parents=True, exist_ok=True)
-            log = open(root / run.name / "log.txt", "w")  # noqa: SIM115 (closed when the process ends)
-            command = [sys.executable, "-m", "ovseg.demo", "--child", run.name, "--root", str(root)]
-            command += ["--seed", str(seed), "--threads", str(threads), "--", *extra]
-            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
-            active[run.name] = (process, time.perf_counter(), log)
-            retrained.add(run.name)
-            console.print(f"{run.name}: training ({threads} thread(s)), log: {root / run.name / 'log.txt'}")
-        if not active and pending:
-            raise SystemExit(f"error: cannot schedule {[run.name for run in pending]} (missing runs they need)")
-        time.sleep(0.5)
-        for name, (process, started, log) in list(active.items()):
-            if process.poll() is None:
-                continue
-            log.close()
-            del active[name]
-            minutes = (time.perf_counter() - started) / 60
-            if process.returncode != 0:
-                for other, _, other_log in active.values():
-                    other.terminate()
-                    other_log.close()
-                tail = (root / name / "log.txt").read_text(errors="replace").splitlines()[-15:]
-                print("\n".join(tail), file=sys.stderr)
-                raise SystemExit(
-                    f"error: the {name} run failed (exit {process.returncode}); its log: {root / name / 'log.txt'}"
-                )
-            done.add(name)
-            console.print(f"{name}: done in {minutes:.1f} min")
+    try:
+        while pending or active:
+            for run in list(pending):
+                if len(active) >= jobs:
+                    break
+                if not all(need in done for need in run.needs):
+                    continue
+                pending.remove(run)
+                stale = run.name in retrain or any(need in retrained for need in run.needs)
+                stored = read_results(root / run.name)
+                if not stale and stored is not None and stored.get("key") == run_key(run, root, seed, threads, extra):
+                    reused = root / run.name / "results.json"
+                    console.print(f"[dim]{run.name}: reusing {reused} (--retrain {run.name} to train again)")
+                    done.add(run.name)
+                    continue
+                (root / run.name).mkdir(parents=True, exist_ok=True)
+                log = open(root / run.name / "log.txt", "w")  # noqa: SIM115 (closed when the process ends)
+                command = [sys.executable, "-m", "ovseg.demo", "--child", run.name, "--root", str(root)]
+                command += ["--seed", str(seed), "--threads", str(threads), "--", *extra]
+                env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
+                active[run.name] = (process, time.perf_counter(), log)
+                retrained.add(run.name)
+                console.print(f"{run.name}: training ({threads} thread(s)), log: {root / run.name / 'log.txt'}")
+            if not active and pending:
+                raise SystemExit(f"error: cannot schedule {[run.name for run in pending]} (missing runs they need)")
+            time.sleep(0.5)
+            for name, (process, started, log) in list(active.items()):
+                if process.poll() is None:
+                    continue
+                log.close()
+                del active[name]
+                minutes = (time.perf_counter() - started) / 60
+                if process.returncode != 0:
+                    stop_runs(active)
+                    tail = (root / name / "log.txt").read_text(errors="replace").splitlines()[-15:]
+                    print("\n".join(tail), file=sys.stderr)
+                    raise SystemExit(
+                        f"error: the {name} run failed (exit {process.returncode}); its log: {root / name / 'log.txt'}"
+                    )
+                done.add(name)
+                console.print(f"{name}: done in {minutes:.1f} min")
+    except KeyboardInterrupt:  # Ctrl-C reaches the runs too; stop them and say what is kept
+        names = ", ".join(active) or "none"
+        stop_runs(active)
+        print(
+            f"\ninterrupted: the run(s) in progress ({names}) stopped; finished runs keep their results.json, "
+            "and the next `python -m ovseg.demo` (or `make demo`) reuses them and trains the rest",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
+
+
+def stop_runs(active: dict[str, tuple[subprocess.Popen, float, Any]]) -> None:
+    """Terminate the run processes in ``active`` (killed after 30 s), close their logs, empty it."""
+    for process, _, _ in active.values():
+        if process.poll() is None:
+            process.terminate()
+    for process, _, log in active.values():
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+    active.clear()
 
 
 #: the table's columns after the run's label

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,3 +90,26 @@ def test_a_failed_run_stops_the_demo_with_its_log(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"the clip run failed \(exit [1-9]\d*\); its log: .*clip/log\.txt"):
         demo.main(["--root", str(tmp_path / "demo"), "--only", "clip", "--", "--trainer.no_such_option", "1"])
     assert sys.executable  # the child ran with this interpreter
+
+
+def test_ctrl_c_stops_the_runs_and_exits_130_with_one_message(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while a run trains: the
+    demo stops it, names it, exits 130 without a traceback, and leaves no results.json behind."""
+    fast = ["-c", str(REPO / "tests/fast/clip.yaml"), "--trainer.max_steps", "100000"]
+    fast += ["--data.init_args.num_val", "4", "--data.init_args.batch_size", "4", "--data.init_args.image_size", "32"]
+    command = [sys.executable, "-m", "ovseg.demo", "--root", str(tmp_path / "demo"), "--only", "clip", "--", *fast]
+    process = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    log = tmp_path / "demo/clip/log.txt"
+    deadline = time.monotonic() + 60
+    while not (log.is_file() and "Seed set" in log.read_text(errors="replace")) and time.monotonic() < deadline:
+        time.sleep(0.2)  # until the run has started
+    assert log.is_file(), "the clip run did not start"
+    time.sleep(2)
+    os.killpg(process.pid, signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "interrupted: the run(s) in progress (clip) stopped" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "demo/clip/results.json").exists()

@@ -21,8 +21,9 @@ count, and the CLIP it starts from) is reused, not retrained; ``--retrain`` retr
 named runs (and whatever starts from them); ovseg's own code is not part of that check, so retrain
 after updating ovseg. Each run is its own process with ``--threads`` OpenMP
 threads (the figures depend on the thread count, not on the machine's cores); ``--jobs`` runs
-train side by side (default: as many as the cores allow, at most 2). Ctrl-C stops the runs in
-progress (exit status 130); finished runs keep their ``results.json`` and are reused next time.
+train side by side (default: as many as the cores allow, at most 2). Ctrl-C or SIGTERM stops the
+runs in progress (exit status 130 or 143); finished runs keep their ``results.json`` and are reused
+next time.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -269,7 +271,7 @@ def execute(
                     )
                 done.add(name)
                 console.print(f"{name}: done in {minutes:.1f} min")
-    except KeyboardInterrupt:  # Ctrl-C reaches the runs too; stop them and say what is kept
+    except (KeyboardInterrupt, Interrupted) as stop:  # Ctrl-C reaches the runs too; SIGTERM only us
         names = ", ".join(active) or "none"
         stop_runs(active)
         print(
@@ -277,7 +279,20 @@ def execute(
             "and the next `python -m ovseg.demo` (or `make demo`) reuses them and trains the rest",
             file=sys.stderr,
         )
-        raise SystemExit(130) from None
+        signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
+        raise SystemExit(128 + signum) from None
+
+
+class Interrupted(Exception):
+    """A termination signal (SIGTERM) received by the demo's scheduling process."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
 
 
 def stop_runs(active: dict[str, tuple[subprocess.Popen, float, Any]]) -> None:
@@ -362,7 +377,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         retrain = {run.name for run in plan(args.retrain)} if args.retrain else set(RUNS_BY_NAME)
         retrain &= set(args.retrain) if args.retrain else retrain
     start = time.perf_counter()
-    execute(runs, root, args.seed, args.threads, args.jobs, retrain, extra)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)  # stop the runs too, not only this process
+    try:
+        execute(runs, root, args.seed, args.threads, args.jobs, retrain, extra)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     console = Console(width=None if sys.stdout.isatty() else 120)  # a log file keeps the table whole
     console.print(table(runs, root, args.seed))
     (root / "results.md").write_text(markdown(runs, root))

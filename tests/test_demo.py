@@ -92,9 +92,24 @@ def test_a_failed_run_stops_the_demo_with_its_log(tmp_path, monkeypatch):
     assert sys.executable  # the child ran with this interpreter
 
 
-def test_ctrl_c_stops_the_runs_and_exits_130_with_one_message(tmp_path):
-    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while a run trains: the
-    demo stops it, names it, exits 130 without a traceback, and leaves no results.json behind."""
+def demo_processes(root: Path) -> list[int]:
+    """Pids of live processes whose command line names ``root`` (the demo and its runs)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and str(root) in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                if (entry / "stat").read_text().split()[2] != "Z":  # not a zombie
+                    pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_the_runs_and_exits_with_one_message(tmp_path, stop):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) or SIGTERM to the demo
+    alone, while a run trains: the demo stops the run too, names it, exits 130 / 143 without a
+    traceback, and leaves no results.json and no process behind."""
     fast = ["-c", str(REPO / "tests/fast/clip.yaml"), "--trainer.max_steps", "100000"]
     fast += ["--data.init_args.num_val", "4", "--data.init_args.batch_size", "4", "--data.init_args.image_size", "32"]
     command = [sys.executable, "-m", "ovseg.demo", "--root", str(tmp_path / "demo"), "--only", "clip", "--", *fast]
@@ -107,9 +122,13 @@ def test_ctrl_c_stops_the_runs_and_exits_130_with_one_message(tmp_path):
         time.sleep(0.2)  # until the run has started
     assert log.is_file(), "the clip run did not start"
     time.sleep(2)
-    os.killpg(process.pid, signal.SIGINT)
+    if stop == "ctrl-c":
+        os.killpg(process.pid, signal.SIGINT)
+    else:
+        process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err
+    assert process.returncode == (130 if stop == "ctrl-c" else 143), err
     assert "interrupted: the run(s) in progress (clip) stopped" in err
     assert "Traceback" not in err
     assert not (tmp_path / "demo/clip/results.json").exists()
+    assert demo_processes(tmp_path / "demo") == []

@@ -244,25 +244,9 @@ class OVSegCLI(LightningCLI):
 
 
 def model_settings(config: Any, subcommand: str | None) -> dict[str, Any]:
-    """The model's ``init_args`` in ``config`` (of ``subcommand``), flattened to dotted keys."""
-    settings = config.get(subcommand) if subcommand else config
-    model = settings.get("model") if settings is not None else None
-    init_args = model.get("init_args") if model is not None and hasattr(model, "get") else None
-    if init_args is None:
-        return {}
-    flat: dict[str, Any] = {}
-
-    def visit(value: Any, prefix: str) -> None:
-        if hasattr(value, "as_dict"):
-            value = value.as_dict()
-        if isinstance(value, dict):
-            for key, item in value.items():
-                visit(item, f"{prefix}.{key}" if prefix else str(key))
-        else:
-            flat[prefix] = value
-
-    visit(init_args, "")
-    return flat
+    """The model's ``init_args`` in ``config`` (of ``subcommand``) as dotted keys (jsonargparse's leaves)."""
+    init_args = config.get(f"{subcommand}.model.init_args" if subcommand else "model.init_args")
+    return dict(init_args.items()) if hasattr(init_args, "items") else {}
 
 
 def check_loader_sizes(config: Any, key: str) -> None:
@@ -379,6 +363,17 @@ def run(args: Sequence[str] | None = None) -> OVSegCLI | None:
 
         convert_main(argv[1:])
         return None
+    return _cli(None if args is None else argv, run=True)
+
+
+def build(args: Sequence[str]) -> OVSegCLI:
+    """The model and DataModule of an ``ovseg`` command line (``-c`` configs and options, no
+    subcommand), built as ``ovseg fit`` builds them, without running anything: ``build(args).model``,
+    ``build(args).datamodule``."""
+    return _cli(list(args), run=False)
+
+
+def _cli(args: list[str] | None, run: bool) -> OVSegCLI:
     quiet_terminal()
     import_known_classes()
     return OVSegCLI(
@@ -389,7 +384,8 @@ def run(args: Sequence[str] | None = None) -> OVSegCLI | None:
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "ovseg", "description": DESCRIPTION},
-        args=None if args is None else argv,
+        args=args,
+        run=run,
     )
 
 

@@ -34,6 +34,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -377,11 +378,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         retrain = {run.name for run in plan(args.retrain)} if args.retrain else set(RUNS_BY_NAME)
         retrain &= set(args.retrain) if args.retrain else retrain
     start = time.perf_counter()
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)  # stop the runs too, not only this process
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if main_thread else None  # stop the runs too
     try:
         execute(runs, root, args.seed, args.threads, args.jobs, retrain, extra)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     console = Console(width=None if sys.stdout.isatty() else 120)  # a log file keeps the table whole
     console.print(table(runs, root, args.seed))
     (root / "results.md").write_text(markdown(runs, root))

@@ -42,10 +42,9 @@ def test_thread_dependence_compares_one_step_at_one_and_two_threads():
     )
     assert "1 thread twice: gradients identical" in out
     losses = re.search(r"loss: (\S+) \(1 thread\), (\S+) \(2 threads\), (\S+) \(1 thread, again\)", out)
-    assert losses is not None and losses.group(1) == losses.group(3)
-    assert abs(float(losses.group(1)) - float(losses.group(2))) < 1e-4 * abs(float(losses.group(1)))
+    assert losses and losses[1] == losses[3] and abs(float(losses[1]) - float(losses[2])) < 1e-4 * float(losses[1]), out
     counts = re.search(r"parameters: (\d+) of (\d+) gradients differ", out)
-    assert counts is not None and int(counts.group(1)) <= int(counts.group(2)) and int(counts.group(2)) > 50
+    assert counts and int(counts[1]) <= int(counts[2]) and int(counts[2]) > 50, out
     assert re.search(r"backward: \d+ leaf modules get equal gradients from above", out)
 
 
@@ -61,9 +60,8 @@ def test_confusions_rebuilds_a_demo_run_and_matches_its_validation(tmp_path, mon
         "confusions.py", str(tmp_path / "demo/clip"), "--scenes", "4", "--classes", "car", "kite", cwd=tmp_path
     )
     figures = re.search(r"seen (\S+), unseen (\S+) mIoU \(4 scenes\)", out)
-    assert figures is not None
-    assert float(figures.group(1)) == round(stored["mIoU_seen"], 1)
-    assert float(figures.group(2)) == round(stored["mIoU_unseen"], 1)
+    expected = (round(stored["mIoU_seen"], 1), round(stored["mIoU_unseen"], 1))
+    assert figures and (float(figures[1]), float(figures[2])) == expected, out
     assert "car pixels labelled:" in out and "kite pixels labelled:" in out
     iou_line = out.splitlines()[1]
     assert iou_line.startswith("  IoU: sky ") and "KITE" in iou_line and "kite" not in iou_line  # unseen: capitals

@@ -93,6 +93,7 @@ class SyntheticWorld:
         # what training scenes draw from (the same lists as validation without exclusions)
         self._training_stuff_ids = [i for i in self.stuff_ids if i not in self.excluded_from_training]
         self._training_thing_ids = [i for i in self.thing_ids if i not in self.excluded_from_training]
+        self._training_ids = sorted(self._training_stuff_ids + self._training_thing_ids)
         if not self._training_stuff_ids:
             raise ValueError("excluded_from_training leaves no stuff category for the training scenes")
         if len(self.categories) > 255:
@@ -280,7 +281,7 @@ class SyntheticWorld:
         s = float(min(h, w))
         yy, xx = coordinate_grid(h, w)
         if self.excluded_from_training:  # close-ups are training scenes
-            cat = int(rng.choice(sorted(self._training_stuff_ids + self._training_thing_ids)))
+            cat = int(rng.choice(self._training_ids))
         else:
             cat = int(rng.integers(self.num_classes))
         c = self.categories[cat]

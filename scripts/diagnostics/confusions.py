@@ -17,12 +17,10 @@ import json
 from pathlib import Path
 
 import torch
-from lightning import LightningDataModule
 from torch import Tensor
 
-from ovseg.cli import OVSegCLI, import_known_classes, quiet_terminal, read_checkpoint
+from ovseg.cli import build, read_checkpoint
 from ovseg.metrics import confusion_matrix, metrics_from_confusion
-from ovseg.module import OVSegModule
 
 
 def confusion_of_run(folder: Path, scenes: int) -> tuple[Tensor, list[str], list[int], str]:
@@ -34,15 +32,7 @@ def confusion_of_run(folder: Path, scenes: int) -> tuple[Tensor, list[str], list
             raise SystemExit(f"error: {path} not found: give the folder of a finished demo run (e.g. runs/demo/cdt)")
     stored = json.loads(results.read_text())
     args = [*stored["key"]["args"], "--data.init_args.num_val", str(scenes)]
-    cli = OVSegCLI(
-        OVSegModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        run=False,
-        args=args,
-    )
+    cli = build(args)
     model, datamodule = cli.model, cli.datamodule
     checkpoint = read_checkpoint(checkpoint_path)
     model.on_load_checkpoint(checkpoint)
@@ -69,8 +59,6 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=400, help="validation scenes (default 400)")
     parser.add_argument("--classes", nargs="*", default=None, help="classes whose confusions to print")
     args = parser.parse_args()
-    import_known_classes()
-    quiet_terminal()
     torch.set_grad_enabled(False)
     for folder in args.runs:
         confusion, names, unseen, absent_policy = confusion_of_run(folder, args.scenes)

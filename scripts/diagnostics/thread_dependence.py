@@ -25,10 +25,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from lightning import LightningDataModule
 from torch import Tensor, nn
 
-from ovseg.cli import OVSegCLI, import_known_classes, quiet_terminal
+from ovseg.cli import build
 from ovseg.module import OVSegModule
 
 
@@ -88,21 +87,11 @@ def main() -> None:
     parser.add_argument("-c", "--config", action="append", required=True, help="config file(s), merged in order")
     parser.add_argument("--no-mkldnn", action="store_true", help="turn oneDNN off for the comparison")
     args, overrides = parser.parse_known_args()
-    import_known_classes()
-    quiet_terminal()
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     if args.no_mkldnn:
         torch.backends.mkldnn.enabled = False
     cli_args = [item for config in args.config for item in ("-c", config)] + overrides
-    cli = OVSegCLI(
-        OVSegModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        run=False,
-        args=cli_args,
-    )
+    cli = build(cli_args)
     model, datamodule = cli.model, cli.datamodule
     datamodule.setup("fit")
     if hasattr(model, "set_training_classes"):

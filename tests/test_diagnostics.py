@@ -38,6 +38,8 @@ def test_thread_dependence_compares_one_step_at_one_and_two_threads():
         "configs/cdt/synthetic.yaml",
         "-c",
         "tests/fast/cdt.yaml",
+        "--time",
+        "2",
         *SMALL_DATA,
     )
     assert "1 thread twice: gradients identical" in out
@@ -46,6 +48,8 @@ def test_thread_dependence_compares_one_step_at_one_and_two_threads():
     counts = re.search(r"parameters: (\d+) of (\d+) gradients differ", out)
     assert counts and int(counts[1]) <= int(counts[2]) and int(counts[2]) > 50, out
     assert re.search(r"backward: \d+ leaf modules get equal gradients from above", out)
+    timed = re.search(r"1 thread: (\S+) s per training step \(forward, backward, mean of 2 ", out)
+    assert timed and 0 < float(timed[1]) < 60, out
 
 
 def test_confusions_rebuilds_a_demo_run_and_matches_its_validation(tmp_path, monkeypatch):

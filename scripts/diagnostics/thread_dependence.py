@@ -1,7 +1,7 @@
 """Which part of a training step depends on the number of intra-op threads?
 
     python scripts/diagnostics/thread_dependence.py -c configs/zegformer/synthetic.yaml \
-        [--no-mkldnn] [OVSEG_OVERRIDES ...]
+        [--no-mkldnn] [--time N] [OVSEG_OVERRIDES ...]
 
 Builds the model and DataModule of the config (as ``ovseg fit`` would), takes one training batch and
 runs the training loss forward and backward three times on it: with 1, 2 and again 1 thread(s),
@@ -10,7 +10,8 @@ forward output differs between 1 and 2 threads, the leaf modules whose backward 
 gradients into different ones (the thread-dependent operations themselves; not available for
 models that modify a module's output in place, e.g. timm's ResNet) and the parameters whose
 gradients differ (bit for bit). The 1-vs-1 repeat checks that the step itself is deterministic.
-``--no-mkldnn`` turns oneDNN off (``torch.backends.mkldnn.enabled = False``) for the whole comparison.
+``--no-mkldnn`` turns oneDNN off (``torch.backends.mkldnn.enabled = False``) for the whole comparison;
+``--time N`` also times N training steps (forward and backward) on one thread, to weigh that.
 
 Mask methods need the CLIP of configs/clip/synthetic.yaml; point the config at it as the demo does
 (e.g. ``--model.init_args.checkpoint_path runs/demo/clip/open_clip.pt`` for CDT).
@@ -19,6 +20,7 @@ Mask methods need the CLIP of configs/clip/synthetic.yaml; point the config at i
 from __future__ import annotations
 
 import argparse
+import time
 import warnings
 from collections import Counter
 from collections.abc import Mapping
@@ -86,6 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", action="append", required=True, help="config file(s), merged in order")
     parser.add_argument("--no-mkldnn", action="store_true", help="turn oneDNN off for the comparison")
+    parser.add_argument("--time", type=int, default=0, metavar="N", help="also time N training steps, 1 thread")
     args, overrides = parser.parse_known_args()
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     if args.no_mkldnn:
@@ -142,6 +145,24 @@ def main() -> None:
     grads = [n for n in one[2] if not torch.equal(one[2][n], two[2][n])]
     print(f"parameters: {len(grads)} of {len(one[2])} gradients differ between 1 and 2 threads")
     print("\n".join(f"  {n}" for n in grads[:6]) + ("\n  ..." if len(grads) > 6 else ""))
+
+    if args.time > 0:
+        print(
+            f"1 thread: {seconds_per_step(model, batch, args.time):.3f} s per training step (forward, backward, "
+            f"mean of {args.time} after one warm-up; oneDNN {'off' if args.no_mkldnn else 'on'})"
+        )
+
+
+def seconds_per_step(model: OVSegModule, batch: Any, steps: int) -> float:
+    """Mean wall time of the training loss forward and backward on ``batch``, one thread."""
+    torch.set_num_threads(1)
+    times = []
+    for _ in range(steps + 1):  # the first step warms up
+        model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        model.training_loss(batch)["loss"].backward()
+        times.append(time.perf_counter() - start)
+    return sum(times[1:]) / steps
 
 
 if __name__ == "__main__":

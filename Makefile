@@ -15,7 +15,18 @@ check-nltk-data:
 
 install: $(BIN)/ovseg
 
+# torch's CUDA build makes the venv about 6.2 GB: with less room than MIN_FREE_GB, stop before pip
+# half-installs it (pip's own error comes after minutes and leaves a broken .venv behind)
+MIN_FREE_GB ?= 7
+
 $(BIN)/ovseg: pyproject.toml
+	@$(BIN)/python -c "import torch" 2>/dev/null || { \
+	  free=$$(df -Pk "$(dir $(abspath $(VENV)))" | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	  if [ "$$free" -lt "$(MIN_FREE_GB)" ]; then \
+	    echo "make: error: $(dir $(abspath $(VENV))) has $$free GB free; the venv needs about 6.2 GB (torch's CUDA build)." \
+	         "Free some space, or put the venv elsewhere (make install VENV=/path/.venv), or set MIN_FREE_GB=0 to try anyway" >&2; \
+	    exit 1; \
+	  fi; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	# torch/torchvision come from the local wheel cache where the machine has one (pinned pair)

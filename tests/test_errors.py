@@ -328,6 +328,20 @@ def test_ci_run_and_make_test_stop_when_the_nltk_data_is_missing(tmp_path):
     assert not (repo / ".venv").exists()  # stopped before installing anything
 
 
+def test_make_install_stops_before_pip_when_the_disk_is_too_full(tmp_path):
+    """MIN_FREE_GB above any disk's free space plays a full disk: one message, no venv started."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(REPO / "Makefile", repo / "Makefile")
+    (repo / "pyproject.toml").write_text("")
+    made = subprocess.run(
+        ["make", "-C", str(repo), "install", "MIN_FREE_GB=1000000"], capture_output=True, text=True, timeout=60
+    )
+    assert made.returncode != 0
+    assert f"make: error: {repo}/ has " in made.stderr and "the venv needs about 6.2 GB" in made.stderr
+    assert not (repo / ".venv").exists()
+
+
 # ------------------------------------------------------------------ 8: the progress bar after a resume
 
 

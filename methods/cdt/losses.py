@@ -80,11 +80,14 @@ def soft_iou(mask_probs: Tensor, gt_masks: Tensor, eps: float = 1e-6) -> Tensor:
     Returns:
         (G, N).
     """
-    probs = mask_probs.flatten(1).float()
-    gt = gt_masks.flatten(1).float()
+    # On the CPU, BLAS splits the long pixel sum among the threads, which changes its last bits with
+    # the thread count; summed in float64 and rounded, the thread count no longer shows in float32.
+    dtype = torch.float64 if mask_probs.device.type == "cpu" else torch.float32
+    probs = mask_probs.flatten(1).to(dtype)
+    gt = gt_masks.flatten(1).to(dtype)
     intersection = gt @ probs.T  # (G, N)
     union = gt.sum(1, keepdim=True) + probs.sum(1).unsqueeze(0) - intersection
-    return intersection / union.clamp_min(eps)
+    return (intersection / union.clamp_min(eps)).float()
 
 
 def mask_aware_loss(

@@ -1,7 +1,7 @@
 """Which part of a training step depends on the number of intra-op threads?
 
     python scripts/diagnostics/thread_dependence.py -c configs/zegformer/synthetic.yaml \
-        [--no-mkldnn] [--time N] [OVSEG_OVERRIDES ...]
+        [--without-invariance] [--no-mkldnn] [--time N] [OVSEG_OVERRIDES ...]
 
 Builds the model and DataModule of the config (as ``ovseg fit`` would), takes one training batch and
 runs the training loss forward and backward three times on it: with 1, 2 and again 1 thread(s),
@@ -10,8 +10,11 @@ forward output differs between 1 and 2 threads, the leaf modules whose backward 
 gradients into different ones (the thread-dependent operations themselves; not available for
 models that modify a module's output in place, e.g. timm's ResNet) and the parameters whose
 gradients differ (bit for bit). The 1-vs-1 repeat checks that the step itself is deterministic.
-``--no-mkldnn`` turns oneDNN off (``torch.backends.mkldnn.enabled = False``) for the whole comparison;
-``--time N`` also times N training steps (forward and backward) on one thread, to weigh that.
+A :class:`~ovseg.callbacks.ThreadCountInvariance` among the config's trainer callbacks (the mask
+methods' synthetic configs have one) is applied to the model first, as ``ovseg fit`` does;
+``--without-invariance`` leaves it out, to see what it removes. ``--no-mkldnn`` turns oneDNN off
+(``torch.backends.mkldnn.enabled = False``) for the whole comparison; ``--time N`` also times N
+training steps (forward and backward) on one thread, to weigh either.
 
 Mask methods need the CLIP of configs/clip/synthetic.yaml; point the config at it as the demo does
 (e.g. ``--model.init_args.checkpoint_path runs/demo/clip/open_clip.pt`` for CDT).
@@ -29,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ovseg.callbacks import ThreadCountInvariance
 from ovseg.cli import build
 from ovseg.module import OVSegModule
 
@@ -87,6 +91,9 @@ def one_step(model: OVSegModule, batch: Any, threads: int, watch_backward: bool 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", action="append", required=True, help="config file(s), merged in order")
+    parser.add_argument(
+        "--without-invariance", action="store_true", help="do not apply the config's ThreadCountInvariance callback"
+    )
     parser.add_argument("--no-mkldnn", action="store_true", help="turn oneDNN off for the comparison")
     parser.add_argument("--time", type=int, default=0, metavar="N", help="also time N training steps, 1 thread")
     args, overrides = parser.parse_known_args()
@@ -96,6 +103,11 @@ def main() -> None:
     cli_args = [item for config in args.config for item in ("-c", config)] + overrides
     cli = build(cli_args)
     model, datamodule = cli.model, cli.datamodule
+    invariance = [c for c in cli.trainer.callbacks if isinstance(c, ThreadCountInvariance)]
+    if invariance and not args.without_invariance:
+        invariance[0].setup(cli.trainer, model, "fit")
+    state = "not in the config" if not invariance else "left out" if args.without_invariance else "applied"
+    print(f"ThreadCountInvariance: {state}; oneDNN {'on' if torch.backends.mkldnn.enabled else 'off'}")
     datamodule.setup("fit")
     if hasattr(model, "set_training_classes"):
         model.set_training_classes(datamodule.training_classes)
@@ -149,7 +161,7 @@ def main() -> None:
     if args.time > 0:
         print(
             f"1 thread: {seconds_per_step(model, batch, args.time):.3f} s per training step (forward, backward, "
-            f"mean of {args.time} after one warm-up; oneDNN {'off' if args.no_mkldnn else 'on'})"
+            f"mean of {args.time} after one warm-up; oneDNN {'on' if torch.backends.mkldnn.enabled else 'off'})"
         )
 
 

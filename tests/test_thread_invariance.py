@@ -1,0 +1,90 @@
+"""ovseg.callbacks.ThreadCountInvariance: the mask methods' synthetic configs train to the same
+weights, bit for bit, with 1 and 2 intra-op threads (and do not without the callback)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ovseg.callbacks import ThreadCountInvariance, ThreadInvariantLayerNorm, make_layer_norms_thread_invariant
+from ovseg.cli import build
+
+CONFIGS = {
+    "zegformer": ["-c", "configs/zegformer/synthetic.yaml", "-c", "configs/zegformer/random_clip.yaml"],
+    "cdt": ["-c", "configs/cdt/synthetic.yaml", "-c", "configs/cdt/random_clip.yaml"],
+}
+
+
+def train_three_steps(args: list[str], threads: int, root, keep_callback: bool = True) -> dict[str, torch.Tensor]:
+    """Three optimizer steps of a shipped config (its trainer: clipping, callbacks), ``threads`` threads."""
+    previous = torch.get_num_threads()
+    mkldnn = torch.backends.mkldnn.enabled
+    try:
+        torch.set_num_threads(threads)
+        cli = build(
+            [*args, "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", "--trainer.logger", "false"]
+            + ["--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root)]
+        )
+        if not keep_callback:
+            cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, ThreadCountInvariance)]
+        cli.trainer.fit(cli.model, cli.datamodule)
+        assert cli.trainer.global_step == 3
+        assert torch.backends.mkldnn.enabled == mkldnn  # restored at teardown
+        return {name: p.detach().clone() for name, p in cli.model.named_parameters()}
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_shipped_synthetic_config_trains_identically_with_one_and_two_threads(method, tmp_path):
+    args = CONFIGS[method]
+    one = train_three_steps(args, 1, tmp_path / "one")
+    two = train_three_steps(args, 2, tmp_path / "two")
+    assert one.keys() == two.keys()
+    assert [name for name in one if not torch.equal(one[name], two[name])] == []
+    # the control: without the callback, the same two runs already differ after three steps
+    plain_one = train_three_steps(args, 1, tmp_path / "plain_one", keep_callback=False)
+    plain_two = train_three_steps(args, 2, tmp_path / "plain_two", keep_callback=False)
+    assert any(not torch.equal(plain_one[name], plain_two[name]) for name in plain_one)
+
+
+@pytest.mark.parametrize("channels_first", [False, True])
+def test_thread_invariant_layer_norms_match_torch_open_clip_and_timm_ones(channels_first):
+    """Same outputs and gradients as the LayerNorm they replace (timm's LayerNorm2d normalises the
+    channels of a (B, C, H, W) map); unknown subclasses are left alone and named."""
+    import open_clip.transformer
+    from timm.layers import LayerNorm2d
+
+    torch.manual_seed(0)
+    kinds = [LayerNorm2d] if channels_first else [nn.LayerNorm, open_clip.transformer.LayerNorm]
+    for kind in kinds:
+        reference = kind(24)
+        with torch.no_grad():
+            reference.weight.normal_()
+            reference.bias.normal_()
+        swapped = nn.Sequential(kind(24))
+        swapped[0].load_state_dict(reference.state_dict())
+        assert make_layer_norms_thread_invariant(swapped) == []
+        assert isinstance(swapped[0], ThreadInvariantLayerNorm)
+        assert swapped[0].state_dict().keys() == reference.state_dict().keys()
+        x = torch.randn(*((3, 24, 5, 7) if channels_first else (300, 24)), requires_grad=True)
+        g = torch.randn_like(x)
+        expected, got = reference(x), swapped(x)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        expected.backward(g)
+        grads = x.grad.clone(), reference.weight.grad.clone(), reference.bias.grad.clone()
+        x.grad = None
+        got.backward(g)
+        for mine, theirs in zip((x.grad, swapped[0].weight.grad, swapped[0].bias.grad), grads):
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-4)
+
+
+def test_unknown_layer_norm_subclasses_are_left_and_named():
+    class ScaledLayerNorm(nn.LayerNorm):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(nn.LayerNorm(4), ScaledLayerNorm(4))
+    assert make_layer_norms_thread_invariant(model) == [f"1 ({__name__}.{ScaledLayerNorm.__qualname__})"]
+    assert type(model[0]) is ThreadInvariantLayerNorm and type(model[1]) is ScaledLayerNorm

@@ -27,15 +27,14 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
 
 from ovseg.io import atomic_torch_save
+from ovseg.thread_invariance import make_layer_norms_thread_invariant
 
 
 class ReseedEveryEpoch(L.Callback):
@@ -77,78 +76,24 @@ class ReseedEveryEpoch(L.Callback):
         self._seeded_epoch = None
 
 
-class ThreadInvariantLayerNorm(nn.LayerNorm):
-    """:class:`torch.nn.LayerNorm` whose parameter gradients do not depend on the thread count.
-
-    torch's CPU LayerNorm backward sums the weight and bias gradients over rows that it splits among
-    the threads, so their last bits change with the number of threads. Here the rows are normalised
-    without the affine part and the affine part is a product and a sum, whose gradients autograd
-    reduces the same way for any thread count. Same parameters and state dict; the output equals
-    :class:`~torch.nn.LayerNorm`'s up to float rounding (about 1e-7).
-    """
-
-    def forward(self, x: Tensor) -> Tensor:  # (..., *normalized_shape) -> same
-        y = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
-        if self.weight is not None:
-            y = y * self.weight.to(y.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y
-
-
-class ThreadInvariantLayerNorm2d(ThreadInvariantLayerNorm):
-    """:class:`ThreadInvariantLayerNorm` over the channels of (B, C, H, W) maps, as timm's ``LayerNorm2d``."""
-
-    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> same
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
-#: LayerNorm classes whose forward is F.layer_norm over the last dimensions (open_clip's casts back
-#: to the input dtype, timm's may call its fused kernel), and the thread-invariant class for each
-_THREAD_INVARIANT_FORMS: dict[str, type[nn.LayerNorm]] = {
-    "torch.nn.modules.normalization.LayerNorm": ThreadInvariantLayerNorm,
-    "open_clip.transformer.LayerNorm": ThreadInvariantLayerNorm,
-    "open_clip.transformer.LayerNormFp32": ThreadInvariantLayerNorm,
-    "timm.layers.norm.LayerNorm": ThreadInvariantLayerNorm,
-    "timm.layers.norm.LayerNorm2d": ThreadInvariantLayerNorm2d,
-}
-
-
-def make_layer_norms_thread_invariant(module: nn.Module) -> list[str]:
-    """Turn the LayerNorms of ``module`` into :class:`ThreadInvariantLayerNorm` (or its 2-d form)
-    in place: torch's, open_clip's and timm's. Returns the names of the LayerNorm subclasses it
-    does not know, left as they are (their forward may not be a plain normalisation of the last
-    dimensions)."""
-    unknown = []
-    for name, child in module.named_modules():
-        if not isinstance(child, nn.LayerNorm) or isinstance(child, ThreadInvariantLayerNorm):
-            continue
-        kind = f"{type(child).__module__}.{type(child).__qualname__}"
-        if kind in _THREAD_INVARIANT_FORMS:
-            child.__class__ = _THREAD_INVARIANT_FORMS[kind]
-        else:
-            unknown.append(f"{name} ({kind})")
-    return unknown
-
-
 class ThreadCountInvariance(L.Callback):
     """Make CPU training and evaluation independent of the number of intra-op threads.
 
-    On CPU, three kinds of torch operations split a sum among the threads, so their results change
-    in the last bits with the thread count, and those differences grow over hundreds of training
-    steps into runs as different as two seeds (``scripts/diagnostics/thread_dependence.py`` finds
-    them): LayerNorm's parameter gradients, oneDNN's convolutions, and BLAS matrix products with a
-    long inner dimension. This callback, from ``setup`` to ``teardown``:
+    Some CPU kernels split a sum among the threads, so their results change in the last bits with
+    the thread count, and training grows those differences into runs as different as two seeds
+    (:mod:`ovseg.thread_invariance` lists them; ``scripts/diagnostics/thread_dependence.py`` finds
+    them op by op). From ``setup`` to ``teardown`` this callback
 
-    - turns the model's LayerNorms (torch's, open_clip's, timm's) into :class:`ThreadInvariantLayerNorm`;
+    - turns the model's LayerNorms (torch's, open_clip's, timm's) into
+      :class:`~ovseg.thread_invariance.ThreadInvariantLayerNorm` (same parameters and state dict);
     - turns oneDNN off (``torch.backends.mkldnn.enabled = False``; restored at ``teardown``), so that
-      convolutions use torch's own kernels (on the synthetic ZegFormer, a training step takes
-      about 1.7 times as long);
-    - the long products are the methods' own business: CDT's soft IoU (``methods/cdt/losses.py``)
-      computes its pixel sums in float64 on the CPU.
+      convolutions use torch's own kernels (a training step of the synthetic ZegFormer takes about
+      1.7 times as long: measured in the README's demo section).
 
-    GPU runs do not need it (the thread count does not enter there). The effect is checked by
-    ``tests/test_callbacks.py``: a training step gives identical gradients with 1 and 2 threads.
+    The rest is in the methods' code, whatever the callback: SimZSS's concept pooling uses
+    :func:`~ovseg.thread_invariance.softmax`, CDT's soft IoU sums its pixels in float64 on the CPU.
+    GPU runs do not need it. ``tests/test_thread_invariance.py`` trains every synthetic config of
+    the demo three steps with 1 and with 2 threads: identical weights with the callback, not without.
     """
 
     def __init__(self) -> None:

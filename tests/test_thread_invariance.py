@@ -1,5 +1,5 @@
-"""ovseg.callbacks.ThreadCountInvariance: the mask methods' synthetic configs train to the same
-weights, bit for bit, with 1 and 2 intra-op threads (and do not without the callback)."""
+"""ovseg.callbacks.ThreadCountInvariance: every synthetic config of the demo trains to the same
+weights, bit for bit, with 1 and 2 intra-op threads (and does not without the callback)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from ovseg.callbacks import ThreadCountInvariance, ThreadInvariantLayerNorm, make_layer_norms_thread_invariant
+from ovseg.callbacks import ThreadCountInvariance
 from ovseg.cli import build
+from ovseg.thread_invariance import ThreadInvariantLayerNorm, make_layer_norms_thread_invariant
 
 CONFIGS = {
+    "clip": ["-c", "configs/clip/synthetic.yaml", "--data.init_args.batch_size", "16"],
+    "simzss": ["-c", "configs/simzss/synthetic.yaml"],
     "zegformer": ["-c", "configs/zegformer/synthetic.yaml", "-c", "configs/zegformer/random_clip.yaml"],
     "cdt": ["-c", "configs/cdt/synthetic.yaml", "-c", "configs/cdt/random_clip.yaml"],
 }

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ovseg.contrastive import Gather, identity_gather
+from ovseg.thread_invariance import softmax as thread_invariant_softmax
 
 CONCEPT_POOLINGS = ("mean", "normalized_sum")
 CLASS_SETS = ("rank", "global")
@@ -163,7 +164,8 @@ class ConceptLoss(nn.Module):
         # Eq. (2): each concept's prototype queries the patch tokens of its own image.
         query = prototypes[inverse]  # (M, D)
         patches = patch_tokens[caption]  # (M, N, D)
-        attention = torch.einsum("md,mnd->mn", query, patches).div(self.pool_temperature).softmax(-1)
+        # (torch's fused softmax backward over 196 patches depends on the CPU thread count; this does not)
+        attention = thread_invariant_softmax(torch.einsum("md,mnd->mn", query, patches).div(self.pool_temperature))
         visual = F.normalize(torch.einsum("mn,mnd->md", attention, patches), dim=-1)  # (M, D)
         # Eq. (5): classify visual concepts against the prototypes present in the batch.
         logits = self.logit_scale * visual @ prototypes.T  # (M, P)

@@ -1,0 +1,78 @@
+"""Thread-count invariant forms of torch operations whose CPU kernels split a sum among threads.
+
+On the CPU, some kernels divide a reduction among the intra-op threads, so the last bits of their
+results change with the thread count (``torch.set_num_threads``, ``OMP_NUM_THREADS``); training
+amplifies such differences over hundreds of steps into runs as different as two seeds. Found op by
+op (``scripts/diagnostics/thread_dependence.py``) on torch 2.14: LayerNorm's weight and bias
+gradients, oneDNN's convolutions, softmax's backward along a last dimension of some sizes (196
+patches, not 64), and BLAS products with a long inner dimension. This module holds replacements:
+:class:`ovseg.callbacks.ThreadCountInvariance` swaps in the LayerNorms (and turns oneDNN off), the
+methods call :func:`softmax` where it matters (SimZSS's concept pooling); CDT's soft IoU sums in
+float64 instead.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def softmax(x: Tensor, dim: int = -1) -> Tensor:
+    """``x.softmax(dim)`` from elementary operations: exp(x - max) / sum, whose backward does not
+    depend on the thread count (torch's fused softmax backward does, for some sizes)."""
+    shifted = (x - x.detach().amax(dim, keepdim=True)).exp()
+    return shifted / shifted.sum(dim, keepdim=True)
+
+
+class ThreadInvariantLayerNorm(nn.LayerNorm):
+    """:class:`torch.nn.LayerNorm` whose parameter gradients do not depend on the thread count.
+
+    torch's CPU LayerNorm backward sums the weight and bias gradients over rows that it splits among
+    the threads, so their last bits change with the number of threads. Here the rows are normalised
+    without the affine part and the affine part is a product and a sum, whose gradients autograd
+    reduces the same way for any thread count. Same parameters and state dict; the output equals
+    :class:`~torch.nn.LayerNorm`'s up to float rounding (about 1e-7).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., *normalized_shape) -> same
+        y = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
+        if self.weight is not None:
+            y = y * self.weight.to(y.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+
+class ThreadInvariantLayerNorm2d(ThreadInvariantLayerNorm):
+    """:class:`ThreadInvariantLayerNorm` over the channels of (B, C, H, W) maps, as timm's ``LayerNorm2d``."""
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> same
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+#: LayerNorm classes whose forward is F.layer_norm over the last dimensions (open_clip's casts back
+#: to the input dtype, timm's may call its fused kernel), and the thread-invariant class for each
+_THREAD_INVARIANT_FORMS: dict[str, type[nn.LayerNorm]] = {
+    "torch.nn.modules.normalization.LayerNorm": ThreadInvariantLayerNorm,
+    "open_clip.transformer.LayerNorm": ThreadInvariantLayerNorm,
+    "open_clip.transformer.LayerNormFp32": ThreadInvariantLayerNorm,
+    "timm.layers.norm.LayerNorm": ThreadInvariantLayerNorm,
+    "timm.layers.norm.LayerNorm2d": ThreadInvariantLayerNorm2d,
+}
+
+
+def make_layer_norms_thread_invariant(module: nn.Module) -> list[str]:
+    """Turn the LayerNorms of ``module`` into :class:`ThreadInvariantLayerNorm` (or its 2-d form)
+    in place: torch's, open_clip's and timm's. Returns the names of the LayerNorm subclasses it
+    does not know, left as they are (their forward may not be a plain normalisation of the last
+    dimensions)."""
+    unknown = []
+    for name, child in module.named_modules():
+        if not isinstance(child, nn.LayerNorm) or isinstance(child, ThreadInvariantLayerNorm):
+            continue
+        kind = f"{type(child).__module__}.{type(child).__qualname__}"
+        if kind in _THREAD_INVARIANT_FORMS:
+            child.__class__ = _THREAD_INVARIANT_FORMS[kind]
+        else:
+            unknown.append(f"{name} ({kind})")
+    return unknown

@@ -20,8 +20,9 @@ with the unseen names permuted among themselves (:class:`~ovseg.benchmark.Benchm
 count, and the CLIP it starts from) is reused, not retrained; ``--retrain`` retrains all or the
 named runs (and whatever starts from them); ovseg's own code is not part of that check, so retrain
 after updating ovseg. Each run is its own process with ``--threads`` OpenMP
-threads (the figures depend on the thread count, not on the machine's cores); ``--jobs`` runs
-train side by side (default: as many as the cores allow, at most 2). Ctrl-C or SIGTERM stops the
+threads; the synthetic configs' :class:`~ovseg.callbacks.ThreadCountInvariance` makes the figures
+the same for any thread count (bit for bit on one machine and torch build; another CPU may round
+differently). ``--jobs`` runs train side by side (default: as many as the cores allow, at most 2). Ctrl-C or SIGTERM stops the
 runs in progress (exit status 130 or 143); finished runs keep their ``results.json`` and are reused
 next time.
 """

@@ -22,9 +22,9 @@ named runs (and whatever starts from them); ovseg's own code is not part of that
 after updating ovseg. Each run is its own process with ``--threads`` OpenMP
 threads; the synthetic configs' :class:`~ovseg.callbacks.ThreadCountInvariance` makes the figures
 the same for any thread count (bit for bit on one machine and torch build; another CPU may round
-differently). ``--jobs`` runs train side by side (default: as many as the cores allow, at most 2). Ctrl-C or SIGTERM stops the
-runs in progress (exit status 130 or 143); finished runs keep their ``results.json`` and are reused
-next time.
+differently). ``--jobs`` runs train side by side (default: as many as the cores allow, at most 2).
+Ctrl-C or SIGTERM stops the runs in progress (exit status 130 or 143); finished runs keep their
+``results.json`` and are reused next time.
 """
 
 from __future__ import annotations

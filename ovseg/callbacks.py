@@ -34,7 +34,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ovseg.io import atomic_torch_save
-from ovseg.thread_invariance import make_layer_norms_thread_invariant
+from ovseg.thread_invariance import LayerNormSwap, make_layer_norms_thread_invariant
 
 
 class ReseedEveryEpoch(L.Callback):
@@ -85,7 +85,8 @@ class ThreadCountInvariance(L.Callback):
     them op by op). From ``setup`` to ``teardown`` this callback
 
     - turns the model's LayerNorms (torch's, open_clip's, timm's) into
-      :class:`~ovseg.thread_invariance.ThreadInvariantLayerNorm` (same parameters and state dict);
+      :class:`~ovseg.thread_invariance.ThreadInvariantLayerNorm` (same parameters and state dict;
+      their own class again at ``teardown``, so the model leaves the run as it came);
     - turns oneDNN off (``torch.backends.mkldnn.enabled = False``; restored at ``teardown``), so that
       convolutions use torch's own kernels (a training step of the synthetic ZegFormer takes about
       1.7 times as long: measured in the README's demo section).
@@ -98,19 +99,24 @@ class ThreadCountInvariance(L.Callback):
 
     def __init__(self) -> None:
         self._mkldnn_was_enabled: bool | None = None
+        self._swaps: list[LayerNormSwap] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        unknown = make_layer_norms_thread_invariant(pl_module)
-        if unknown:
+        swap = make_layer_norms_thread_invariant(pl_module)
+        self._swaps.append(swap)
+        if swap.unknown:
             rank_zero_warn(
-                f"ThreadCountInvariance: {len(unknown)} LayerNorm(s) of an unknown class left as they are, "
-                f"their gradients may still depend on the thread count: {', '.join(unknown[:3])}"
+                f"ThreadCountInvariance: {len(swap.unknown)} LayerNorm(s) of an unknown class left as they are, "
+                f"their gradients may still depend on the thread count: {', '.join(swap.unknown[:3])}"
             )
         if self._mkldnn_was_enabled is None:
             self._mkldnn_was_enabled = torch.backends.mkldnn.enabled
         torch.backends.mkldnn.enabled = False
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # the model leaves the run as it came (a saved and reloaded copy computes the same, to the bit)
+        while self._swaps:
+            self._swaps.pop().restore()
         if self._mkldnn_was_enabled is not None:
             torch.backends.mkldnn.enabled = self._mkldnn_was_enabled
             self._mkldnn_was_enabled = None

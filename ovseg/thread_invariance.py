@@ -13,6 +13,8 @@ float64 instead.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -61,18 +63,38 @@ _THREAD_INVARIANT_FORMS: dict[str, type[nn.LayerNorm]] = {
 }
 
 
-def make_layer_norms_thread_invariant(module: nn.Module) -> list[str]:
+@dataclass
+class LayerNormSwap:
+    """What :func:`make_layer_norms_thread_invariant` changed, and how to undo it.
+
+    Attributes:
+        swapped: each changed module with its original class.
+        unknown: ``"name (class)"`` of the LayerNorm subclasses left as they were.
+    """
+
+    swapped: list[tuple[nn.Module, type[nn.Module]]] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+
+    def restore(self) -> None:
+        """Give every changed module its original class back (outputs as before, to the bit)."""
+        for module, original in self.swapped:
+            module.__class__ = original
+        self.swapped = []
+
+
+def make_layer_norms_thread_invariant(module: nn.Module) -> LayerNormSwap:
     """Turn the LayerNorms of ``module`` into :class:`ThreadInvariantLayerNorm` (or its 2-d form)
-    in place: torch's, open_clip's and timm's. Returns the names of the LayerNorm subclasses it
-    does not know, left as they are (their forward may not be a plain normalisation of the last
-    dimensions)."""
-    unknown = []
+    in place: torch's, open_clip's and timm's. LayerNorm subclasses it does not know are left as
+    they are (their forward may not be a plain normalisation of the last dimensions) and named in
+    the returned :class:`LayerNormSwap`, whose ``restore()`` undoes the change."""
+    swap = LayerNormSwap()
     for name, child in module.named_modules():
         if not isinstance(child, nn.LayerNorm) or isinstance(child, ThreadInvariantLayerNorm):
             continue
         kind = f"{type(child).__module__}.{type(child).__qualname__}"
         if kind in _THREAD_INVARIANT_FORMS:
+            swap.swapped.append((child, type(child)))
             child.__class__ = _THREAD_INVARIANT_FORMS[kind]
         else:
-            unknown.append(f"{name} ({kind})")
-    return unknown
+            swap.unknown.append(f"{name} ({kind})")
+    return swap

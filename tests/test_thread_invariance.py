@@ -31,9 +31,11 @@ def train_three_steps(args: list[str], threads: int, root, keep_callback: bool =
         )
         if not keep_callback:
             cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, ThreadCountInvariance)]
+        classes = [type(m) for m in cli.model.modules()]
         cli.trainer.fit(cli.model, cli.datamodule)
         assert cli.trainer.global_step == 3
-        assert torch.backends.mkldnn.enabled == mkldnn  # restored at teardown
+        assert torch.backends.mkldnn.enabled == mkldnn  # restored at teardown, as the LayerNorms' classes
+        assert [type(m) for m in cli.model.modules()] == classes
         return {name: p.detach().clone() for name, p in cli.model.named_parameters()}
     finally:
         torch.set_num_threads(previous)
@@ -68,8 +70,8 @@ def test_thread_invariant_layer_norms_match_torch_open_clip_and_timm_ones(channe
             reference.bias.normal_()
         swapped = nn.Sequential(kind(24))
         swapped[0].load_state_dict(reference.state_dict())
-        assert make_layer_norms_thread_invariant(swapped) == []
-        assert isinstance(swapped[0], ThreadInvariantLayerNorm)
+        swap = make_layer_norms_thread_invariant(swapped)
+        assert swap.unknown == [] and isinstance(swapped[0], ThreadInvariantLayerNorm)
         assert swapped[0].state_dict().keys() == reference.state_dict().keys()
         x = torch.randn(*((3, 24, 5, 7) if channels_first else (300, 24)), requires_grad=True)
         g = torch.randn_like(x)
@@ -81,6 +83,8 @@ def test_thread_invariant_layer_norms_match_torch_open_clip_and_timm_ones(channe
         got.backward(g)
         for mine, theirs in zip((x.grad, swapped[0].weight.grad, swapped[0].bias.grad), grads):
             torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-4)
+        swap.restore()  # its own class and forward again: the same output as the reference, to the bit
+        assert type(swapped[0]) is kind and torch.equal(swapped(x), reference(x))
 
 
 def test_unknown_layer_norm_subclasses_are_left_and_named():
@@ -89,5 +93,5 @@ def test_unknown_layer_norm_subclasses_are_left_and_named():
             return 2 * super().forward(x)
 
     model = nn.Sequential(nn.LayerNorm(4), ScaledLayerNorm(4))
-    assert make_layer_norms_thread_invariant(model) == [f"1 ({__name__}.{ScaledLayerNorm.__qualname__})"]
+    assert make_layer_norms_thread_invariant(model).unknown == [f"1 ({__name__}.{ScaledLayerNorm.__qualname__})"]
     assert type(model[0]) is ThreadInvariantLayerNorm and type(model[1]) is ScaledLayerNorm

@@ -52,12 +52,12 @@ class ThreadInvariantLayerNorm2d(ThreadInvariantLayerNorm):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-#: LayerNorm classes whose forward is F.layer_norm over the last dimensions (open_clip's casts back
-#: to the input dtype, timm's may call its fused kernel), and the thread-invariant class for each
+#: LayerNorm classes whose forward is F.layer_norm over the last dimensions in the input's dtype
+#: (open_clip's casts back to it, timm's may call its fused kernel), and the thread-invariant class
+#: for each; the float32-upcasting ones (open_clip's and timm's LayerNormFp32) are left alone
 _THREAD_INVARIANT_FORMS: dict[str, type[nn.LayerNorm]] = {
     "torch.nn.modules.normalization.LayerNorm": ThreadInvariantLayerNorm,
     "open_clip.transformer.LayerNorm": ThreadInvariantLayerNorm,
-    "open_clip.transformer.LayerNormFp32": ThreadInvariantLayerNorm,
     "timm.layers.norm.LayerNorm": ThreadInvariantLayerNorm,
     "timm.layers.norm.LayerNorm2d": ThreadInvariantLayerNorm2d,
 }

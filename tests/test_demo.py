@@ -114,8 +114,25 @@ def test_ctrl_c_or_sigterm_stops_the_runs_and_exits_with_one_message(tmp_path, s
     fast += ["--data.init_args.num_val", "4", "--data.init_args.batch_size", "4", "--data.init_args.image_size", "32"]
     command = [sys.executable, "-m", "ovseg.demo", "--root", str(tmp_path / "demo"), "--only", "clip", "--", *fast]
     process = subprocess.Popen(
-        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        command,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        # as from a terminal: a background job of a non-interactive shell (nohup ... &, some CI
+        # runners) inherits SIGINT ignored, and then Python never raises KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+    try:
+        check_stopped(process, tmp_path, stop)
+    finally:  # never leave a training demo behind, whatever failed
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def check_stopped(process: subprocess.Popen, tmp_path, stop: str) -> None:
     log = tmp_path / "demo/clip/log.txt"
     deadline = time.monotonic() + 60
     while not (log.is_file() and "Seed set" in log.read_text(errors="replace")) and time.monotonic() < deadline:

@@ -10,8 +10,8 @@ forward output differs between 1 and 2 threads, the leaf modules whose backward 
 gradients into different ones (the thread-dependent operations themselves; not available for
 models that modify a module's output in place, e.g. timm's ResNet) and the parameters whose
 gradients differ (bit for bit). The 1-vs-1 repeat checks that the step itself is deterministic.
-A :class:`~ovseg.callbacks.ThreadCountInvariance` among the config's trainer callbacks (the mask
-methods' synthetic configs have one) is applied to the model first, as ``ovseg fit`` does;
+A :class:`~ovseg.callbacks.ThreadCountInvariance` among the config's trainer callbacks (all four
+synthetic configs of the demo have one) is applied to the model first, as ``ovseg fit`` does;
 ``--without-invariance`` leaves it out, to see what it removes. ``--no-mkldnn`` turns oneDNN off
 (``torch.backends.mkldnn.enabled = False``) for the whole comparison; ``--time N`` also times N
 training steps (forward and backward) on one thread, to weigh either.

@@ -1,7 +1,7 @@
 """``make demo``: every method on the synthetic world, offline, in one table.
 
     python -m ovseg.demo [--seed 0] [--threads 1] [--jobs 2] [--retrain [NAME ...]] [--only NAME ...]
-                         [-- OVSEG_FIT_OVERRIDES ...]
+                         [--clip OPEN_CLIP_FILE] [-- OVSEG_FIT_OVERRIDES ...]
 
 The runs (:data:`RUNS`), each ``ovseg fit`` of a shipped config in its own folder
 ``runs/demo[/seed-S]/<name>`` (``checkpoints/``, ``lightning_logs/``, ``log.txt``, ``results.json``):
@@ -23,13 +23,17 @@ after updating ovseg. Each run is its own process with ``--threads`` OpenMP
 threads; the synthetic configs' :class:`~ovseg.callbacks.ThreadCountInvariance` makes the figures
 the same for any thread count (bit for bit on one machine and torch build; another CPU may round
 differently). ``--jobs`` runs train side by side (default: as many as the cores allow, at most 2).
-Ctrl-C or SIGTERM stops the runs in progress (exit status 130 or 143); finished runs keep their
-``results.json`` and are reused next time.
+``--clip FILE`` starts the runs on the pretrained CLIP from
+an open_clip file you already have (another seed's ``runs/demo/clip/open_clip.pt``, say: the
+mask methods' spread over their own seeds with one CLIP) instead of training the ``clip`` run; its
+contents are part of those runs' keys. Ctrl-C or SIGTERM stops the runs in progress (exit status
+130 or 143); finished runs keep their ``results.json`` and are reused next time.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import signal
@@ -124,24 +128,34 @@ RUNS: tuple[DemoRun, ...] = (
 RUNS_BY_NAME = {run.name: run for run in RUNS}
 
 
-def fit_arguments(run: DemoRun, root: Path, seed: int, extra: Sequence[str] = ()) -> list[str]:
-    """The ``ovseg fit`` command line of ``run`` (without ``fit``); ``extra`` overrides come last."""
+def fit_arguments(
+    run: DemoRun, root: Path, seed: int, extra: Sequence[str] = (), clip: Path | None = None
+) -> list[str]:
+    """The ``ovseg fit`` command line of ``run`` (without ``fit``); ``extra`` overrides come last.
+
+    ``clip``: the open_clip file the runs on the pretrained CLIP load (default: the ``clip`` run's).
+    """
     args: list[str] = []
     for config in run.configs:
         args += ["-c", str(CONFIGS / config)]
     args += ["--seed_everything", str(seed), "--trainer.default_root_dir", str(root / run.name), *run.overrides]
-    clip_file = str(root / "clip" / CLIP_FILE)
+    clip_file = str(clip if clip is not None and run.name != "clip" else root / "clip" / CLIP_FILE)
     for option in run.clip_options:
         args += [option, clip_file]
     return [*args, *extra]
 
 
-def run_key(run: DemoRun, root: Path, seed: int, threads: int, extra: Sequence[str] = ()) -> dict[str, Any]:
+def run_key(
+    run: DemoRun, root: Path, seed: int, threads: int, extra: Sequence[str] = (), clip: Path | None = None
+) -> dict[str, Any]:
     """What a run's results depend on; a stored result with another key is stale."""
-    key: dict[str, Any] = {"args": fit_arguments(run, root, seed, extra), "seed": seed, "threads": threads}
+    key: dict[str, Any] = {"args": fit_arguments(run, root, seed, extra, clip), "seed": seed, "threads": threads}
     for config in run.configs:
         key[config] = (CONFIGS / config).read_text()
-    for need in run.needs:  # a retrained CLIP makes the runs that start from it stale
+    for need in run.needs:  # a retrained (or another given) CLIP makes the runs that start from it stale
+        if need == "clip" and clip is not None:
+            key["clip_sha256"] = hashlib.sha256(clip.read_bytes()).hexdigest()
+            continue
         stored = read_results(root / need)
         key[f"{need}_finished"] = stored.get("finished") if stored else None
     return key
@@ -171,16 +185,18 @@ def validation_images(trainer: Any) -> int:
 
 
 # ---------------------------------------------------------------------------- one run (child process)
-def train_one(run: DemoRun, root: Path, seed: int, threads: int, extra: Sequence[str] = ()) -> None:
+def train_one(
+    run: DemoRun, root: Path, seed: int, threads: int, extra: Sequence[str] = (), clip: Path | None = None
+) -> None:
     """Fit ``run`` in this process and write its ``results.json`` (called with ``--child``)."""
     import torch
 
     from ovseg.cli import run as ovseg_run
 
     torch.set_num_threads(threads)
-    key = run_key(run, root, seed, threads, extra)
+    key = run_key(run, root, seed, threads, extra, clip)
     start = time.perf_counter()
-    cli = ovseg_run(["fit", *fit_arguments(run, root, seed, extra)])
+    cli = ovseg_run(["fit", *fit_arguments(run, root, seed, extra, clip)])
     seconds = time.perf_counter() - start
     if cli is None or not cli.model.last_results:
         raise SystemExit(f"error: the {run.name} run produced no validation results")
@@ -211,23 +227,35 @@ def default_jobs() -> int:
     return max(1, min(2, cores))
 
 
-def plan(names: Sequence[str] | None) -> list[DemoRun]:
-    """The runs to show: all, or the named ones and the runs they start from."""
-    if not names:
-        return list(RUNS)
-    unknown = [name for name in names if name not in RUNS_BY_NAME]
-    if unknown:
-        raise SystemExit(f"error: unknown demo run(s) {unknown}; choose from {list(RUNS_BY_NAME)}")
-    wanted = set(names) | {need for name in names for need in RUNS_BY_NAME[name].needs}
-    return [run for run in RUNS if run.name in wanted]
+def plan(names: Sequence[str] | None, given_clip: bool = False) -> list[DemoRun]:
+    """The runs to show: all, or the named ones and the runs they start from; without the ``clip``
+    run when ``given_clip`` (``--clip FILE``)."""
+    if names:
+        unknown = [name for name in names if name not in RUNS_BY_NAME]
+        if unknown:
+            raise SystemExit(f"error: unknown demo run(s) {unknown}; choose from {list(RUNS_BY_NAME)}")
+        if given_clip and "clip" in names:
+            raise SystemExit("error: --clip FILE replaces the clip run; leave `clip` out of --only")
+        wanted = set(names) | {need for name in names for need in RUNS_BY_NAME[name].needs}
+    else:
+        wanted = set(RUNS_BY_NAME)
+    return [run for run in RUNS if run.name in wanted and not (given_clip and run.name == "clip")]
 
 
 def execute(
-    runs: list[DemoRun], root: Path, seed: int, threads: int, jobs: int, retrain: set[str], extra: Sequence[str] = ()
+    runs: list[DemoRun],
+    root: Path,
+    seed: int,
+    threads: int,
+    jobs: int,
+    retrain: set[str],
+    extra: Sequence[str] = (),
+    clip: Path | None = None,
 ) -> None:
-    """Train what is stale, ``jobs`` processes at a time, respecting each run's ``needs``."""
+    """Train what is stale, ``jobs`` processes at a time, respecting each run's ``needs`` (the
+    ``clip`` run counts as done when ``clip``, an open_clip file, is given)."""
     console = Console()
-    done: set[str] = set()
+    done: set[str] = {"clip"} if clip is not None else set()
     pending = list(runs)
     active: dict[str, tuple[subprocess.Popen, float, Any]] = {}
     retrained: set[str] = set()
@@ -241,7 +269,11 @@ def execute(
                 pending.remove(run)
                 stale = run.name in retrain or any(need in retrained for need in run.needs)
                 stored = read_results(root / run.name)
-                if not stale and stored is not None and stored.get("key") == run_key(run, root, seed, threads, extra):
+                if (
+                    not stale
+                    and stored is not None
+                    and stored.get("key") == run_key(run, root, seed, threads, extra, clip)
+                ):
                     reused = root / run.name / "results.json"
                     console.print(f"[dim]{run.name}: reusing {reused} (--retrain {run.name} to train again)")
                     done.add(run.name)
@@ -249,7 +281,9 @@ def execute(
                 (root / run.name).mkdir(parents=True, exist_ok=True)
                 log = open(root / run.name / "log.txt", "w")  # noqa: SIM115 (closed when the process ends)
                 command = [sys.executable, "-m", "ovseg.demo", "--child", run.name, "--root", str(root)]
-                command += ["--seed", str(seed), "--threads", str(threads), "--", *extra]
+                command += ["--seed", str(seed), "--threads", str(threads)]
+                command += ["--clip", str(clip)] if clip is not None else []
+                command += ["--", *extra]
                 env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
                 process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
                 active[run.name] = (process, time.perf_counter(), log)
@@ -342,11 +376,16 @@ def table(runs: list[DemoRun], root: Path, seed: int) -> Table:
     return result
 
 
-def markdown(runs: list[DemoRun], root: Path) -> str:
-    """:func:`table_rows` as Markdown (written next to the runs, for the README)."""
+def markdown(runs: list[DemoRun], root: Path, clip: Path | None = None) -> str:
+    """:func:`table_rows` as Markdown (written next to the runs, for the README), and the given CLIP."""
     lines = ["| run | " + " | ".join(TABLE_HEADERS) + " |", "|---|---|" + "---:|" * (len(TABLE_HEADERS) - 1)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(runs, root)]
+    lines += [f"\n{given_clip_line(clip)}"] if clip is not None else []
     return "\n".join(lines) + "\n"
+
+
+def given_clip_line(clip: Path) -> str:
+    return f"The runs on the pretrained CLIP started from {clip} (--clip)."
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -359,6 +398,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--root", type=Path, default=None, help="default runs/demo (runs/demo/seed-S for S != 0)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help=f"only these runs (of {list(RUNS_BY_NAME)})")
     parser.add_argument("--retrain", nargs="*", metavar="NAME", help="retrain all, or the named runs")
+    parser.add_argument(
+        "--clip",
+        type=Path,
+        metavar="FILE",
+        help="open_clip file the runs on the pretrained CLIP start from, instead of training the clip run",
+    )
     parser.add_argument("--child", metavar="NAME", help=argparse.SUPPRESS)
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
@@ -369,10 +414,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.threads < 1 or args.jobs < 1:
         raise SystemExit("error: --threads and --jobs must be at least 1")
     root = args.root or Path("runs/demo" if args.seed == 0 else f"runs/demo/seed-{args.seed}")
+    clip: Path | None = args.clip.resolve() if args.clip is not None else None
+    if clip is not None and not clip.is_file():
+        raise SystemExit(
+            f"error: --clip {args.clip}: no such file; give an open_clip file (the demo's clip run writes "
+            f"runs/demo/clip/{CLIP_FILE}), or leave --clip out to train the CLIP"
+        )
     if args.child is not None:
-        train_one(RUNS_BY_NAME[args.child], root, args.seed, args.threads, extra)
+        train_one(RUNS_BY_NAME[args.child], root, args.seed, args.threads, extra, clip)
         return
-    runs = plan(args.only)
+    runs = plan(args.only, given_clip=clip is not None)
     if args.retrain is None:
         retrain: set[str] = set()
     else:
@@ -382,13 +433,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there
     previous = signal.signal(signal.SIGTERM, _raise_interrupted) if main_thread else None  # stop the runs too
     try:
-        execute(runs, root, args.seed, args.threads, args.jobs, retrain, extra)
+        execute(runs, root, args.seed, args.threads, args.jobs, retrain, extra, clip)
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
     console = Console(width=None if sys.stdout.isatty() else 120)  # a log file keeps the table whole
     console.print(table(runs, root, args.seed))
-    (root / "results.md").write_text(markdown(runs, root))
+    if clip is not None:
+        console.print(given_clip_line(clip), soft_wrap=True)
+    (root / "results.md").write_text(markdown(runs, root, clip))
     console.print(
         f"wall time {(time.perf_counter() - start) / 60:.1f} min with {args.jobs} job(s) x {args.threads} thread(s); "
         f"table also in {root / 'results.md'}"

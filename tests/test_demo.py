@@ -61,6 +61,67 @@ def test_a_retrained_clip_makes_the_runs_that_start_from_it_stale(tmp_path):
     assert run_key(lit, tmp_path, 1, 1) != before[1]
 
 
+def test_a_given_clip_file_replaces_the_clip_run(tmp_path):
+    clip = tmp_path / "release" / "open_clip.pt"
+    clip.parent.mkdir()
+    clip.write_bytes(b"weights v1")
+    assert [run.name for run in plan(["cdt"], given_clip=True)] == ["cdt"]
+    assert "clip" not in [run.name for run in plan(None, given_clip=True)]
+    with pytest.raises(SystemExit, match="--clip FILE replaces the clip run"):
+        plan(["clip", "cdt"], given_clip=True)
+    for name in ("zegformer", "cdt"):
+        args = fit_arguments(RUNS_BY_NAME[name], tmp_path / "demo", 1, clip=clip)
+        assert args.count(str(clip)) == (2 if name == "zegformer" else 1)
+        assert str(tmp_path / "demo" / "clip" / "open_clip.pt") not in args
+    # the file's contents, not the clip run's results.json, decide whether a run is stale
+    key = run_key(RUNS_BY_NAME["cdt"], tmp_path / "demo", 1, 1, clip=clip)
+    (tmp_path / "demo" / "clip").mkdir(parents=True)
+    (tmp_path / "demo" / "clip" / "results.json").write_text(json.dumps({"finished": 5.0}))
+    assert run_key(RUNS_BY_NAME["cdt"], tmp_path / "demo", 1, 1, clip=clip) == key
+    clip.write_bytes(b"weights v2")
+    assert run_key(RUNS_BY_NAME["cdt"], tmp_path / "demo", 1, 1, clip=clip) != key
+    with pytest.raises(SystemExit, match=r"--clip .*nowhere\.pt: no such file"):
+        demo.main(["--clip", str(tmp_path / "nowhere.pt"), "--only", "cdt"])
+
+
+def test_the_demo_with_a_given_clip_trains_only_the_runs_on_it(tmp_path, monkeypatch, capsys):
+    """The scheduler (its processes faked): no clip run, the child is told the file, the table
+    names it, a second call reuses the result and a changed file retrains."""
+    clip = tmp_path / "open_clip.pt"
+    clip.write_bytes(b"weights v1")
+    root = tmp_path / "demo"
+    commands: list[list[str]] = []
+
+    class FinishedRun:  # the child's work, done at once: write results.json as train_one would
+        returncode = 0
+
+        def __init__(self, command: list[str], **kwargs: object) -> None:
+            commands.append(command)
+            run = RUNS_BY_NAME[command[command.index("--child") + 1]]
+            given = Path(command[command.index("--clip") + 1])
+            metrics = {"mIoU": 50.0, "mIoU_seen": 60.0, "mIoU_unseen": 40.0, "hIoU": 48.0, "zs_margin": 30.0}
+            record = {"key": run_key(run, root, 1, 1, clip=given), "rows": {run.label: metrics}, "minutes": 0.1}
+            (root / run.name / "results.json").write_text(json.dumps({**record, "threads": 1, "scenes": 4}))
+
+        def poll(self) -> int:
+            return 0
+
+    monkeypatch.setattr(demo.subprocess, "Popen", FinishedRun)
+    argv = ["--seed", "1", "--root", str(root), "--only", "cdt", "--clip", str(clip)]
+    demo.main(argv)
+    out = capsys.readouterr().out
+    assert len(commands) == 1 and "clip" not in [c[c.index("--child") + 1] for c in commands]
+    assert commands[0][commands[0].index("--clip") + 1] == str(clip.resolve())
+    assert f"pretrained CLIP started from {clip.resolve()} (--clip)" in out and "60.0" in out
+    assert f"from {clip.resolve()}" in (root / "results.md").read_text()
+    assert not (root / "clip").exists()
+    demo.main(argv)
+    assert "cdt: reusing" in capsys.readouterr().out and len(commands) == 1
+    clip.write_bytes(b"weights v2")
+    demo.main(argv)
+    assert "cdt: training" in capsys.readouterr().out and len(commands) == 2
+
+
 def test_trains_once_then_reuses_and_retrains_on_request(tmp_path, monkeypatch, capsys):
     """The CLIP run with the fast-mode overlay, twice: the second call reuses results.json; the
     table shows the run's metrics, the exported open_clip file exists."""

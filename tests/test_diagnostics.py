@@ -65,7 +65,9 @@ def test_confusions_rebuilds_a_demo_run_and_matches_its_validation(tmp_path, mon
     demo.main(["--root", str(tmp_path / "demo"), "--only", "clip", "--", *fast])
     stored = json.loads((tmp_path / "demo/clip/results.json").read_text())["rows"]["CLIP, dense tokens"]
     out = run_script(
-        "confusions.py", str(tmp_path / "demo/clip"), "--scenes", "4", "--classes", "car", "kite", cwd=tmp_path
+        "confusions.py",
+        *(str(tmp_path / "demo/clip"), "--scenes", "4", "--classes", "car", "kite", "--name-permutations"),
+        cwd=tmp_path,
     )
     figures = re.search(r"seen (\S+), unseen (\S+) mIoU \(4 scenes\)", out)
     expected = (round(stored["mIoU_seen"], 1), round(stored["mIoU_unseen"], 1))
@@ -73,3 +75,40 @@ def test_confusions_rebuilds_a_demo_run_and_matches_its_validation(tmp_path, mon
     assert "car pixels labelled:" in out and "kite pixels labelled:" in out
     iou_line = out.splitlines()[1]
     assert iou_line.startswith("  IoU: sky ") and "KITE" in iou_line and "kite" not in iou_line  # unseen: capitals
+    # the renamed confusion matrix's cyclic shift equalled the name-swapped pass (else exit 1), and
+    # the true names' figure is the unseen mIoU the run stored
+    namings = re.search(r"unseen names permuted: true names (\S+);.*mean over all 24 namings .*rank (\d+) of 24", out)
+    assert namings and float(namings[1]) == expected[1] and 1 <= int(namings[2]) <= 24, out
+
+
+def test_name_permutations_equal_relabelled_predictions():
+    """Renaming the unseen classes on the confusion matrix gives what relabelling every predicted
+    pixel and counting again gives (an independent computation), for all 24 namings of 4 classes."""
+    import itertools
+
+    import torch
+
+    from ovseg.metrics import confusion_matrix, metrics_from_confusion
+
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        from confusions import renamed_confusion, unseen_miou_of_namings
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    generator = torch.Generator().manual_seed(0)
+    label = torch.randint(0, 7, (3, 20, 20), generator=generator)
+    prediction = torch.where(
+        torch.rand(label.shape, generator=generator) < 0.6, label, torch.randint(0, 7, label.shape)
+    )
+    unseen = [2, 4, 5, 6]
+    confusion = confusion_matrix(prediction, label, 7, 255)
+    namings = unseen_miou_of_namings(confusion, unseen, "zero")
+    assert len(namings) == 24 and len(set(namings.values())) > 1
+    for names_of in itertools.permutations(unseen):
+        # class unseen[i] carries the names of class names_of[i]: pixels labelled names_of[i] become unseen[i]
+        relabel = torch.arange(7)
+        relabel[list(names_of)] = torch.tensor(unseen)
+        direct = confusion_matrix(relabel[prediction], label, 7, 255)
+        assert torch.equal(renamed_confusion(confusion, unseen, names_of), direct)
+        assert namings[names_of] == float(metrics_from_confusion(direct, "zero", unseen)["mIoU_unseen"])
+    assert namings[tuple(unseen)] == float(metrics_from_confusion(confusion, "zero", unseen)["mIoU_unseen"])

@@ -34,7 +34,12 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ovseg.io import atomic_torch_save
-from ovseg.thread_invariance import LayerNormSwap, make_layer_norms_thread_invariant
+from ovseg.thread_invariance import (
+    MKL_CBWR_STRICT_ENV,
+    LayerNormSwap,
+    make_layer_norms_thread_invariant,
+    strict_mkl_reproducibility,
+)
 
 
 class ReseedEveryEpoch(L.Callback):
@@ -89,7 +94,12 @@ class ThreadCountInvariance(L.Callback):
       their own class again at ``teardown``, so the model leaves the run as it came);
     - turns oneDNN off (``torch.backends.mkldnn.enabled = False``; restored at ``teardown``), so that
       convolutions use torch's own kernels (a training step of the synthetic ZegFormer takes about
-      1.7 times as long: measured in the README's demo section).
+      1.7 times as long: measured in the README's demo section);
+    - puts Intel MKL in strict reproducibility mode
+      (:func:`~ovseg.thread_invariance.strict_mkl_reproducibility`; for the rest of the process),
+      whose matrix products then give the same bits with any thread count on Intel CPUs too. MKL
+      takes its mode at its first call: where a matrix product already ran in the process (a
+      notebook, say), it warns; start the process with ``MKL_CBWR=AUTO,STRICT`` then.
 
     The rest is in the methods' code, whatever the callback: SimZSS's concept pooling uses
     :func:`~ovseg.thread_invariance.softmax`, CDT's soft IoU sums its pixels in float64 on the CPU.
@@ -100,6 +110,13 @@ class ThreadCountInvariance(L.Callback):
     def __init__(self) -> None:
         self._mkldnn_was_enabled: bool | None = None
         self._swaps: list[LayerNormSwap] = []
+
+    @staticmethod
+    def prepare_process() -> None:
+        """Strict MKL reproducibility before MKL's first call (``ovseg`` calls it before it builds
+        the model and data of a config with this callback; ``setup`` is too late in a process where
+        building the model already ran MKL)."""
+        strict_mkl_reproducibility()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         swap = make_layer_norms_thread_invariant(pl_module)
@@ -112,6 +129,12 @@ class ThreadCountInvariance(L.Callback):
         if self._mkldnn_was_enabled is None:
             self._mkldnn_was_enabled = torch.backends.mkldnn.enabled
         torch.backends.mkldnn.enabled = False
+        if strict_mkl_reproducibility() is False:
+            rank_zero_warn(
+                "ThreadCountInvariance: Intel MKL already ran in this process without strict reproducibility, so "
+                f"matrix products may still depend on the thread count; start the process with "
+                f"MKL_CBWR={MKL_CBWR_STRICT_ENV} in its environment"
+            )
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # the model leaves the run as it came (a saved and reloaded copy computes the same, to the bit)

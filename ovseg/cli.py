@@ -58,6 +58,17 @@ DESCRIPTION = (
 )
 
 
+def _import_class(class_path: str) -> type | None:
+    """The class a config's ``class_path`` names, or None (instantiation reports what is wrong)."""
+    module, _, name = class_path.rpartition(".")
+    if not module:
+        return None
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
+
+
 class OVSegCLI(LightningCLI):
     """LightningCLI with ovseg's base classes, exact option names and run-owned outputs.
 
@@ -85,7 +96,10 @@ class OVSegCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        """Point checkpoints and logs without an explicit folder at the run's ``default_root_dir``."""
+        """Point checkpoints and logs without an explicit folder at the run's ``default_root_dir``; let
+        the configured callbacks that have a ``prepare_process()`` (a static method) set up the process
+        before the model and data are built (:class:`ovseg.callbacks.ThreadCountInvariance`: MKL's
+        reproducibility mode, which MKL fixes at its first call)."""
         settings = self.config.get(self.subcommand) if self.subcommand else self.config
         trainer = settings.get("trainer") if settings is not None else None
         if trainer is None:
@@ -96,6 +110,9 @@ class OVSegCLI(LightningCLI):
         for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
             class_path = str(callback.get("class_path", "")) if hasattr(callback, "get") else ""
             init_args = callback.get("init_args") if class_path else None
+            prepare_process = getattr(_import_class(class_path), "prepare_process", None)
+            if callable(prepare_process):
+                prepare_process()
             if class_path.endswith("ModelCheckpoint") and init_args is not None:
                 if init_args.get("dirpath") is None:  # a folder the user did not choose: the run's own
                     init_args["dirpath"] = str(Path(root) / "checkpoints")

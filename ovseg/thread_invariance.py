@@ -5,18 +5,72 @@ results change with the thread count (``torch.set_num_threads``, ``OMP_NUM_THREA
 amplifies such differences over hundreds of steps into runs as different as two seeds. Found op by
 op (``scripts/diagnostics/thread_dependence.py``) on torch 2.14: LayerNorm's weight and bias
 gradients, oneDNN's convolutions, softmax's backward along a last dimension of some sizes (196
-patches, not 64), and BLAS products with a long inner dimension. This module holds replacements:
-:class:`ovseg.callbacks.ThreadCountInvariance` swaps in the LayerNorms (and turns oneDNN off), the
-methods call :func:`softmax` where it matters (SimZSS's concept pooling); CDT's soft IoU sums in
-float64 instead.
+patches, not 64), and BLAS products with a long inner dimension (on Intel CPUs with AVX-512, Intel
+MKL splits the inner dimension of every long matrix product, so Linear and convolution weight
+gradients too). This module holds replacements: :class:`ovseg.callbacks.ThreadCountInvariance`
+swaps in the LayerNorms, turns oneDNN off and asks MKL for strict reproducibility
+(:func:`strict_mkl_reproducibility`); the methods call :func:`softmax` where it matters (SimZSS's
+concept pooling); CDT's soft IoU sums in float64 instead.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 from dataclasses import dataclass, field
+from functools import cache
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+#: the environment setting that makes MKL's products thread-count invariant from a process's start
+MKL_CBWR_STRICT_ENV = "AUTO,STRICT"
+# mkl_cbwr.h: the branch to read, the automatic code branch, the strict flag, the success code
+_MKL_CBWR_ALL, _MKL_CBWR_AUTO, _MKL_CBWR_STRICT, _MKL_CBWR_SUCCESS = -1, 2, 0x10000, 0
+
+
+@cache
+def _mkl_cbwr_functions() -> tuple[object, object] | None:
+    """MKL's (cbwr_set, cbwr_get) in torch's CPU library, or None where torch's BLAS is not MKL."""
+    if not torch.backends.mkl.is_available():
+        return None
+    try:
+        library = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+    except OSError:
+        return None
+    for prefix in ("mkl_", "mkl_serv_"):  # the public name, or MKL's internal one that torch exports
+        if hasattr(library, prefix + "cbwr_set") and hasattr(library, prefix + "cbwr_get"):
+            return getattr(library, prefix + "cbwr_set"), getattr(library, prefix + "cbwr_get")
+    return None
+
+
+def strict_mkl_reproducibility() -> bool | None:
+    """Put Intel MKL, torch's CPU BLAS, in strict conditional numerical reproducibility mode.
+
+    In that mode MKL's matrix products give the same bits with any number of threads (MKL's
+    ``MKL_CBWR=AUTO,STRICT``); without it, on Intel CPUs with AVX-512, MKL splits the inner dimension
+    among the threads. MKL fixes its mode at its first call in a process, so this works before any
+    matrix product, or when the process started with ``MKL_CBWR=AUTO,STRICT`` in its environment.
+
+    Returns:
+        True: MKL is in strict mode (set now or already); False: MKL already ran in another mode
+        (start the process with ``MKL_CBWR=AUTO,STRICT``); None: torch's BLAS is not MKL here.
+    """
+    functions = _mkl_cbwr_functions()
+    if functions is None:
+        return None
+    if mkl_is_strict():
+        return True
+    return functions[0](_MKL_CBWR_AUTO | _MKL_CBWR_STRICT) == _MKL_CBWR_SUCCESS  # type: ignore[operator]
+
+
+def mkl_is_strict() -> bool | None:
+    """Whether MKL is in strict reproducibility mode (None where torch's BLAS is not MKL)."""
+    functions = _mkl_cbwr_functions()
+    if functions is None:
+        return None
+    return bool(functions[1](_MKL_CBWR_ALL) & _MKL_CBWR_STRICT)  # type: ignore[operator]
 
 
 def softmax(x: Tensor, dim: int = -1) -> Tensor:

@@ -54,6 +54,31 @@ def test_shipped_synthetic_config_trains_identically_with_one_and_two_threads(me
     assert any(not torch.equal(plain_one[name], plain_two[name]) for name in plain_one)
 
 
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="torch's CPU BLAS is not Intel MKL here")
+def test_ovseg_puts_mkl_in_strict_mode_before_building_a_config_with_the_callback(tmp_path):
+    """MKL fixes its reproducibility mode at its first call, and building a model already makes one,
+    so ``ovseg`` calls ``ThreadCountInvariance.prepare_process`` before it builds anything (a fresh
+    process, without the MKL_CBWR that conftest sets for the test process)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from ovseg.cli import build; from ovseg.thread_invariance import mkl_is_strict; "
+        "build(sys.argv[2:] + ['--trainer.logger', 'false', '--trainer.default_root_dir', sys.argv[1]]); "
+        "print('strict' if mkl_is_strict() else 'not strict')"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    outputs = {}
+    for name, args in {"with": CONFIGS["cdt"], "without": ["-c", "configs/experiment/smoke.yaml"]}.items():
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / name), *args], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs[name] = done.stdout.strip().splitlines()[-1]
+    assert outputs == {"with": "strict", "without": "not strict"}
+
+
 @pytest.mark.parametrize("channels_first", [False, True])
 def test_thread_invariant_layer_norms_match_torch_open_clip_and_timm_ones(channels_first):
     """Same outputs and gradients as the LayerNorm they replace (timm's LayerNorm2d normalises the

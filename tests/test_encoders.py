@@ -113,6 +113,28 @@ def test_timm_vit_checkpoint_roundtrip(tmp_path, fmt: str, registers: bool) -> N
     torch.testing.assert_close(a.pooled, b.pooled, rtol=0, atol=0)
 
 
+def test_timm_vit_init_seed_fixes_weights_and_leaves_the_run_stream() -> None:
+    torch.manual_seed(1)
+    a = TimmViT.tiny(init_seed=7)
+    after_a = torch.rand(3)
+    torch.manual_seed(2)
+    b = TimmViT.tiny(init_seed=7)
+    torch.manual_seed(1)
+    expected = torch.rand(3)  # the stream right after manual_seed(1), as if no model had been built
+    for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(after_a, expected, rtol=0, atol=0)
+    other = TimmViT.tiny(init_seed=8)
+    assert not torch.equal(other.model.patch_embed.proj.weight, a.model.patch_embed.proj.weight)
+    torch.manual_seed(1)
+    unseeded = TimmViT.tiny()
+    torch.manual_seed(2)
+    unseeded_again = TimmViT.tiny()
+    assert not torch.equal(unseeded.model.patch_embed.proj.weight, unseeded_again.model.patch_embed.proj.weight)
+    with pytest.raises(ValueError, match="init_seed"):
+        TimmViT.tiny(init_seed=0, pretrained=True)
+
+
 def test_timm_vit_wrong_checkpoint_raises(tmp_path) -> None:
     deeper = TimmViT.tiny(model_kwargs={"depth": 3, "embed_dim": 64, "num_heads": 2, "img_size": 56})
     path = tmp_path / "deeper.pth"

@@ -6,6 +6,7 @@ import math
 from typing import Any, Literal
 
 import timm
+import torch
 from torch import Tensor
 
 from ovseg.encoders.base import ImageEncoder, ImageFeatures, load_state_dict_file, load_state_dict_strict
@@ -54,6 +55,10 @@ class TimmViT(ImageEncoder):
         mean, std: ``None`` (the model's ``pretrained_cfg``), a preset (``"imagenet"``, ``"clip"``,
             ``"half"``) or an explicit RGB triple.
         pooling: ``"cls"`` (the [CLS] token) or ``"avg"`` (mean of the patch tokens).
+        init_seed: seed of the random initialisation (neither ``pretrained`` nor ``checkpoint_path``),
+            drawn from a private generator: the weights are the same whatever the run's
+            ``seed_everything``, as a released backbone is, and the run's random stream is left as
+            it was. ``None``: drawn from the global generator (they change with the run's seed).
     """
 
     def __init__(
@@ -65,10 +70,18 @@ class TimmViT(ImageEncoder):
         mean: Stat = None,
         std: Stat = None,
         pooling: Literal["cls", "avg"] = "cls",
+        init_seed: int | None = None,
     ) -> None:
+        if init_seed is not None and (pretrained or checkpoint_path is not None):
+            raise ValueError("init_seed seeds a random initialisation; leave it out with pretrained or checkpoint_path")
         kwargs: dict[str, Any] = {"num_classes": 0, "dynamic_img_size": True, "dynamic_img_pad": True}
         kwargs.update(model_kwargs or {})
-        model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+        if init_seed is None:
+            model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+        else:
+            with torch.random.fork_rng(devices=[]):  # the run's own stream continues untouched
+                torch.manual_seed(init_seed)
+                model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
         cfg = getattr(model, "pretrained_cfg", None) or {}
         super().__init__(
             mean=resolve_norm_stat(mean, cfg.get("mean", NORM_PRESETS["imagenet"][0]), 0),

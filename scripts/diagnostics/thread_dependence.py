@@ -12,9 +12,10 @@ models that modify a module's output in place, e.g. timm's ResNet) and the param
 gradients differ (bit for bit). The 1-vs-1 repeat checks that the step itself is deterministic.
 A :class:`~ovseg.callbacks.ThreadCountInvariance` among the config's trainer callbacks (all four
 synthetic configs of the demo have one) is applied to the model first, as ``ovseg fit`` does;
-``--without-invariance`` leaves it out (and MKL out of strict mode), to see what it removes. ``--no-mkldnn`` turns oneDNN off
-(``torch.backends.mkldnn.enabled = False``) for the whole comparison; ``--time N`` also times N
-training steps (forward and backward) on one thread, to weigh either.
+``--without-invariance`` leaves it out (and MKL out of strict mode), to see what it removes.
+``--no-mkldnn`` turns oneDNN off (``torch.backends.mkldnn.enabled = False``) for the whole
+comparison; ``--time N`` also times N training steps (forward and backward) on one thread, to
+weigh either.
 
 Mask methods need the CLIP of configs/clip/synthetic.yaml; point the config at it as the demo does
 (e.g. ``--model.init_args.checkpoint_path runs/demo/clip/open_clip.pt`` for CDT).

@@ -132,7 +132,7 @@ class ThreadCountInvariance(L.Callback):
         if strict_mkl_reproducibility() is False:
             rank_zero_warn(
                 "ThreadCountInvariance: Intel MKL already ran in this process without strict reproducibility, so "
-                f"matrix products may still depend on the thread count; start the process with "
+                "matrix products may still depend on the thread count; start the process with "
                 f"MKL_CBWR={MKL_CBWR_STRICT_ENV} in its environment"
             )
 

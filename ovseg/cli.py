@@ -58,17 +58,6 @@ DESCRIPTION = (
 )
 
 
-def _import_class(class_path: str) -> type | None:
-    """The class a config's ``class_path`` names, or None (instantiation reports what is wrong)."""
-    module, _, name = class_path.rpartition(".")
-    if not module:
-        return None
-    try:
-        return getattr(importlib.import_module(module), name, None)
-    except ImportError:
-        return None
-
-
 class OVSegCLI(LightningCLI):
     """LightningCLI with ovseg's base classes, exact option names and run-owned outputs.
 
@@ -110,9 +99,12 @@ class OVSegCLI(LightningCLI):
         for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
             class_path = str(callback.get("class_path", "")) if hasattr(callback, "get") else ""
             init_args = callback.get("init_args") if class_path else None
-            prepare_process = getattr(_import_class(class_path), "prepare_process", None)
-            if callable(prepare_process):
-                prepare_process()
+            if class_path:
+                from jsonargparse.typing import import_object
+
+                prepare_process = getattr(import_object(class_path), "prepare_process", None)
+                if callable(prepare_process):
+                    prepare_process()
             if class_path.endswith("ModelCheckpoint") and init_args is not None:
                 if init_args.get("dirpath") is None:  # a folder the user did not choose: the run's own
                     init_args["dirpath"] = str(Path(root) / "checkpoints")

@@ -14,7 +14,8 @@ os.environ.setdefault("NLTK_DATA", str(REPO.parent / "shared" / "nltk_data"))
 # Intel MKL in strict reproducibility mode from the first matrix product, as `ovseg fit` puts it for
 # a config with ThreadCountInvariance: the in-process trainings of the tests then give the same bits
 # with any thread count on Intel CPUs too (MKL fixes its mode at its first call in a process)
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # ovseg.thread_invariance.MKL_CBWR_STRICT_ENV; not imported
+# here, so that nothing is imported before the offline settings above
 
 
 @pytest.fixture(autouse=True)

@@ -131,8 +131,8 @@ def test_timm_vit_init_seed_fixes_weights_and_leaves_the_run_stream() -> None:
     torch.manual_seed(2)
     unseeded_again = TimmViT.tiny()
     assert not torch.equal(unseeded.model.patch_embed.proj.weight, unseeded_again.model.patch_embed.proj.weight)
-    with pytest.raises(ValueError, match="init_seed"):
-        TimmViT.tiny(init_seed=0, pretrained=True)
+    with pytest.raises(ValueError, match="init_seed"):  # refused before any file is read
+        TimmViT.tiny(init_seed=0, checkpoint_path="never_read.pth")
 
 
 def test_timm_vit_wrong_checkpoint_raises(tmp_path) -> None:

@@ -113,7 +113,7 @@ def test_timm_vit_checkpoint_roundtrip(tmp_path, fmt: str, registers: bool) -> N
     torch.testing.assert_close(a.pooled, b.pooled, rtol=0, atol=0)
 
 
-def test_timm_vit_init_seed_fixes_weights_and_leaves_the_run_stream() -> None:
+def test_timm_vit_init_seed_fixes_weights_and_leaves_the_run_stream(tmp_path) -> None:
     torch.manual_seed(1)
     a = TimmViT.tiny(init_seed=7)
     after_a = torch.rand(3)
@@ -131,8 +131,10 @@ def test_timm_vit_init_seed_fixes_weights_and_leaves_the_run_stream() -> None:
     torch.manual_seed(2)
     unseeded_again = TimmViT.tiny()
     assert not torch.equal(unseeded.model.patch_embed.proj.weight, unseeded_again.model.patch_embed.proj.weight)
-    with pytest.raises(ValueError, match="init_seed"):  # refused before any file is read
-        TimmViT.tiny(init_seed=0, checkpoint_path="never_read.pth")
+    path = tmp_path / "other.pth"  # a checkpoint's weights replace the seeded initialisation
+    torch.save(other.model.state_dict(), path)
+    loaded = TimmViT.tiny(init_seed=7, checkpoint_path=str(path))
+    assert torch.equal(loaded.model.patch_embed.proj.weight, other.model.patch_embed.proj.weight)
 
 
 def test_timm_vit_wrong_checkpoint_raises(tmp_path) -> None:

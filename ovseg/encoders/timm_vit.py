@@ -55,10 +55,11 @@ class TimmViT(ImageEncoder):
         mean, std: ``None`` (the model's ``pretrained_cfg``), a preset (``"imagenet"``, ``"clip"``,
             ``"half"``) or an explicit RGB triple.
         pooling: ``"cls"`` (the [CLS] token) or ``"avg"`` (mean of the patch tokens).
-        init_seed: seed of the random initialisation (neither ``pretrained`` nor ``checkpoint_path``),
-            drawn from a private generator: the weights are the same whatever the run's
-            ``seed_everything``, as a released backbone is, and the run's random stream is left as
-            it was. ``None``: drawn from the global generator (they change with the run's seed).
+        init_seed: seed of the random initialisation, drawn from a private generator: the weights are
+            the same whatever the run's ``seed_everything``, as a released backbone's are, and the
+            run's random stream is left as it was. ``None``: drawn from the global generator (they
+            change with the run's seed). Weights from ``pretrained`` or ``checkpoint_path`` replace
+            the initialisation either way.
     """
 
     def __init__(
@@ -72,8 +73,6 @@ class TimmViT(ImageEncoder):
         pooling: Literal["cls", "avg"] = "cls",
         init_seed: int | None = None,
     ) -> None:
-        if init_seed is not None and (pretrained or checkpoint_path is not None):
-            raise ValueError("init_seed seeds a random initialisation; leave it out with pretrained or checkpoint_path")
         kwargs: dict[str, Any] = {"num_classes": 0, "dynamic_img_size": True, "dynamic_img_pad": True}
         kwargs.update(model_kwargs or {})
         if init_seed is None:

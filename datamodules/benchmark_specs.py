@@ -93,8 +93,8 @@ class BenchmarkSpec:
         absent_policy: ``"zero"`` (mmseg, detectron2 v0.6, ZegFormer, MAFT+) or ``"exclude"``
             (detectron2 main, CAT-Seg, FC-CLIP). Default ``"zero"``.
         unseen_classes: names of the unseen classes of a zero-shot split (seen/unseen/h-IoU).
-        name_swap_control: also evaluate with the unseen names permuted among themselves and
-            report the zero-shot margin (:class:`~ovseg.benchmark.Benchmark`). Default off.
+        name_swap_control: also report the unseen mIoU with the unseen names permuted among
+            themselves and the zero-shot margin (:class:`~ovseg.benchmark.Benchmark`). Default off.
         ignore_index: label value that is not evaluated. Default 255.
         max_images: evaluate only the first N samples (sorted by name), for quick runs.
     """

@@ -170,8 +170,8 @@ class CocoStuffDataModule(TrainDataModule):
         templates: prompt templates of the validation vocabulary.
         inference: resize / sliding-window settings of the validation benchmark.
         absent_policy: metric convention (see :class:`~ovseg.benchmark.Benchmark`).
-        name_swap_control: also evaluate with the unseen names permuted among themselves and report
-            the zero-shot margin (:class:`~ovseg.benchmark.Benchmark`; one more inference pass).
+        name_swap_control: also report the unseen mIoU with the unseen names permuted among
+            themselves and the zero-shot margin (:class:`~ovseg.benchmark.Benchmark`; no extra pass).
         eval_data: a DataModule whose benchmarks replace the own validation split.
     """
 

@@ -27,11 +27,13 @@ class Benchmark:
         unseen_classes: display names of the classes unseen in training (zero-shot splits); when
             given, mIoU of seen and unseen classes and their harmonic mean are reported.
         ignore_index: label value that is not evaluated.
-        name_swap_control: also evaluate with the unseen classes' names permuted among themselves
-            (:meth:`name_swapped_vocabulary`) and report ``mIoU_unseen_swapped`` and the zero-shot
-            margin ``zs_margin`` = ``mIoU_unseen`` - ``mIoU_unseen_swapped``: how much of the
-            unseen mIoU comes from the names, not from assigning leftover regions to any unseen
-            class. Needs at least two unseen classes; one more inference pass per batch.
+        name_swap_control: also report ``mIoU_unseen_swapped``, the unseen mIoU with the unseen
+            classes' names permuted among themselves (mean over all permutations that leave no
+            class its own names), and the zero-shot margin ``zs_margin`` = ``mIoU_unseen`` -
+            ``mIoU_unseen_swapped``: how much of the unseen mIoU comes from the names, not from
+            assigning leftover regions to any unseen class. Read off the true names' confusion
+            matrix (:func:`ovseg.metrics.unseen_miou_with_wrong_names`), no second inference pass.
+            Needs at least two unseen classes.
     """
 
     name: str
@@ -62,7 +64,10 @@ class Benchmark:
 
     def name_swapped_vocabulary(self) -> Vocabulary:
         """The vocabulary with every unseen class named as the next unseen class (a cyclic shift,
-        so no unseen class keeps its own names); seen classes, templates and background unchanged."""
+        so no unseen class keeps its own names); seen classes, templates and background unchanged.
+
+        One of the permutations ``name_swap_control`` averages over; a pass with it checks that
+        control's premise, that renaming classes only relabels a method's predictions."""
         unseen = sorted(set(self.unseen_indices))
         classes = list(self.vocabulary.classes)
         for position, index in enumerate(unseen):

@@ -15,19 +15,20 @@ The runs (:data:`RUNS`), each ``ovseg fit`` of a shipped config in its own folde
    randomly initialised CLIP (the control: its names carry no meaning).
 
 Every evaluation reports the zero-shot margin: unseen mIoU with the true names minus unseen mIoU
-with the unseen names permuted among themselves (:class:`~ovseg.benchmark.Benchmark`'s
-``name_swap_control``). A run whose ``results.json`` matches its command line (config, seed, thread
-count, and the CLIP it starts from) is reused, not retrained; ``--retrain`` retrains all or the
-named runs (and whatever starts from them); ovseg's own code is not part of that check, so retrain
-after updating ovseg. Each run is its own process with ``--threads`` OpenMP
-threads; the synthetic configs' :class:`~ovseg.callbacks.ThreadCountInvariance` makes the figures
-the same for any thread count (bit for bit on one machine and torch build; another CPU may round
-differently). ``--jobs`` runs train side by side (default: as many as the cores allow, at most 2).
-``--clip FILE`` starts the runs on the pretrained CLIP from
-an open_clip file you already have (another seed's ``runs/demo/clip/open_clip.pt``, say: the
-mask methods' spread over their own seeds with one CLIP) instead of training the ``clip`` run; its
-contents are part of those runs' keys. Ctrl-C or SIGTERM stops the runs in progress (exit status
-130 or 143); finished runs keep their ``results.json`` and are reused next time.
+with the unseen names permuted among themselves, averaged over every permutation that leaves no
+class its own names (:class:`~ovseg.benchmark.Benchmark`'s ``name_swap_control``). A run whose
+``results.json`` matches its command line (config, seed, thread count, and the CLIP it starts from)
+is reused, not retrained; ``--retrain`` retrains all or the named runs (and whatever starts from
+them); ovseg's own code is not part of that check, so retrain after updating ovseg. Each run is its
+own process with ``--threads`` OpenMP threads; the synthetic configs'
+:class:`~ovseg.callbacks.ThreadCountInvariance` makes the figures the same for any thread count
+(bit for bit on one machine and torch build; another CPU may round differently). ``--jobs`` runs
+train side by side (default: as many as the cores allow, at most 2). ``--clip FILE`` starts the
+runs on the pretrained CLIP from an open_clip file you already have (another seed's
+``runs/demo/clip/open_clip.pt``, say: the mask methods' spread over their own seeds with one CLIP)
+instead of training the ``clip`` run; its contents are part of those runs' keys. Ctrl-C or SIGTERM
+stops the runs in progress (exit status 130 or 143); finished runs keep their ``results.json`` and
+are reused next time.
 """
 
 from __future__ import annotations

@@ -202,7 +202,6 @@ class OVSegModule(L.LightningModule, ABC):
             self.save_hyperparameters()
         self.text_cache = TextEmbeddingCache()
         self._metrics: dict[str, SegmentationMetrics] = {}
-        self._swap_metrics: dict[str, SegmentationMetrics] = {}
         self.last_results: dict[str, dict[str, Tensor]] = {}
 
     # ------------------------------------------------------------------ method hooks
@@ -521,11 +520,10 @@ class OVSegModule(L.LightningModule, ABC):
                 ignore_index=benchmark.ignore_index,
                 absent_policy=benchmark.absent_policy,
                 unseen_classes=benchmark.unseen_indices,
+                name_swap_control=benchmark.name_swap_control,
             ).to(self.device)
 
-        benchmarks = self.benchmarks()
-        self._metrics = {benchmark.name: metrics(benchmark) for benchmark in benchmarks}
-        self._swap_metrics = {b.name: metrics(b) for b in benchmarks if b.name_swap_control}
+        self._metrics = {benchmark.name: metrics(benchmark) for benchmark in self.benchmarks()}
 
     def on_validation_epoch_start(self) -> None:
         self._reset_metrics()
@@ -542,15 +540,6 @@ class OVSegModule(L.LightningModule, ABC):
         metric = self._metrics[benchmark.name]
         for prediction, label in zip(predictions, labels):
             metric.update(prediction.labels, label.to(prediction.labels.device))
-        if benchmark.name_swap_control:  # the same images with the unseen names permuted
-            swapped = self.segment_tensors(
-                batch["image"],
-                benchmark.name_swapped_vocabulary(),
-                benchmark.inference,
-                [tuple(label.shape[-2:]) for label in labels],
-            )
-            for prediction, label in zip(swapped, labels):
-                self._swap_metrics[benchmark.name].update(prediction.labels, label.to(prediction.labels.device))
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate_batch(batch, dataloader_idx)
@@ -560,10 +549,6 @@ class OVSegModule(L.LightningModule, ABC):
 
     def _log_metrics(self, stage: str) -> None:
         self.last_results = {name: metric.compute() for name, metric in self._metrics.items()}
-        for name, metric in self._swap_metrics.items():  # Benchmark.name_swap_control
-            results = self.last_results[name]
-            results["mIoU_unseen_swapped"] = metric.compute()["mIoU_unseen"]
-            results["zs_margin"] = results["mIoU_unseen"] - results["mIoU_unseen_swapped"]
         summary: dict[str, float] = {}
         for name, results in self.last_results.items():
             for key in SUMMARY_METRICS:

@@ -75,10 +75,12 @@ def test_confusions_rebuilds_a_demo_run_and_matches_its_validation(tmp_path, mon
     assert "car pixels labelled:" in out and "kite pixels labelled:" in out
     iou_line = out.splitlines()[1]
     assert iou_line.startswith("  IoU: sky ") and "KITE" in iou_line and "kite" not in iou_line  # unseen: capitals
-    # the renamed confusion matrix's cyclic shift equalled the name-swapped pass (else exit 1), and
-    # the true names' figure is the unseen mIoU the run stored
+    # the renamed confusion matrix's cyclic shift equalled the name-swapped pass (else exit 1), the
+    # true names' figure is the unseen mIoU the run stored, and the control the run's margin's
     namings = re.search(r"unseen names permuted: true names (\S+);.*mean over all 24 namings .*rank (\d+) of 24", out)
     assert namings and float(namings[1]) == expected[1] and 1 <= int(namings[2]) <= 24, out
+    control = re.search(r"the benchmark's control (-?[\d.]+)", out)
+    assert control and abs(float(control[1]) - (stored["mIoU_unseen"] - stored["zs_margin"])) < 0.051, out
 
 
 def test_name_permutations_equal_relabelled_predictions():

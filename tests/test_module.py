@@ -172,9 +172,10 @@ def test_nan_loss_stops_with_step_and_terms():
 
 
 def test_name_swap_control_reports_the_zero_shot_margin():
-    """The oracle reads classes by name: with the unseen names (dog, car, tree) cycled among
+    """The oracle reads classes by name: with the unseen names (dog, car, tree) permuted among
     themselves every unseen pixel goes to a wrong unseen class, so the swapped unseen mIoU is 0 and
-    the margin is the whole unseen mIoU; a seen-only error (sky) moves neither."""
+    the margin is the whole unseen mIoU; a seen-only error (sky) moves neither. (The general case,
+    the mean over all derangements: tests/test_name_swap.py.)"""
     levels = torch.tensor([[0, 1, 2, 3], [4, 4, 1, 7]])  # 7: no word (argmax 0 = cat)
     labels = torch.tensor([[0, 1, 2, 3], [4, 4, 1, 4]])
     vocabulary = Vocabulary.from_names(["cat", "dog", "car", "tree", "sky"])

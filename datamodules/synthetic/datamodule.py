@@ -62,8 +62,8 @@ class SyntheticDataModule(L.LightningDataModule):
         absent_policy: metric convention for classes predicted but absent from the ground truth.
         close_up_fraction: share of training scenes that are close-ups of one category on a plain
             background (:class:`SyntheticWorld`; CLIP pretraining); validation scenes never are.
-        name_swap_control: also evaluate with the unseen names permuted among themselves and report
-            the zero-shot margin (:class:`~ovseg.benchmark.Benchmark`; one more inference pass).
+        name_swap_control: also report the unseen mIoU with the unseen names permuted among
+            themselves and the zero-shot margin (:class:`~ovseg.benchmark.Benchmark`; no extra pass).
     """
 
     def __init__(

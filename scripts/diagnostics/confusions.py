@@ -15,10 +15,11 @@ class given the names of one of them, one class per name set), read off the same
 the methods score each class against its own names independently, so naming class u with the
 names of class v labels as u the pixels labelled v with the true names, i.e. column v of the
 matrix becomes column u. Printed: the true names, the mean over the derangements (no class keeps
-its names; the benchmark's zero-shot margin uses one of them, a cyclic shift) and over all namings,
-and the true names' rank among all namings; with a random CLIP the names carry nothing, and the true
-naming is one draw among them. The script checks the premise: the cyclic shift computed this way
-must equal a second pass with the benchmark's name-swapped vocabulary.
+its names: the benchmark's ``mIoU_unseen_swapped``, which the script checks) with their minimum and
+maximum, the mean over all namings, and the true names' rank among all namings; with a random CLIP
+the names carry nothing, and the true naming is one draw among them. The script checks the premise
+on the run itself: a second pass with the benchmark's cyclic shift of the unseen names
+(``Benchmark.name_swapped_vocabulary``) must give the renamed matrix.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ovseg.cli import build, read_checkpoint
-from ovseg.metrics import AbsentPolicy, confusion_matrix, metrics_from_confusion
+from ovseg.metrics import AbsentPolicy, confusion_matrix, metrics_from_confusion, unseen_miou_with_wrong_names
 
 
 def confusion_of_run(
@@ -143,10 +144,16 @@ def print_namings(confusion: Tensor, swapped: Tensor, unseen: Sequence[int], abs
     true = namings[tuple(order)]
     deranged = [value for key, value in namings.items() if all(a != b for a, b in zip(key, order))]
     rank = 1 + sum(value > true for value in namings.values())
+    control = float(unseen_miou_with_wrong_names(confusion, order, absent_policy))
+    mean = sum(deranged) / len(deranged)
+    all_present = bool((confusion[order].sum(dim=1) > 0).all())
+    if (all_present or absent_policy == "exclude") and abs(control - mean) > 1e-9:
+        raise SystemExit(f"error: the benchmark's control {control} is not the mean over the derangements {mean}")
     print(
-        f"  unseen names permuted: true names {true:.1f}; the benchmark's cyclic shift "
-        f"{namings[cyclic]:.1f} (equal to its own pass); mean over the {len(deranged)} derangements "
-        f"{sum(deranged) / len(deranged):.1f} (min {min(deranged):.1f}, max {max(deranged):.1f}); mean over "
+        f"  unseen names permuted: true names {true:.1f}; a pass with the cyclic shift "
+        f"{namings[cyclic]:.1f} (equal to the renamed matrix); mean over the {len(deranged)} derangements "
+        f"{mean:.1f} (min {min(deranged):.1f}, max {max(deranged):.1f}; the benchmark's control "
+        f"{control:.1f}{'' if all_present else ', some unseen class absent from these scenes'}); mean over "
         f"all {len(namings)} namings {sum(namings.values()) / len(namings):.1f}; "
         f"the true names rank {rank} of {len(namings)}"
     )

@@ -225,7 +225,10 @@ class OVSegModule(L.LightningModule, ABC):
 
         Returns:
             (B, Q, h, w) logits whose softmax over Q is the class probability (at any
-            resolution; the base upsamples), or :class:`MaskPredictions`.
+            resolution; the base upsamples), or :class:`MaskPredictions`. Permuting the names
+            among the unseen classes must permute the scores the same way (the zero-shot margin,
+            ``Benchmark.name_swap_control``, reads renamings off the confusion matrix); every
+            method here does (``tests/test_name_swap.py``).
         """
 
     @abstractmethod

@@ -41,7 +41,7 @@ are 0.
 The zero-shot margin's control (``name_swap_control``)
 ------------------------------------------------------
 How much of the unseen mIoU do the class *names* earn? A method that scores each class against
-its own names alone (every method here; ``tests/test_module.py`` checks it on each) labels as
+its own names alone (every method here; ``tests/test_name_swap.py`` checks it on each) labels as
 unseen class u, when u is given the names of unseen class v, exactly the pixels it labels v under
 the true names. Class u's IoU then becomes C[u, v] / (|GT u| + |pred v| - C[u, v]), read off the
 true names' confusion matrix C, so the control needs no second inference pass.

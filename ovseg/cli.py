@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from jsonargparse.typing import import_object
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
@@ -100,8 +101,6 @@ class OVSegCLI(LightningCLI):
             class_path = str(callback.get("class_path", "")) if hasattr(callback, "get") else ""
             init_args = callback.get("init_args") if class_path else None
             if class_path:
-                from jsonargparse.typing import import_object
-
                 prepare_process = getattr(import_object(class_path), "prepare_process", None)
                 if callable(prepare_process):
                     prepare_process()
@@ -230,8 +229,6 @@ class OVSegCLI(LightningCLI):
         model = settings.get("model") if settings is not None else None
         class_path = model.get("class_path") if model is not None and hasattr(model, "get") else None
         if checkpoint is not None and class_path:
-            from jsonargparse.typing import import_object
-
             OVSegModule.check_checkpoint_method(
                 checkpoint, import_object(class_path), f"checkpoint {ckpt_path}", class_path
             )

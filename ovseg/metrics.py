@@ -119,6 +119,12 @@ def _check_unseen(unseen: Sequence[int], num_classes: int) -> list[int]:
     return sorted(set(out))
 
 
+def _check_name_swap_control(unseen: Sequence[int]) -> None:
+    """The zero-shot margin's control renames unseen classes among themselves: it needs two."""
+    if len(unseen) < 2:
+        raise ValueError(f"name_swap_control needs at least two unseen classes, got {list(unseen)}")
+
+
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = 255) -> Tensor:
     """Confusion matrix of one prediction/target pair of any matching shape ((H, W), (B, H, W)).
 
@@ -189,8 +195,7 @@ def unseen_miou_with_wrong_names(conf: Tensor, unseen: Sequence[int], absent_pol
     """
     policy = _check_policy(absent_policy)
     unseen_idx = _check_unseen(unseen, conf.shape[0])
-    if len(unseen_idx) < 2:
-        raise ValueError(f"the name-swap control needs at least two unseen classes, got {unseen_idx}")
+    _check_name_swap_control(unseen_idx)
     conf = conf.detach().cpu().to(torch.float64)
     index = torch.tensor(unseen_idx)
     pos_gt = conf.sum(dim=1)[index]  # (U,)
@@ -303,8 +308,8 @@ class SegmentationMetrics(Metric):
         self.ignore_index = ignore_index
         self.absent_policy = _check_policy(absent_policy)
         self.unseen_classes = tuple(_check_unseen(unseen_classes, self.num_classes))
-        if name_swap_control and len(self.unseen_classes) < 2:
-            raise ValueError(f"name_swap_control needs at least two unseen classes, got {list(self.unseen_classes)}")
+        if name_swap_control:
+            _check_name_swap_control(self.unseen_classes)
         self.name_swap_control = name_swap_control
         self.add_state(
             "confmat",

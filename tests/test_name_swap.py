@@ -16,16 +16,26 @@ from ovseg.metrics import confusion_matrix, metrics_from_confusion, unseen_miou_
 REPO = Path(__file__).resolve().parents[1]
 
 
+def renamed_columns(num_classes: int, unseen: list[int], names_of: list[int] | tuple[int, ...]) -> list[int]:
+    """Class ``unseen[i]`` given the names of ``names_of[i]``: the column of class scores (or counts)
+    that class now reads is the one ``names_of[i]`` had; every other class keeps its own."""
+    columns = list(range(num_classes))
+    for target, source in zip(unseen, names_of):
+        columns[target] = source
+    return columns
+
+
 def derangement_mean(conf: torch.Tensor, unseen: list[int], policy: str) -> float:
     """Brute force: relabel the predictions for every derangement of the unseen names, count again."""
-    values = []
-    for names_of in itertools.permutations(unseen):
-        if any(a == b for a, b in zip(unseen, names_of)):
-            continue  # some class keeps its own names
-        columns = list(range(conf.shape[1]))
-        for target, source in zip(unseen, names_of):
-            columns[target] = source  # pixels labelled `source` are labelled `target` now
-        values.append(float(metrics_from_confusion(conf[:, columns], policy, unseen)["mIoU_unseen"]))
+    values = [
+        float(
+            metrics_from_confusion(conf[:, renamed_columns(conf.shape[1], unseen, names_of)], policy, unseen)[
+                "mIoU_unseen"
+            ]
+        )
+        for names_of in itertools.permutations(unseen)
+        if all(a != b for a, b in zip(unseen, names_of))  # no class keeps its own names
+    ]
     return sum(values) / len(values)
 
 
@@ -85,9 +95,7 @@ def test_renaming_the_unseen_classes_only_relabels_each_methods_predictions(meth
         true = model.class_probabilities(images, benchmark.vocabulary, benchmark.inference, (64, 64))
         swapped = model.class_probabilities(images, benchmark.name_swapped_vocabulary(), benchmark.inference, (64, 64))
     unseen = sorted(benchmark.unseen_indices)
-    columns = list(range(true.shape[1]))
-    for target, source in zip(unseen, unseen[1:] + unseen[:1]):  # class `target` carries `source`'s names
-        columns[target] = source
+    columns = renamed_columns(true.shape[1], unseen, unseen[1:] + unseen[:1])  # each takes the next one's names
     assert true.shape[1] == len(benchmark.vocabulary)
     torch.testing.assert_close(swapped, true[:, columns], rtol=0, atol=1e-6)
     assert not torch.allclose(swapped, true, atol=1e-4)  # the renaming did change the columns

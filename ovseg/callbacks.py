@@ -36,7 +36,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from ovseg.io import atomic_torch_save
 from ovseg.thread_invariance import (
     MKL_CBWR_STRICT_ENV,
-    LayerNormSwap,
+    ModuleSwap,
+    make_convolutions_thread_invariant,
     make_layer_norms_thread_invariant,
     strict_mkl_reproducibility,
 )
@@ -92,9 +93,10 @@ class ThreadCountInvariance(L.Callback):
     - turns the model's LayerNorms (torch's, open_clip's, timm's) into
       :class:`~ovseg.thread_invariance.ThreadInvariantLayerNorm` (same parameters and state dict;
       their own class again at ``teardown``, so the model leaves the run as it came);
-    - turns oneDNN off (``torch.backends.mkldnn.enabled = False``; restored at ``teardown``), so that
-      convolutions use torch's own kernels (a training step of the synthetic ZegFormer takes about
-      1.7 times as long: measured in the README's demo section);
+    - turns the model's ``nn.Conv2d`` modules into
+      :class:`~ovseg.thread_invariance.OneThreadConv2d`, which compute each convolution (forward
+      and backward) with one intra-op thread, so oneDNN's kernels, whose weight gradients depend on
+      the thread count, give the same bits in any run (their own class again at ``teardown``);
     - puts Intel MKL in strict reproducibility mode
       (:func:`~ovseg.thread_invariance.strict_mkl_reproducibility`; for the rest of the process),
       whose matrix products then give the same bits with any thread count on Intel CPUs too. MKL
@@ -108,8 +110,7 @@ class ThreadCountInvariance(L.Callback):
     """
 
     def __init__(self) -> None:
-        self._mkldnn_was_enabled: bool | None = None
-        self._swaps: list[LayerNormSwap] = []
+        self._swaps: list[ModuleSwap] = []
 
     @staticmethod
     def prepare_process() -> None:
@@ -126,9 +127,13 @@ class ThreadCountInvariance(L.Callback):
                 f"ThreadCountInvariance: {len(swap.unknown)} LayerNorm(s) of an unknown class left as they are, "
                 f"their gradients may still depend on the thread count: {', '.join(swap.unknown[:3])}"
             )
-        if self._mkldnn_was_enabled is None:
-            self._mkldnn_was_enabled = torch.backends.mkldnn.enabled
-        torch.backends.mkldnn.enabled = False
+        convolutions = make_convolutions_thread_invariant(pl_module)
+        self._swaps.append(convolutions)
+        if convolutions.unknown:
+            rank_zero_warn(
+                f"ThreadCountInvariance: {len(convolutions.unknown)} convolution(s) other than nn.Conv2d left as "
+                f"they are, their results may still depend on the thread count: {', '.join(convolutions.unknown[:3])}"
+            )
         if strict_mkl_reproducibility() is False:
             rank_zero_warn(
                 "ThreadCountInvariance: Intel MKL already ran in this process without strict reproducibility, so "
@@ -140,9 +145,6 @@ class ThreadCountInvariance(L.Callback):
         # the model leaves the run as it came (a saved and reloaded copy computes the same, to the bit)
         while self._swaps:
             self._swaps.pop().restore()
-        if self._mkldnn_was_enabled is not None:
-            torch.backends.mkldnn.enabled = self._mkldnn_was_enabled
-            self._mkldnn_was_enabled = None
 
 
 def _is_local(path: _PATH) -> bool:

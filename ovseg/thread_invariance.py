@@ -8,17 +8,20 @@ gradients, oneDNN's convolutions, softmax's backward along a last dimension of s
 patches, not 64), and BLAS products with a long inner dimension (on Intel CPUs with AVX-512, Intel
 MKL splits the inner dimension of every long matrix product, so Linear and convolution weight
 gradients too). This module holds replacements: :class:`ovseg.callbacks.ThreadCountInvariance`
-swaps in the LayerNorms, turns oneDNN off and asks MKL for strict reproducibility
-(:func:`strict_mkl_reproducibility`); the methods call :func:`softmax` where it matters (SimZSS's
-concept pooling); CDT's soft IoU sums in float64 instead.
+swaps in the LayerNorms and the one-thread convolutions (:class:`OneThreadConv2d`) and asks MKL
+for strict reproducibility (:func:`strict_mkl_reproducibility`); the methods call :func:`softmax`
+where it matters (SimZSS's concept pooling); CDT's soft IoU sums in float64 instead.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -118,12 +121,13 @@ _THREAD_INVARIANT_FORMS: dict[str, type[nn.LayerNorm]] = {
 
 
 @dataclass
-class LayerNormSwap:
-    """What :func:`make_layer_norms_thread_invariant` changed, and how to undo it.
+class ModuleSwap:
+    """What :func:`make_layer_norms_thread_invariant` or :func:`make_convolutions_thread_invariant`
+    changed, and how to undo it.
 
     Attributes:
         swapped: each changed module with its original class.
-        unknown: ``"name (class)"`` of the LayerNorm subclasses left as they were.
+        unknown: ``"name (class)"`` of the subclasses left as they were.
     """
 
     swapped: list[tuple[nn.Module, type[nn.Module]]] = field(default_factory=list)
@@ -136,12 +140,12 @@ class LayerNormSwap:
         self.swapped = []
 
 
-def make_layer_norms_thread_invariant(module: nn.Module) -> LayerNormSwap:
+def make_layer_norms_thread_invariant(module: nn.Module) -> ModuleSwap:
     """Turn the LayerNorms of ``module`` into :class:`ThreadInvariantLayerNorm` (or its 2-d form)
     in place: torch's, open_clip's and timm's. LayerNorm subclasses it does not know are left as
     they are (their forward may not be a plain normalisation of the last dimensions) and named in
-    the returned :class:`LayerNormSwap`, whose ``restore()`` undoes the change."""
-    swap = LayerNormSwap()
+    the returned :class:`ModuleSwap`, whose ``restore()`` undoes the change."""
+    swap = ModuleSwap()
     for name, child in module.named_modules():
         if not isinstance(child, nn.LayerNorm) or isinstance(child, ThreadInvariantLayerNorm):
             continue
@@ -151,4 +155,88 @@ def make_layer_norms_thread_invariant(module: nn.Module) -> LayerNormSwap:
             child.__class__ = _THREAD_INVARIANT_FORMS[kind]
         else:
             swap.unknown.append(f"{name} ({kind})")
+    return swap
+
+
+@contextmanager
+def one_intra_op_thread() -> Iterator[None]:
+    """Run the block with one intra-op thread (``torch.set_num_threads(1)``), then restore the count."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _OneThreadConvolution(torch.autograd.Function):
+    """``aten::convolution`` and its backward, each with one intra-op thread (no double backward)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        stride: tuple[int, ...],
+        padding: tuple[int, ...],
+        dilation: tuple[int, ...],
+        groups: int,
+    ) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.options = (stride, padding, dilation, groups, None if bias is None else [bias.shape[0]])
+        transposed, output_padding = False, [0] * len(stride)
+        with one_intra_op_thread():
+            return torch.ops.aten.convolution(
+                x, weight, bias, stride, padding, dilation, transposed, output_padding, groups
+            )
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups, bias_sizes = ctx.options
+        wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias_sizes is not None and ctx.needs_input_grad[2]]
+        transposed, output_padding = False, [0] * len(stride)
+        with one_intra_op_thread():
+            grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+                grad, x, weight, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, wanted
+            )
+        return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
+class OneThreadConv2d(nn.Conv2d):
+    """:class:`torch.nn.Conv2d` computed with one intra-op thread, forward and backward.
+
+    oneDNN's convolution kernels (torch's default on the CPU) split their work among the threads,
+    so their results, the weight gradients above all, change in the last bits with the thread
+    count. With one thread each, a run computes the same convolutions whatever its thread count,
+    at oneDNN's speed (torch's own kernels, the alternative, made a synthetic ZegFormer step 1.3
+    times as long with one thread: README, "The demo"). Same parameters and state dict, the same
+    outputs and gradients as :class:`~torch.nn.Conv2d` with one thread, to the bit.
+    """
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # (B, C, H, W)
+        padding = self.padding
+        if self.padding_mode != "zeros" or isinstance(padding, str):  # "same" / "valid" padding as well
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=mode)
+            padding = (0, 0)
+        return _OneThreadConvolution.apply(input, weight, bias, self.stride, padding, self.dilation, self.groups)
+
+
+def make_convolutions_thread_invariant(module: nn.Module) -> ModuleSwap:
+    """Turn the :class:`torch.nn.Conv2d` modules of ``module`` into :class:`OneThreadConv2d` in
+    place. Subclasses of Conv2d and other convolutions (Conv1d, ConvTranspose2d, ...) are left as
+    they are and named in the returned :class:`ModuleSwap`, whose ``restore()`` undoes the change."""
+    swap = ModuleSwap()
+    for name, child in module.named_modules():
+        if type(child) is nn.Conv2d:
+            swap.swapped.append((child, nn.Conv2d))
+            child.__class__ = OneThreadConv2d
+        elif isinstance(child, nn.modules.conv._ConvNd) and not isinstance(child, OneThreadConv2d):
+            swap.unknown.append(f"{name} ({type(child).__module__}.{type(child).__qualname__})")
     return swap

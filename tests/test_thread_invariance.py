@@ -9,7 +9,12 @@ from torch import nn
 
 from ovseg.callbacks import ThreadCountInvariance
 from ovseg.cli import build
-from ovseg.thread_invariance import ThreadInvariantLayerNorm, make_layer_norms_thread_invariant
+from ovseg.thread_invariance import (
+    OneThreadConv2d,
+    ThreadInvariantLayerNorm,
+    make_convolutions_thread_invariant,
+    make_layer_norms_thread_invariant,
+)
 
 CONFIGS = {
     "clip": ["-c", "configs/clip/synthetic.yaml", "--data.init_args.batch_size", "16"],
@@ -120,3 +125,75 @@ def test_unknown_layer_norm_subclasses_are_left_and_named():
     model = nn.Sequential(nn.LayerNorm(4), ScaledLayerNorm(4))
     assert make_layer_norms_thread_invariant(model).unknown == [f"1 ({__name__}.{ScaledLayerNorm.__qualname__})"]
     assert type(model[0]) is ThreadInvariantLayerNorm and type(model[1]) is ScaledLayerNorm
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"kernel_size": 3, "padding": 1},
+        {"kernel_size": 7, "stride": 2, "padding": 3, "bias": False},
+        {"kernel_size": 3, "padding": "same", "dilation": 2, "groups": 2},
+        {"kernel_size": 3, "padding": 1, "padding_mode": "reflect"},
+        {"kernel_size": 1},
+    ],
+)
+def test_one_thread_convolutions_match_torch_ones_with_one_thread_whatever_the_thread_count(options):
+    """OneThreadConv2d computes what nn.Conv2d computes with one thread, forward and backward, to the
+    bit, also in a process with two threads; its state dict is nn.Conv2d's, and restore() undoes it."""
+    torch.manual_seed(0)
+    reference = nn.Conv2d(8, 32, **options)
+    model = nn.Sequential(nn.Conv2d(8, 32, **options))
+    model[0].load_state_dict(reference.state_dict())
+    x = torch.randn(16, 8, 40, 40)
+    g = torch.randn_like(reference(x))
+
+    def run(module, threads):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            module.zero_grad()
+            inputs = x.clone().requires_grad_()
+            out = module(inputs)
+            assert torch.get_num_threads() == threads  # the one-thread block gave the count back
+            out.backward(g)
+            bias = [module.bias.grad] if module.bias is not None else []
+            return [out.detach(), inputs.grad, module.weight.grad, *bias]
+        finally:
+            torch.set_num_threads(previous)
+
+    expected = run(reference, 1)
+    swap = make_convolutions_thread_invariant(model)
+    assert swap.unknown == [] and type(model[0]) is OneThreadConv2d
+    assert model[0].state_dict().keys() == reference.state_dict().keys()
+    for threads in (1, 2):
+        got = run(model[0], threads)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True)), threads
+    swap.restore()
+    assert type(model[0]) is nn.Conv2d
+
+
+def test_other_convolutions_are_left_and_named():
+    model = nn.Sequential(nn.Conv2d(2, 2, 1), nn.Conv1d(2, 2, 1), nn.ConvTranspose2d(2, 2, 2))
+    swap = make_convolutions_thread_invariant(model)
+    assert swap.unknown == ["1 (torch.nn.modules.conv.Conv1d)", "2 (torch.nn.modules.conv.ConvTranspose2d)"]
+    assert [type(m) for m in model] == [OneThreadConv2d, nn.Conv1d, nn.ConvTranspose2d]
+
+
+def test_two_thread_convolutions_differ_without_the_swap():
+    """The control: oneDNN's weight gradient of a convolution changes with the thread count here."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch without oneDNN")
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 64, 3, padding=1)
+    x = torch.randn(16, 64, 28, 28)
+    grads = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            conv.zero_grad()
+            conv(x).square().sum().backward()
+            grads.append(conv.weight.grad.clone())
+    finally:
+        torch.set_num_threads(previous)
+    assert not torch.equal(*grads)

@@ -93,10 +93,12 @@ class ThreadCountInvariance(L.Callback):
     - turns the model's LayerNorms (torch's, open_clip's, timm's) into
       :class:`~ovseg.thread_invariance.ThreadInvariantLayerNorm` (same parameters and state dict;
       their own class again at ``teardown``, so the model leaves the run as it came);
-    - turns the model's ``nn.Conv2d`` modules into
-      :class:`~ovseg.thread_invariance.OneThreadConv2d`, which compute each convolution (forward
-      and backward) with one intra-op thread, so oneDNN's kernels, whose weight gradients depend on
-      the thread count, give the same bits in any run (their own class again at ``teardown``);
+    - keeps oneDNN's convolutions, whose results (the weight gradients above all) depend on the
+      thread count, out of the run: by default it turns oneDNN off (``torch.backends.mkldnn.enabled
+      = False``; restored at ``teardown``), so that convolutions use torch's own kernels; with
+      ``onednn_convolutions=True`` it keeps oneDNN and turns the model's ``nn.Conv2d`` modules into
+      :class:`~ovseg.thread_invariance.OneThreadConv2d` instead, which compute each convolution
+      (forward and backward) with one intra-op thread (their own class again at ``teardown``);
     - puts Intel MKL in strict reproducibility mode
       (:func:`~ovseg.thread_invariance.strict_mkl_reproducibility`; for the rest of the process),
       whose matrix products then give the same bits with any thread count on Intel CPUs too. MKL
@@ -107,9 +109,19 @@ class ThreadCountInvariance(L.Callback):
     :func:`~ovseg.thread_invariance.softmax`, CDT's soft IoU sums its pixels in float64 on the CPU.
     GPU runs do not need it. ``tests/test_thread_invariance.py`` trains every synthetic config of
     the demo three steps with 1 and with 2 threads: identical weights with the callback, not without.
+
+    Args:
+        onednn_convolutions: oneDNN's convolutions with one thread each instead of torch's own
+            kernels. About 1.3 times as fast with one thread on an Intel Xeon (a synthetic ZegFormer
+            training step, README "The thread count moves no figure"); the two kinds of kernel
+            round differently, so a run reaches other figures than with the default, which the
+            shipped synthetic configs and the README's demo figures use. With more than one thread
+            the convolutions do not use them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, onednn_convolutions: bool = False) -> None:
+        self.onednn_convolutions = onednn_convolutions
+        self._mkldnn_was_enabled: bool | None = None
         self._swaps: list[ModuleSwap] = []
 
     @staticmethod
@@ -127,13 +139,19 @@ class ThreadCountInvariance(L.Callback):
                 f"ThreadCountInvariance: {len(swap.unknown)} LayerNorm(s) of an unknown class left as they are, "
                 f"their gradients may still depend on the thread count: {', '.join(swap.unknown[:3])}"
             )
-        convolutions = make_convolutions_thread_invariant(pl_module)
-        self._swaps.append(convolutions)
-        if convolutions.unknown:
-            rank_zero_warn(
-                f"ThreadCountInvariance: {len(convolutions.unknown)} convolution(s) other than nn.Conv2d left as "
-                f"they are, their results may still depend on the thread count: {', '.join(convolutions.unknown[:3])}"
-            )
+        if self.onednn_convolutions:
+            convolutions = make_convolutions_thread_invariant(pl_module)
+            self._swaps.append(convolutions)
+            if convolutions.unknown:
+                rank_zero_warn(
+                    f"ThreadCountInvariance: {len(convolutions.unknown)} convolution(s) other than nn.Conv2d left "
+                    "as they are, their results may still depend on the thread count: "
+                    + ", ".join(convolutions.unknown[:3])
+                )
+        else:
+            if self._mkldnn_was_enabled is None:
+                self._mkldnn_was_enabled = torch.backends.mkldnn.enabled
+            torch.backends.mkldnn.enabled = False
         if strict_mkl_reproducibility() is False:
             rank_zero_warn(
                 "ThreadCountInvariance: Intel MKL already ran in this process without strict reproducibility, so "
@@ -145,6 +163,9 @@ class ThreadCountInvariance(L.Callback):
         # the model leaves the run as it came (a saved and reloaded copy computes the same, to the bit)
         while self._swaps:
             self._swaps.pop().restore()
+        if self._mkldnn_was_enabled is not None:
+            torch.backends.mkldnn.enabled = self._mkldnn_was_enabled
+            self._mkldnn_was_enabled = None
 
 
 def _is_local(path: _PATH) -> bool:

@@ -8,9 +8,10 @@ gradients, oneDNN's convolutions, softmax's backward along a last dimension of s
 patches, not 64), and BLAS products with a long inner dimension (on Intel CPUs with AVX-512, Intel
 MKL splits the inner dimension of every long matrix product, so Linear and convolution weight
 gradients too). This module holds replacements: :class:`ovseg.callbacks.ThreadCountInvariance`
-swaps in the LayerNorms and the one-thread convolutions (:class:`OneThreadConv2d`) and asks MKL
-for strict reproducibility (:func:`strict_mkl_reproducibility`); the methods call :func:`softmax`
-where it matters (SimZSS's concept pooling); CDT's soft IoU sums in float64 instead.
+swaps in the LayerNorms, turns oneDNN off (or, with ``onednn_convolutions=True``, swaps in
+one-thread convolutions, :class:`OneThreadConv2d`) and asks MKL for strict reproducibility
+(:func:`strict_mkl_reproducibility`); the methods call :func:`softmax` where it matters (SimZSS's
+concept pooling); CDT's soft IoU sums in float64 instead.
 """
 
 from __future__ import annotations
@@ -214,9 +215,10 @@ class OneThreadConv2d(nn.Conv2d):
     oneDNN's convolution kernels (torch's default on the CPU) split their work among the threads,
     so their results, the weight gradients above all, change in the last bits with the thread
     count. With one thread each, a run computes the same convolutions whatever its thread count,
-    at oneDNN's speed (torch's own kernels, the alternative, made a synthetic ZegFormer step 1.3
-    times as long with one thread: README, "The demo"). Same parameters and state dict, the same
-    outputs and gradients as :class:`~torch.nn.Conv2d` with one thread, to the bit.
+    at oneDNN's speed (``ThreadCountInvariance(onednn_convolutions=True)``; its default, torch's own
+    kernels, made a synthetic ZegFormer step 1.3 times as long with one thread). Same parameters
+    and state dict, the same outputs and gradients as :class:`~torch.nn.Conv2d` with one thread,
+    to the bit.
     """
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # (B, C, H, W)

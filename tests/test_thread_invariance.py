@@ -24,8 +24,11 @@ CONFIGS = {
 }
 
 
-def train_three_steps(args: list[str], threads: int, root, keep_callback: bool = True) -> dict[str, torch.Tensor]:
-    """Three optimizer steps of a shipped config (its trainer: clipping, callbacks), ``threads`` threads."""
+def train_three_steps(
+    args: list[str], threads: int, root, keep_callback: bool = True, onednn: bool = False
+) -> dict[str, torch.Tensor]:
+    """Three optimizer steps of a shipped config (its trainer: clipping, callbacks), ``threads``
+    threads; ``onednn``: the callback's ``onednn_convolutions`` switch on."""
     previous = torch.get_num_threads()
     mkldnn = torch.backends.mkldnn.enabled
     try:
@@ -36,6 +39,9 @@ def train_three_steps(args: list[str], threads: int, root, keep_callback: bool =
         )
         if not keep_callback:
             cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, ThreadCountInvariance)]
+        for callback in cli.trainer.callbacks:
+            if isinstance(callback, ThreadCountInvariance):
+                callback.onednn_convolutions = onednn
         classes = [type(m) for m in cli.model.modules()]
         cli.trainer.fit(cli.model, cli.datamodule)
         assert cli.trainer.global_step == 3
@@ -57,6 +63,19 @@ def test_shipped_synthetic_config_trains_identically_with_one_and_two_threads(me
     plain_one = train_three_steps(args, 1, tmp_path / "plain_one", keep_callback=False)
     plain_two = train_three_steps(args, 2, tmp_path / "plain_two", keep_callback=False)
     assert any(not torch.equal(plain_one[name], plain_two[name]) for name in plain_one)
+
+
+@pytest.mark.parametrize("method", ["zegformer", "cdt"])
+def test_onednn_convolutions_with_one_thread_each_train_identically_too(method, tmp_path):
+    """``ThreadCountInvariance(onednn_convolutions=True)``: oneDNN stays on, every convolution runs
+    with one thread, and the 1- and 2-thread runs still end with the same weights, bit for bit; the
+    weights differ from the default's (oneDNN off), whose kernels round differently."""
+    args = CONFIGS[method]
+    one = train_three_steps(args, 1, tmp_path / "one", onednn=True)
+    two = train_three_steps(args, 2, tmp_path / "two", onednn=True)
+    assert [name for name in one if not torch.equal(one[name], two[name])] == []
+    default = train_three_steps(args, 1, tmp_path / "default")
+    assert any(not torch.equal(one[name], default[name]) for name in one)
 
 
 @pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="torch's CPU BLAS is not Intel MKL here")

@@ -1,7 +1,7 @@
 """Which part of a training step depends on the number of intra-op threads?
 
     python scripts/diagnostics/thread_dependence.py -c configs/zegformer/synthetic.yaml \
-        [--without-invariance] [--no-mkldnn] [--time N] [OVSEG_OVERRIDES ...]
+        [--without-invariance] [--onednn-convolutions] [--no-mkldnn] [--time N] [OVSEG_OVERRIDES ...]
 
 Builds the model and DataModule of the config (as ``ovseg fit`` would), takes one training batch and
 runs the training loss forward and backward three times on it: with 1, 2 and again 1 thread(s),
@@ -12,7 +12,9 @@ models that modify a module's output in place, e.g. timm's ResNet) and the param
 gradients differ (bit for bit). The 1-vs-1 repeat checks that the step itself is deterministic.
 A :class:`~ovseg.callbacks.ThreadCountInvariance` among the config's trainer callbacks (all four
 synthetic configs of the demo have one) is applied to the model first, as ``ovseg fit`` does;
-``--without-invariance`` leaves it out (and MKL out of strict mode), to see what it removes.
+``--without-invariance`` leaves it out (and MKL out of strict mode), to see what it removes;
+``--onednn-convolutions`` applies it with ``onednn_convolutions=True`` (oneDNN's convolutions with
+one thread each, instead of oneDNN off).
 ``--no-mkldnn`` turns oneDNN off (``torch.backends.mkldnn.enabled = False``) for the whole
 comparison; ``--time N`` also times N training steps (forward and backward) on one thread, to
 weigh either.
@@ -96,6 +98,7 @@ def main() -> None:
     parser.add_argument(
         "--without-invariance", action="store_true", help="do not apply the config's ThreadCountInvariance callback"
     )
+    parser.add_argument("--onednn-convolutions", action="store_true", help="the callback with onednn_convolutions=True")
     parser.add_argument("--no-mkldnn", action="store_true", help="turn oneDNN off for the comparison")
     parser.add_argument("--time", type=int, default=0, metavar="N", help="also time N training steps, 1 thread")
     args, overrides = parser.parse_known_args()
@@ -109,6 +112,7 @@ def main() -> None:
     model, datamodule = cli.model, cli.datamodule
     invariance = [c for c in cli.trainer.callbacks if isinstance(c, ThreadCountInvariance)]
     if invariance and not args.without_invariance:
+        invariance[0].onednn_convolutions = args.onednn_convolutions
         invariance[0].setup(cli.trainer, model, "fit")
     state = "not in the config" if not invariance else "left out" if args.without_invariance else "applied"
     mkl = {True: "strict", False: "not strict", None: "not torch's BLAS"}[mkl_is_strict()]

@@ -131,23 +131,19 @@ class ThreadCountInvariance(L.Callback):
         building the model already ran MKL)."""
         strict_mkl_reproducibility()
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        swap = make_layer_norms_thread_invariant(pl_module)
+    def _swap(self, swap: ModuleSwap, what: str) -> None:
+        """Keep ``swap`` for ``teardown``; warn about the modules of ``what`` kind it left alone."""
         self._swaps.append(swap)
         if swap.unknown:
             rank_zero_warn(
-                f"ThreadCountInvariance: {len(swap.unknown)} LayerNorm(s) of an unknown class left as they are, "
-                f"their gradients may still depend on the thread count: {', '.join(swap.unknown[:3])}"
+                f"ThreadCountInvariance: {len(swap.unknown)} {what} left as they are, their results may still "
+                f"depend on the thread count: {', '.join(swap.unknown[:3])}"
             )
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._swap(make_layer_norms_thread_invariant(pl_module), "LayerNorm(s) of an unknown class")
         if self.onednn_convolutions:
-            convolutions = make_convolutions_thread_invariant(pl_module)
-            self._swaps.append(convolutions)
-            if convolutions.unknown:
-                rank_zero_warn(
-                    f"ThreadCountInvariance: {len(convolutions.unknown)} convolution(s) other than nn.Conv2d left "
-                    "as they are, their results may still depend on the thread count: "
-                    + ", ".join(convolutions.unknown[:3])
-                )
+            self._swap(make_convolutions_thread_invariant(pl_module), "convolution(s) other than nn.Conv2d")
         else:
             if self._mkldnn_was_enabled is None:
                 self._mkldnn_was_enabled = torch.backends.mkldnn.enabled

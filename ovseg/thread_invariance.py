@@ -188,23 +188,20 @@ class _OneThreadConvolution(torch.autograd.Function):
         groups: int,
     ) -> Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.options = (stride, padding, dilation, groups, None if bias is None else [bias.shape[0]])
-        transposed, output_padding = False, [0] * len(stride)
+        # aten's layout options: stride, padding, dilation, transposed, output_padding, groups
+        ctx.layout = (stride, padding, dilation, False, [0] * len(stride), groups)
+        ctx.bias_sizes = None if bias is None else [bias.shape[0]]
         with one_intra_op_thread():
-            return torch.ops.aten.convolution(
-                x, weight, bias, stride, padding, dilation, transposed, output_padding, groups
-            )
+            return torch.ops.aten.convolution(x, weight, bias, *ctx.layout)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, weight = ctx.saved_tensors
-        stride, padding, dilation, groups, bias_sizes = ctx.options
-        wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias_sizes is not None and ctx.needs_input_grad[2]]
-        transposed, output_padding = False, [0] * len(stride)
+        wanted = [*ctx.needs_input_grad[:2], ctx.bias_sizes is not None and ctx.needs_input_grad[2]]
         with one_intra_op_thread():
             grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-                grad, x, weight, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, wanted
+                grad, x, weight, ctx.bias_sizes, *ctx.layout, wanted
             )
         return grad_x, grad_weight, grad_bias, None, None, None, None
 

@@ -3,6 +3,9 @@ weights, bit for bit, with 1 and 2 intra-op threads (and does not without the ca
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 from torch import nn
@@ -24,15 +27,24 @@ CONFIGS = {
 }
 
 
+@contextmanager
+def intra_op_threads(threads: int) -> Iterator[None]:
+    """Run the block with ``threads`` intra-op threads, then restore the count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def train_three_steps(
     args: list[str], threads: int, root, keep_callback: bool = True, onednn: bool = False
 ) -> dict[str, torch.Tensor]:
     """Three optimizer steps of a shipped config (its trainer: clipping, callbacks), ``threads``
     threads; ``onednn``: the callback's ``onednn_convolutions`` switch on."""
-    previous = torch.get_num_threads()
     mkldnn = torch.backends.mkldnn.enabled
-    try:
-        torch.set_num_threads(threads)
+    with intra_op_threads(threads):
         cli = build(
             [*args, "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", "--trainer.logger", "false"]
             + ["--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root)]
@@ -48,8 +60,6 @@ def train_three_steps(
         assert torch.backends.mkldnn.enabled == mkldnn  # restored at teardown, as the LayerNorms' classes
         assert [type(m) for m in cli.model.modules()] == classes
         return {name: p.detach().clone() for name, p in cli.model.named_parameters()}
-    finally:
-        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("method", sorted(CONFIGS))
@@ -167,9 +177,7 @@ def test_one_thread_convolutions_match_torch_ones_with_one_thread_whatever_the_t
     g = torch.randn_like(reference(x))
 
     def run(module, threads):
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with intra_op_threads(threads):
             module.zero_grad()
             inputs = x.clone().requires_grad_()
             out = module(inputs)
@@ -177,8 +185,6 @@ def test_one_thread_convolutions_match_torch_ones_with_one_thread_whatever_the_t
             out.backward(g)
             bias = [module.bias.grad] if module.bias is not None else []
             return [out.detach(), inputs.grad, module.weight.grad, *bias]
-        finally:
-            torch.set_num_threads(previous)
 
     expected = run(reference, 1)
     swap = make_convolutions_thread_invariant(model)
@@ -206,13 +212,9 @@ def test_two_thread_convolutions_differ_without_the_swap():
     conv = nn.Conv2d(64, 64, 3, padding=1)
     x = torch.randn(16, 64, 28, 28)
     grads = []
-    previous = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
+    for threads in (1, 2):
+        with intra_op_threads(threads):
             conv.zero_grad()
             conv(x).square().sum().backward()
             grads.append(conv.weight.grad.clone())
-    finally:
-        torch.set_num_threads(previous)
     assert not torch.equal(*grads)

@@ -113,7 +113,7 @@ class ThreadCountInvariance(L.Callback):
     Args:
         onednn_convolutions: oneDNN's convolutions with one thread each instead of torch's own
             kernels. About 1.3 times as fast with one thread on an Intel Xeon (a synthetic ZegFormer
-            training step, README "The thread count moves no figure"); the two kinds of kernel
+            training step, docs/demo.md, "The thread count moves no figure"); the two kinds of kernel
             round differently, so a run reaches other figures than with the default, which the
             shipped synthetic configs and the README's demo figures use. With more than one thread
             the convolutions do not use them.

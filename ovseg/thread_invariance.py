@@ -160,17 +160,18 @@ def make_layer_norms_thread_invariant(module: nn.Module) -> ModuleSwap:
 
 
 @contextmanager
-def one_intra_op_thread() -> Iterator[None]:
-    """Run the block with one intra-op thread (``torch.set_num_threads(1)``), then restore the count."""
-    threads = torch.get_num_threads()
-    if threads == 1:
+def intra_op_threads(threads: int) -> Iterator[None]:
+    """Run the block with ``threads`` intra-op threads (``torch.set_num_threads``), then restore the
+    count; nothing to set when it already is ``threads``."""
+    previous = torch.get_num_threads()
+    if previous == threads:
         yield
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)
 
 
 class _OneThreadConvolution(torch.autograd.Function):
@@ -191,7 +192,7 @@ class _OneThreadConvolution(torch.autograd.Function):
         # aten's layout options: stride, padding, dilation, transposed, output_padding, groups
         ctx.layout = (stride, padding, dilation, False, [0] * len(stride), groups)
         ctx.bias_sizes = None if bias is None else [bias.shape[0]]
-        with one_intra_op_thread():
+        with intra_op_threads(1):
             return torch.ops.aten.convolution(x, weight, bias, *ctx.layout)
 
     @staticmethod
@@ -199,7 +200,7 @@ class _OneThreadConvolution(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, weight = ctx.saved_tensors
         wanted = [*ctx.needs_input_grad[:2], ctx.bias_sizes is not None and ctx.needs_input_grad[2]]
-        with one_intra_op_thread():
+        with intra_op_threads(1):
             grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
                 grad, x, weight, ctx.bias_sizes, *ctx.layout, wanted
             )

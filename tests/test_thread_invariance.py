@@ -3,9 +3,6 @@ weights, bit for bit, with 1 and 2 intra-op threads (and does not without the ca
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import pytest
 import torch
 from torch import nn
@@ -15,6 +12,7 @@ from ovseg.cli import build
 from ovseg.thread_invariance import (
     OneThreadConv2d,
     ThreadInvariantLayerNorm,
+    intra_op_threads,
     make_convolutions_thread_invariant,
     make_layer_norms_thread_invariant,
 )
@@ -25,17 +23,6 @@ CONFIGS = {
     "zegformer": ["-c", "configs/zegformer/synthetic.yaml", "-c", "configs/zegformer/random_clip.yaml"],
     "cdt": ["-c", "configs/cdt/synthetic.yaml", "-c", "configs/cdt/random_clip.yaml"],
 }
-
-
-@contextmanager
-def intra_op_threads(threads: int) -> Iterator[None]:
-    """Run the block with ``threads`` intra-op threads, then restore the count."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def train_three_steps(

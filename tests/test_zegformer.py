@@ -27,6 +27,7 @@ from ovseg.methods.zegformer import (
 from ovseg.methods.zegformer.model import CLIPCropClassifier, class_probabilities
 from ovseg.module import MaskPredictions
 from ovseg.optim import parameter_groups
+from ovseg.thread_invariance import intra_op_threads
 from ovseg.vocabulary import Vocabulary
 
 TINY = {
@@ -48,10 +49,8 @@ TINY = {
 def _one_thread():
     """One intra-op thread: these tensors are tiny, and on a busy 2-core machine two OpenMP threads
     spin against other processes (a tiny training step took 13 s instead of 0.2 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with intra_op_threads(1):
+        yield
 
 
 def tiny_zegformer(**overrides) -> ZegFormer:
